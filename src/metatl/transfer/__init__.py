@@ -1,0 +1,29 @@
+"""Classical (scikit-learn compatible) transfer learning.
+
+Data convention: ``X, y, sample_domain`` with source domains positive, target domains negative and
+target labels masked (-1, NaN for regression); see :mod:`metatl.data.domains`.
+
+Every estimator here is registered in :data:`metatl.registry.ESTIMATORS`.
+"""
+from metatl.transfer._base import SourceOnly
+from metatl.transfer._validation import TargetLabelLeakWarning
+from metatl.transfer.feature import CORAL
+from metatl.transfer.instance import KLIEP, KMM, TrAdaBoost, kliep_weights, kmm_weights
+from metatl.transfer.parameter import TransferLogisticRegression, TransferRidge
+from metatl.transfer.selection import DEVScorer, ImportanceWeightedScorer, ReverseValidationScorer
+
+__all__ = [
+    "CORAL",
+    "DEVScorer",
+    "ImportanceWeightedScorer",
+    "KLIEP",
+    "KMM",
+    "ReverseValidationScorer",
+    "SourceOnly",
+    "TargetLabelLeakWarning",
+    "TrAdaBoost",
+    "TransferLogisticRegression",
+    "TransferRidge",
+    "kliep_weights",
+    "kmm_weights",
+]

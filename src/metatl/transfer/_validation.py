@@ -1,0 +1,156 @@
+"""Input checks shared by every classical transfer estimator.
+
+The convention (as in scikit-learn-compatible domain adaptation, e.g. skada): every sample carries a
+domain. ``X`` is ``(n_samples, n_features)``, ``y`` is ``(n_samples,)``, ``sample_domain`` is
+``(n_samples,)`` of integers, **positive for source domains and negative for target domains**.
+Target labels are *masked*: ``y = -1`` for classification, ``NaN`` for regression.
+
+When ``sample_domain`` is not given it is inferred from the mask: labelled rows are source (``1``),
+masked rows are target (``-1``). That keeps every estimator usable in ``Pipeline``,
+``cross_val_score`` and ``GridSearchCV`` without metadata routing; with routing enabled
+(``sklearn.set_config(enable_metadata_routing=True)``) ``sample_domain`` is requested by default
+and routed like any other metadata.
+
+Every error names the fix.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+MASKED_LABEL = -1
+SOURCE, TARGET = 1, -1
+
+
+class TargetLabelLeakWarning(UserWarning):
+    """Target labels were passed to a method that must not see them; they were masked and ignored."""
+
+
+def is_masked(y: np.ndarray) -> np.ndarray:
+    """Boolean mask of unlabelled rows: ``y == -1`` (classification) or ``NaN`` (regression)."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        return np.isnan(y) | (y == MASKED_LABEL)
+    if y.dtype.kind in "iub":
+        return y == MASKED_LABEL
+    return np.array([v is None or v == MASKED_LABEL for v in y.tolist()], dtype=bool)
+
+
+def mask_labels(y: np.ndarray, mask: np.ndarray, classification: bool = True) -> np.ndarray:
+    """Copy of ``y`` with ``mask`` rows set to the masked value: -1 (classification) or NaN (regression)."""
+    y = np.array(y, copy=True, dtype=y.dtype if classification else float)
+    y[mask] = MASKED_LABEL if classification else np.nan
+    return y
+
+
+def check_X(X, *, name: str = "X") -> np.ndarray:
+    """2-D float array with only finite values."""
+    X = np.asarray(X, dtype=float)
+    if X.ndim == 1:
+        raise ValueError(f"{name} is 1-D; reshape it to (n_samples, n_features), e.g. {name}.reshape(-1, 1).")
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features); got shape {X.shape}.")
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise ValueError(
+            f"{name} contains NaN or infinite values in {bad} row(s); impute them "
+            "(e.g. sklearn.impute.SimpleImputer) or drop those rows before calling fit/predict."
+        )
+    return X
+
+
+def check_n_features(X: np.ndarray, n_features_in: int, who: str) -> None:
+    if X.shape[1] != n_features_in:
+        raise ValueError(
+            f"X has {X.shape[1]} features but {who} was fitted with {n_features_in}; "
+            "source and target must share the same feature space (same columns, same order)."
+        )
+
+
+def check_domains(
+    X,
+    y=None,
+    sample_domain=None,
+    *,
+    target_labels: str = "forbid",
+    classification: bool = True,
+    who: str = "estimator",
+):
+    """Validate ``X, y, sample_domain`` and return them as arrays.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,) or None
+        Labels; target rows masked (-1 / NaN) unless ``target_labels='require'``.
+    sample_domain : array-like of shape (n_samples,) of int, or None
+        Positive = source, negative = target. None: inferred from the label mask.
+    target_labels : {'forbid', 'require'}
+        'forbid': unsupervised adaptation; labelled target rows trigger a
+        :class:`TargetLabelLeakWarning` and are masked. 'require': at least one labelled target row.
+    classification : bool
+        Whether ``y`` holds class labels (then the source needs two classes).
+
+    Returns
+    -------
+    X : ndarray (n, d); y : ndarray (n,) or None; sample_domain : ndarray (n,) of int
+    """
+    X = check_X(X)
+    n = X.shape[0]
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (n,):
+            raise ValueError(f"y has shape {y.shape}; expected ({n},), one label per row of X.")
+    if sample_domain is None:
+        if y is None:
+            raise ValueError(
+                f"{who} needs to know which rows are target: pass sample_domain (positive = source, "
+                "negative = target) or y with target labels masked as -1 (NaN for regression)."
+            )
+        if target_labels == "require":
+            raise ValueError(
+                f"{who} uses labelled target rows, so their domain cannot be inferred from masked labels; "
+                "pass sample_domain (positive = source, negative = target)."
+            )
+        sample_domain = np.where(is_masked(y), TARGET, SOURCE)
+    sample_domain = np.asarray(sample_domain)
+    if sample_domain.shape != (n,):
+        raise ValueError(f"sample_domain has shape {sample_domain.shape}; expected ({n},), one domain per row of X.")
+    if sample_domain.dtype.kind not in "iu" and not np.all(sample_domain == np.round(sample_domain)):
+        raise ValueError("sample_domain must hold integers: positive for source domains, negative for target.")
+    sample_domain = sample_domain.astype(int)
+    if np.any(sample_domain == 0):
+        raise ValueError("sample_domain contains 0; use positive integers for source and negative for target.")
+    source, target = sample_domain > 0, sample_domain < 0
+    if not target.any():
+        raise ValueError(
+            f"{who} got no target samples; add target rows to X with a negative sample_domain "
+            "(or with masked labels y=-1), e.g. via metatl.data.domains.to_domain(Xs, ys, Xt)."
+        )
+    if not source.any():
+        raise ValueError(f"{who} got no source samples; source rows need a positive sample_domain.")
+    if y is None:
+        return X, y, sample_domain
+    if is_masked(y[source]).any():
+        raise ValueError(
+            "some source rows have masked labels (-1/NaN); drop them or give them a negative sample_domain."
+        )
+    labelled_target = target & ~is_masked(y)
+    if target_labels == "forbid" and labelled_target.any():
+        warnings.warn(
+            f"{who} is unsupervised on the target but {int(labelled_target.sum())} target rows carry labels; "
+            "they were ignored. Mask them (y=-1, NaN for regression) or check sample_domain, so that "
+            "model selection does not leak target labels.",
+            TargetLabelLeakWarning,
+            stacklevel=3,
+        )
+        y = mask_labels(y, target, classification)
+    if target_labels == "require" and not labelled_target.any():
+        raise ValueError(f"{who} needs labelled target rows (negative sample_domain and an unmasked y).")
+    if classification and len(np.unique(y[source])) < 2:
+        raise ValueError(
+            f"the source has a single class ({np.unique(y[source])[0]!r}); a classifier needs at least two. "
+            "Check y and sample_domain (source rows must be positive), or add samples of another class."
+        )
+    return X, y, sample_domain
