@@ -1,0 +1,134 @@
+"""Command line: parses and dispatches, nothing else.
+
+    metatl train CONFIG [--set key=value ...] [--out DIR] [--resume]
+    metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
+    metatl list
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _table(rows, headers) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def results_table(results: dict) -> str:
+    m = results["metric"]
+    fmt = (lambda v: f"{100 * v:.2f}%") if m["name"] == "accuracy" else (lambda v: f"{v:.4f}")
+    setting = (f"{results['ways']}-way {results['shots']}-shot" if results.get("ways")
+               else f"K={results['shots']}")
+    rows = [[results["algorithm"], results["dataset"], setting, results["inner_steps_test"], m["name"],
+             f"{fmt(m['mean'])} +- {fmt(m['ci95'])}", results["episodes"]]]
+    for steps, r in (results.get("by_inner_steps") or {}).items():
+        rows.append(["", "", "", steps, m["name"], f"{fmt(r['mean'])} +- {fmt(r['ci95'])}", results["episodes"]])
+    return _table(rows, ["algorithm", "dataset", "setting", "test steps", "metric", "mean +- 95% CI", "episodes"])
+
+
+def _data_overrides(args) -> list:
+    extra = []
+    if getattr(args, "data_dir", None):
+        extra.append(f"data.data_dir={args.data_dir}")
+    if getattr(args, "download", False):
+        extra.append("data.download=true")
+    return extra
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .engine import plots
+    from .engine.trainer import Trainer
+
+    cfg = load_config(args.config, (args.set or []) + _data_overrides(args))
+    out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    trainer = Trainer(cfg, out, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+        print(f"resumed {out} at iteration {trainer.iteration}")
+    trainer.fit()
+    results = trainer.test()
+    print(results_table(results))
+    print(f"trained {trainer.iteration} iterations in {trainer.train_seconds / 60:.1f} min; run folder: {out}")
+    print(f"results: {out / 'results.json'}")
+    print(f"plot: {plots.learning_curve(out)}")
+    if cfg.data.name == "sinusoid" and cfg.eval.plot_tasks:
+        print(f"plot: {plots.sinusoid_tasks(trainer.learner, trainer.val_tasks, out / 'sinusoid_tasks.png', cfg.eval.plot_tasks, cfg.eval.seed)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine.trainer import load_trainer, write_results
+
+    trainer = load_trainer(args.checkpoint, (args.set or []) + _data_overrides(args), progress=not args.no_progress)
+    if args.out:
+        trainer.out = Path(args.out)
+        trainer.out.mkdir(parents=True, exist_ok=True)
+    results = trainer.test(checkpoint=str(args.checkpoint))
+    print(results_table(results))
+    print(f"results: {trainer.out / 'results.json'}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from . import registry
+    import metatl  # noqa: F401  (registers everything)
+
+    for title, reg in (("algorithms", registry.ALGORITHMS), ("datasets", registry.DATASETS),
+                       ("backbones", registry.BACKBONES), ("estimators", registry.ESTIMATORS)):
+        print(f"{title}:")
+        for name, obj in reg.items():
+            doc = (obj.__doc__ or "").strip().splitlines()
+            print(f"  {name:<16} {doc[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metatl", description="Meta-learning and transfer learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.01")
+        p.add_argument("--out", help="output folder")
+        p.add_argument("--data-dir", help="data folder (default: $METATL_DATA_DIR, then ~/.cache/metatl)")
+        p.add_argument("--download", action="store_true", help="download missing data files")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", help="meta-train a config, then evaluate it on the test episodes")
+    p.add_argument("config", help="a YAML config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the fixed test episodes")
+    p.add_argument("checkpoint")
+    common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("list", help="list algorithms, datasets, backbones and estimators")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .engine.trainer import NonFiniteLossError
+
+    if getattr(args, "resume", False) and not args.out:
+        print("metatl: error: --resume needs --out DIR, the run folder to continue.", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"metatl: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

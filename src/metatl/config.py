@@ -1,0 +1,165 @@
+"""Typed run configuration, stored as YAML.
+
+A config has five sections. ``data``, ``train`` and ``eval`` are dataclasses below; ``algorithm``
+and ``model`` hold a registered ``name`` plus that component's keyword arguments, checked against
+its signature. Any unknown key is an error that lists the valid ones. Overrides use dotted keys
+(``--set train.lr=0.01 algorithm.first_order=true``); values are parsed as YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with the fix in the message."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "sinusoid"
+    ways: int = 5  # evaluation episodes: N ways, K shots, Q queries per class
+    shots: int = 1
+    queries: int = 15
+    train_ways: Optional[int] = None  # meta-training episodes (default: the evaluation values)
+    train_shots: Optional[int] = None
+    train_queries: Optional[int] = None
+    split: str = "vinyals"  # omniglot: vinyals (1028/172/423) or maml (1200/423)
+    image_size: int = 28
+    root: Optional[str] = None  # image folders: the folder of class sub-folders
+    data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
+    download: bool = False
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    meta_batch: int = 25
+    optimizer: str = "adam"  # adam or sgd (the outer / meta optimizer)
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant or linear (to lr_final at the last iteration)
+    lr_final: float = 0.0
+    grad_clip: Optional[float] = None  # max global norm of the meta-gradient
+    val_every: int = 500
+    val_episodes: int = 100
+    ckpt_every: int = 500
+    log_every: int = 10
+    time_budget_min: Optional[float] = None  # stop after this many minutes of training
+    snapshot_minutes: List[float] = field(default_factory=list)  # keep checkpoints at these minutes
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 600
+    seed: int = 1234  # the fixed test episodes are drawn from this seed
+    inner_steps: Optional[int] = None  # override the algorithm's test-time inner steps
+    transductive: bool = True  # BatchNorm "batch" mode: normalise the query set as one batch
+    extra_steps: List[int] = field(default_factory=list)  # also report these test-time inner steps
+    plot_tasks: int = 3  # regression: test tasks to plot
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    algorithm: Dict[str, Any] = field(default_factory=lambda: {"name": "maml"})
+    model: Dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def dump(self, path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+OPEN_SECTIONS = ("algorithm", "model")
+
+
+def _check_keys(where: str, given, valid) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: "
+                          f"{', '.join(sorted(valid))}.")
+
+
+def component_keys(obj) -> List[str]:
+    """Keyword arguments a registered component accepts (its config keys besides ``name``)."""
+    skip = {"self", "model", "task_type", "in_features", "in_channels", "out_features", "image_size"}
+    return [p.name for p in inspect.signature(obj).parameters.values()
+            if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def from_dict(raw: dict) -> Config:
+    raw = dict(raw or {})
+    top = [f.name for f in dataclasses.fields(Config)]
+    _check_keys("the config", raw, top)
+    kwargs: Dict[str, Any] = {}
+    if "name" in raw:
+        kwargs["name"] = str(raw["name"])
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        _check_keys(f"section {section!r}", values, [f.name for f in dataclasses.fields(cls)])
+        kwargs[section] = cls(**values)
+    for section in OPEN_SECTIONS:
+        values = dict(raw.get(section) or getattr(Config(), section))
+        if "name" not in values:
+            raise ConfigError(f"section {section!r} needs a 'name' (see `metatl list`).")
+        kwargs[section] = values
+    cfg = Config(**kwargs)
+    validate_components(cfg)
+    return cfg
+
+
+def validate_components(cfg: Config) -> None:
+    from .registry import ALGORITHMS, BACKBONES, DATASETS
+
+    for section, registry in (("algorithm", ALGORITHMS), ("model", BACKBONES)):
+        values = getattr(cfg, section)
+        try:
+            obj = registry.get(values["name"])
+        except KeyError as err:
+            raise ConfigError(f"{section}.name: {err.args[0]}") from None
+        _check_keys(f"section {section!r} ({values['name']})", set(values) - {"name"}, component_keys(obj))
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}.")
+
+
+def parse_override(text: str):
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=0.01).")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: List[str]) -> dict:
+    raw = dict(raw or {})
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path, overrides: Optional[List[str]] = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping of sections (name, algorithm, model, data, train, eval).")
+    raw.setdefault("name", path.stem)
+    return from_dict(apply_overrides(raw, overrides or []))

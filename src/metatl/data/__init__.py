@@ -1,0 +1,45 @@
+"""Task and episode sources, registered by name (``data.name`` in a config)."""
+from __future__ import annotations
+
+from ..registry import DATASETS
+from .episode import ClassPool, Episode, EpisodeSampler, TensorClassPool, fixed_episodes, stack_episodes
+from .sinusoid import SinusoidTasks
+
+SUBSETS = ("train", "val", "test")
+
+
+def _episode_shape(cfg, subset: str):
+    train = subset == "train"
+    pick = lambda a, b: a if (train and a is not None) else b  # noqa: E731
+    return pick(cfg.train_ways, cfg.ways), pick(cfg.train_shots, cfg.shots), pick(cfg.train_queries, cfg.queries)
+
+
+@DATASETS.register("sinusoid")
+def sinusoid(cfg, subset: str) -> SinusoidTasks:
+    """MAML sinusoid regression; ``shots`` = K support points, ``queries`` = query points."""
+    _, shots, queries = _episode_shape(cfg, subset)
+    tasks = SinusoidTasks(shots=shots, queries=queries)
+    tasks.input_spec = {"in_features": 1}
+    return tasks
+
+
+@DATASETS.register("omniglot")
+def omniglot(cfg, subset: str) -> EpisodeSampler:
+    """Omniglot N-way K-shot episodes, characters x 4 rotations as classes."""
+    from .omniglot import omniglot_classes
+
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}; use one of {SUBSETS}.")
+    pool = omniglot_classes(subset, cfg.split, cfg.data_dir, cfg.image_size, download_missing=cfg.download)
+    sampler = EpisodeSampler(pool, *_episode_shape(cfg, subset))
+    sampler.input_spec = {"in_channels": 1, "image_size": cfg.image_size}
+    return sampler
+
+
+def build_sampler(cfg, subset: str):
+    """The episode source for ``subset`` ("train", "val" or "test") of a :class:`DataConfig`."""
+    return DATASETS.get(cfg.name)(cfg, subset)
+
+
+__all__ = ["ClassPool", "Episode", "EpisodeSampler", "SinusoidTasks", "TensorClassPool",
+           "build_sampler", "fixed_episodes", "stack_episodes"]

@@ -1,0 +1,139 @@
+"""Tasks as typed data: the :class:`Episode` and the N-way K-shot :class:`EpisodeSampler`.
+
+An episode is one task: a small labelled *support* set to adapt on and a *query* set to
+evaluate the adapted learner on. A meta-batch is a ``list[Episode]``; :func:`stack_episodes`
+turns one into a single :class:`Episode` with a leading task dimension (for ``torch.func.vmap``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Episode:
+    """One task.
+
+    Shapes, for N ways, K shots and Q queries per class (classification), or K support and
+    Q query points (regression):
+
+    - ``support_x``: ``(N*K, *x_shape)``; ``support_y``: ``(N*K,)`` int64 labels in ``0..N-1``
+      (classification) or ``(K, out_dim)`` float (regression)
+    - ``query_x``: ``(N*Q, *x_shape)``; ``query_y``: like ``support_y``
+
+    With :func:`stack_episodes` every field gains a leading task dimension ``T``.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def support(self):
+        return self.support_x, self.support_y
+
+    @property
+    def query(self):
+        return self.query_x, self.query_y
+
+    def to(self, device) -> "Episode":
+        return Episode(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def stack_episodes(episodes: Sequence[Episode]) -> Episode:
+    """Stack equally shaped episodes into one with a leading task dimension."""
+    return Episode(*(torch.stack([getattr(e, f.name) for e in episodes]) for f in fields(Episode)))
+
+
+class ClassPool:
+    """Examples grouped by class: ``len(pool)`` classes, ``pool.counts[c]`` examples in class ``c``,
+    and ``pool.get(c, idx)`` returning the examples ``idx`` (a 1-d int64 tensor) of class ``c``.
+
+    Subclasses may compute examples on the fly (Omniglot's rotated classes do).
+    """
+
+    counts: List[int]
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def get(self, c: int, idx: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TensorClassPool(ClassPool):
+    """A :class:`ClassPool` over tensors ``x`` of shape ``(n, *x_shape)`` and integer labels ``y``."""
+
+    def __init__(self, x: Tensor, y: Tensor):
+        y = torch.as_tensor(y)
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} examples but y has {len(y)} labels; they must match.")
+        self.x = x
+        self.classes = torch.unique(y).tolist()
+        self._members = [torch.nonzero(y == c).flatten() for c in self.classes]
+        self.counts = [len(m) for m in self._members]
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "TensorClassPool":
+        """Build from any ``Dataset`` whose items are ``(x, y)`` with tensor ``x`` and int ``y``."""
+        xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+        return cls(torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
+
+    def get(self, c: int, idx: Tensor) -> Tensor:
+        return self.x[self._members[c][idx]]
+
+
+class EpisodeSampler:
+    """Samples N-way K-shot episodes with Q queries per class from a :class:`ClassPool`.
+
+    Classes are drawn without replacement, labels are remapped to ``0..N-1`` in draw order,
+    and support and query examples of a class are disjoint. All randomness comes from the
+    ``torch.Generator`` passed to :meth:`sample`, so the same seed gives the same episodes.
+    """
+
+    task_type = "classification"
+
+    def __init__(self, pool: ClassPool, ways: int, shots: int, queries: int,
+                 transform: Optional[Callable[[Tensor], Tensor]] = None):
+        if ways < 1 or shots < 1 or queries < 0:
+            raise ValueError(f"ways and shots must be >= 1 and queries >= 0 (got ways={ways}, "
+                             f"shots={shots}, queries={queries}).")
+        if ways > len(pool):
+            raise ValueError(f"{ways}-way episodes need {ways} classes but the data has only "
+                             f"{len(pool)}; lower `ways` or use a split with more classes.")
+        smallest = min(pool.counts)
+        if shots + queries > smallest:
+            raise ValueError(f"shots + queries = {shots}+{queries} = {shots + queries} exceeds the "
+                             f"smallest class ({smallest} examples); lower `shots` or `queries`.")
+        self.pool, self.ways, self.shots, self.queries = pool, ways, shots, queries
+        self.transform = transform
+        self.out_features = ways
+
+    def sample(self, generator: torch.Generator) -> Episode:
+        n, k, q = self.ways, self.shots, self.queries
+        classes = torch.randperm(len(self.pool), generator=generator)[:n].tolist()
+        sx, qx = [], []
+        for c in classes:
+            idx = torch.randperm(self.pool.counts[c], generator=generator)[: k + q]
+            x = self.pool.get(c, idx)
+            sx.append(x[:k])
+            qx.append(x[k:])
+        labels = torch.arange(n)
+        support_x, query_x = torch.cat(sx), torch.cat(qx)
+        if self.transform is not None:
+            support_x, query_x = self.transform(support_x), self.transform(query_x)
+        return Episode(support_x, labels.repeat_interleave(k), query_x, labels.repeat_interleave(q))
+
+    def sample_batch(self, size: int, generator: torch.Generator) -> List[Episode]:
+        return [self.sample(generator) for _ in range(size)]
+
+
+def fixed_episodes(sampler, n: int, seed: int) -> Iterator[Episode]:
+    """The same ``n`` episodes for every method and run, drawn lazily from ``sampler`` with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield sampler.sample(g)

@@ -1,0 +1,51 @@
+"""Sinusoid regression tasks exactly as in the MAML paper (Finn et al. 2017, section 5.1).
+
+A task is ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5]``, phase ``phi ~ U[0, pi]`` and
+inputs ``x ~ U[-5, 5]``; the learner sees ``K`` support points and is scored by MSE on the query.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+
+from .episode import Episode
+
+
+class SinusoidTasks:
+    """Episode source for sinusoid regression.
+
+    Each episode: ``support_x``/``support_y`` of shape ``(shots, 1)`` and ``query_x``/``query_y``
+    of shape ``(queries, 1)``, all float32. :meth:`sample_task` also returns ``(A, phi)`` for plots.
+    """
+
+    task_type = "regression"
+    out_features = 1
+
+    def __init__(self, shots: int = 10, queries: int = 10,
+                 amplitude: Tuple[float, float] = (0.1, 5.0),
+                 phase: Tuple[float, float] = (0.0, math.pi),
+                 x_range: Tuple[float, float] = (-5.0, 5.0)):
+        if shots < 1 or queries < 1:
+            raise ValueError(f"sinusoid tasks need shots >= 1 and queries >= 1 (got {shots}, {queries}).")
+        self.shots, self.queries = shots, queries
+        self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
+
+    def _uniform(self, lo_hi, size, g):
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(size, generator=g)
+
+    def sample_task(self, generator: torch.Generator):
+        a = self._uniform(self.amplitude, (), generator)
+        phi = self._uniform(self.phase, (), generator)
+        x = self._uniform(self.x_range, (self.shots + self.queries, 1), generator)
+        y = a * torch.sin(x - phi)
+        k = self.shots
+        return Episode(x[:k], y[:k], x[k:], y[k:]), (float(a), float(phi))
+
+    def sample(self, generator: torch.Generator) -> Episode:
+        return self.sample_task(generator)[0]
+
+    def sample_batch(self, size: int, generator: torch.Generator) -> List[Episode]:
+        return [self.sample(generator) for _ in range(size)]

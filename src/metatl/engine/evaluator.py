@@ -1,0 +1,56 @@
+"""The one evaluator: a fixed, seeded set of test episodes, mean +- 95% confidence interval.
+
+Every method is scored the same way: for each episode, ``learner.adapt(support)`` returns a
+predictor, which is scored on the query set (accuracy for classification, MSE for regression).
+The interval is ``1.96 * std / sqrt(N)`` over the N episode scores.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.episode import fixed_episodes
+from ..meta.base import METRIC_NAME, task_metric
+
+
+def mean_ci95(values: Iterable[float]) -> Dict[str, float]:
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("no episode scores to summarise; evaluate at least one episode.")
+    std = v.std(ddof=1) if v.size > 1 else 0.0
+    return {"mean": float(v.mean()), "ci95": float(1.96 * std / math.sqrt(v.size)), "std": float(std)}
+
+
+def _predict(predictor, episode, transductive: bool) -> torch.Tensor:
+    if transductive:
+        return predictor(episode.query_x)
+    # Each query is normalised together with the support set only, never with other queries.
+    sx = episode.support_x
+    return torch.cat([predictor(torch.cat([sx, q[None]]))[-1:] for q in episode.query_x])
+
+
+def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_steps: Optional[int] = None,
+             transductive: bool = True, progress: bool = True, device: str = "cpu",
+             desc: str = "eval") -> Dict:
+    """Score ``learner`` on ``episodes`` episodes drawn from ``sampler`` with ``seed``.
+
+    Returns ``{"metric", "mean", "ci95", "std", "episodes", "scores"}``.
+    """
+    was_training = learner.training
+    learner.eval()
+    scores: List[float] = []
+    kwargs = {} if inner_steps is None else {"steps": inner_steps}
+    try:
+        for ep in tqdm(fixed_episodes(sampler, episodes, seed), total=episodes, desc=desc,
+                       disable=not progress, leave=False):
+            ep = ep.to(device)
+            predictor = learner.adapt(ep.support_x, ep.support_y, **kwargs)
+            scores.append(task_metric(learner.task_type, _predict(predictor, ep, transductive), ep.query_y))
+    finally:
+        learner.train(was_training)
+    return {"metric": METRIC_NAME[learner.task_type], **mean_ci95(scores), "episodes": episodes,
+            "scores": scores}

@@ -1,0 +1,263 @@
+"""The one trainer. Read it top to bottom: it drives every algorithm the same way.
+
+Each iteration: draw a meta-batch of episodes, ask the algorithm for ``(loss, metrics)``, step the
+outer optimizer. Around that: periodic validation, atomic checkpoints (every ``ckpt_every``
+iterations, at chosen training minutes, and at exit), exact resume (model, optimizer and every RNG
+state), ``metrics.jsonl``, a learning-curve PNG and, at the end, the test evaluation in
+``results.json``. A non-finite loss or gradient stops the run before it can touch a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import Config, ConfigError, from_dict
+from . import checkpoint as ckpt_io
+from .build import build_learner, build_sampler
+from .evaluator import evaluate
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the meta-gradient became NaN or infinite."""
+
+
+def hardware() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def make_optimizer(cfg: Config, params):
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr)
+    raise ConfigError(f"unknown train.optimizer {t.optimizer!r}; use adam or sgd.")
+
+
+def lr_at(cfg: Config, iteration: int) -> float:
+    t = cfg.train
+    if t.lr_schedule == "constant":
+        return t.lr
+    if t.lr_schedule == "linear":  # the Reptile schedule: lr -> lr_final over the run
+        frac = iteration / max(1, t.iterations)
+        return t.lr + (t.lr_final - t.lr) * frac
+    raise ConfigError(f"unknown train.lr_schedule {t.lr_schedule!r}; use constant or linear.")
+
+
+def _same_task(a: dict, b: dict) -> list:
+    """Config keys whose change makes a checkpoint unusable for resuming."""
+    diffs = []
+    for section in ("algorithm", "model", "data"):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for key in sorted(set(sa) | set(sb)):
+            if sa.get(key) != sb.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {sa.get(key)!r}, config {sb.get(key)!r}")
+    return diffs
+
+
+class Trainer:
+    """Meta-trains ``cfg`` into the run folder ``out_dir``."""
+
+    def __init__(self, cfg: Config, out_dir, progress: bool = True):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.progress = progress
+        t = cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        torch.manual_seed(t.seed)
+        self.device = torch.device(t.device)
+        self.train_tasks = build_sampler(cfg.data, "train")
+        self.learner = build_learner(cfg, self.train_tasks).to(self.device)
+        self.optimizer = make_optimizer(cfg, self.learner.parameters())
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.iteration, self.train_seconds, self.best = 0, 0.0, None
+        self.snapshots_done: list = []
+        self._val_tasks = None
+
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"config": self.cfg.to_dict(), "learner": self.learner.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                "train_seconds": self.train_seconds, "best": self.best,
+                "snapshots_done": self.snapshots_done, "generator": self.generator.get_state(),
+                "rng": ckpt_io.rng_state(), "metatl_version": __version__,
+                "torch_version": torch.__version__}
+
+    def save(self, name: str = "last.pt") -> Path:
+        path = self.out / name
+        ckpt_io.save_atomic(self.state(), path)
+        return path
+
+    def resume(self, path=None) -> None:
+        path = Path(path) if path else self.out / "last.pt"
+        state = ckpt_io.load(path)
+        diffs = _same_task(state["config"], self.cfg.to_dict())
+        if diffs:
+            raise ConfigError(f"cannot resume from {path}: it was trained with another config ("
+                              + "; ".join(diffs) + "). Resume with the run's own config.yaml, or "
+                              "start a new run with a different --out.")
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
+        self.best, self.snapshots_done = state["best"], state.get("snapshots_done", [])
+        self.generator.set_state(state["generator"])
+        ckpt_io.set_rng_state(state["rng"])
+
+    # -- logging ----------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @property
+    def val_tasks(self):
+        if self._val_tasks is None:
+            self._val_tasks = build_sampler(self.cfg.data, "val")
+        return self._val_tasks
+
+    def validate(self) -> dict:
+        c = self.cfg
+        res = evaluate(self.learner, self.val_tasks, c.train.val_episodes, seed=c.eval.seed + 1,
+                       inner_steps=c.eval.inner_steps, transductive=c.eval.transductive,
+                       progress=False, device=self.device)
+        record = {"iteration": self.iteration, "train_minutes": self.train_seconds / 60,
+                  f"val_{res['metric']}": res["mean"], "val_ci95": res["ci95"]}
+        self.log(record)
+        better = (self.best is None or (res["mean"] > self.best if res["metric"] == "accuracy"
+                                        else res["mean"] < self.best))
+        if better:
+            self.best = res["mean"]
+            self.save("best.pt")
+        return record
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> dict:
+        batch = [ep.to(self.device) for ep in
+                 self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator)]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, self.iteration)
+        loss, metrics = self.learner.meta_loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self._nan_message("loss"))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.learner.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(self._nan_message("meta-gradient"))
+        self.optimizer.step()
+        return {**metrics, "grad_norm": float(norm)}
+
+    def _nan_message(self, what: str) -> str:
+        last = self.out / "last.pt"
+        kept = f"the last good checkpoint {last} is untouched" if last.exists() else "no checkpoint was written"
+        return (f"the {what} became NaN or infinite at iteration {self.iteration}; {kept}. Lower "
+                f"train.lr or the inner learning rate, or set train.grad_clip (e.g. --set train.grad_clip=10), "
+                f"then resume with --resume or start again.")
+
+    def fit(self) -> "Trainer":
+        c, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        c.dump(self.out / "config.yaml")
+        budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
+        bar = tqdm(total=t.iterations, initial=self.iteration, desc=c.name, disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            while self.iteration < t.iterations and self.train_seconds < budget:
+                start = time.perf_counter()
+                metrics = self.step()
+                self.train_seconds += time.perf_counter() - start
+                self.iteration += 1
+                bar.update(1)
+                if self.iteration % t.log_every == 0 or self.iteration == 1:
+                    self.log({"iteration": self.iteration, "train_seconds": self.train_seconds, **metrics})
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "grad_norm"})
+                for minutes in t.snapshot_minutes:
+                    if minutes not in self.snapshots_done and self.train_seconds >= minutes * 60:
+                        self.snapshots_done.append(minutes)
+                        self.save(f"snapshot_{minutes:g}min.pt")
+                if t.val_every and self.iteration % t.val_every == 0:
+                    record = self.validate()
+                    bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
+                if t.ckpt_every and self.iteration % t.ckpt_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            bar.close()
+            raise
+        bar.close()
+        self.save()
+        return self
+
+    def test(self, sampler=None, checkpoint: Optional[str] = None) -> dict:
+        """Evaluate on the fixed test episodes and write ``results.json`` in the run folder."""
+        c = self.cfg
+        tasks = sampler or build_sampler(c.data, "test")
+        res = evaluate(self.learner, tasks, c.eval.episodes, c.eval.seed, c.eval.inner_steps,
+                       c.eval.transductive, self.progress, self.device, desc="test")
+        results = results_record(c, self.learner, res, self.iteration, self.train_seconds,
+                                 checkpoint or str(self.out / "last.pt"))
+        for steps in c.eval.extra_steps:
+            extra = evaluate(self.learner, tasks, c.eval.episodes, c.eval.seed, steps,
+                             c.eval.transductive, False, self.device)
+            results.setdefault("by_inner_steps", {})[str(steps)] = {"mean": extra["mean"], "ci95": extra["ci95"]}
+        write_results(results, self.out / "results.json")
+        return results
+
+
+def results_record(cfg: Config, learner, res: dict, iterations: int, train_seconds: float,
+                   checkpoint: str) -> dict:
+    d = cfg.data
+    return {
+        "algorithm": cfg.algorithm["name"], "algorithm_config": cfg.algorithm,
+        "dataset": d.name, "split": d.split if d.name == "omniglot" else None,
+        "ways": d.ways if learner.task_type == "classification" else None,
+        "shots": d.shots, "queries": d.queries, "episodes": res["episodes"],
+        "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
+        "inner_steps_test": cfg.eval.inner_steps if cfg.eval.inner_steps is not None
+        else getattr(learner, "inner_steps_test", None),
+        "bn_mode": cfg.model.get("bn_mode", "batch"), "transductive": cfg.eval.transductive,
+        "backbone": cfg.model["name"], "train_seconds": train_seconds, "iterations": iterations,
+        "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
+        "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(),
+    }
+
+
+def write_results(results: dict, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
+    """A trainer restored from a checkpoint, with optional ``eval.*`` (or other) overrides."""
+    from ..config import apply_overrides
+
+    state = ckpt_io.load(checkpoint)
+    cfg = from_dict(apply_overrides(state["config"], overrides or []))
+    trainer = Trainer(cfg, Path(checkpoint).parent, progress=progress)
+    try:
+        trainer.learner.load_state_dict(state["learner"])
+    except RuntimeError as err:
+        raise ConfigError(f"{checkpoint} does not fit the model of its config after overrides "
+                          f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
+                          f"when evaluating a checkpoint.") from err
+    trainer.iteration, trainer.train_seconds = state["iteration"], state["train_seconds"]
+    return trainer

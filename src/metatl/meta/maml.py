@@ -1,0 +1,58 @@
+"""MAML: Model-Agnostic Meta-Learning (Finn, Abbeel and Levine, ICML 2017).
+
+Inner loop, per task i, ``k = inner_steps`` times on the support set::
+
+    theta'_i = theta - alpha * grad_theta L_i^support(theta)
+
+Outer objective on the query sets, minimised by the trainer's optimizer (Adam in the paper)::
+
+    L(theta) = 1/|B| * sum_{i in B} L_i^query(theta'_i)
+
+(the mean over the meta-batch, as in the reference code; the paper's sum differs by the constant
+|B|). Second order by default: the meta-gradient flows through ``grad_theta L_i^support``.
+``first_order=True`` treats that gradient as a constant, so
+``grad_theta L(theta) = mean_i grad L_i^query(theta'_i)`` (first-order MAML).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..registry import ALGORITHMS
+from .base import GradientMetaLearner, task_metric
+from .rules import SGD
+
+
+@ALGORITHMS.register("maml")
+class MAML(GradientMetaLearner):
+    """MAML and first-order MAML.
+
+    Parameters
+    ----------
+    model : the base learner, a plain ``nn.Module``.
+    task_type : ``"classification"`` (cross-entropy) or ``"regression"`` (MSE).
+    inner_lr : alpha, the inner-loop step size.
+    inner_steps : k, inner steps during meta-training.
+    inner_steps_test : inner steps when adapting at test time (default ``inner_steps``).
+    first_order : drop the second-order term (first-order MAML).
+    """
+
+    def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
+                 inner_steps: int = 1, inner_steps_test: Optional[int] = None, first_order: bool = False):
+        super().__init__(model, task_type, SGD(inner_lr), inner_steps, inner_steps_test)
+        self.inner_lr, self.first_order = inner_lr, first_order
+
+    def meta_loss(self, batch):
+        theta = self.params()
+        losses, scores = [], []
+        for ep in batch:
+            adapted = self.adapt_params(theta, ep.support_x, ep.support_y, self.inner_steps,
+                                        create_graph=not self.first_order)
+            out = self.functional(adapted, ep.query_x)
+            losses.append(self.loss_fn(out, ep.query_y))
+            scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
+        loss = torch.stack(losses).mean()
+        name = "query_acc" if self.task_type == "classification" else "query_mse"
+        return loss, {"loss": loss.item(), name: sum(scores) / len(scores)}

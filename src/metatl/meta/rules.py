@@ -1,0 +1,63 @@
+"""Inner-loop update rules as ``init`` / ``update`` pairs of pure functions (the optax pattern).
+
+``state = rule.init(params)``; ``updates, state = rule.update(grads, state, params)``; the new
+parameters are ``params[k] + updates[k]``. Rules never touch a module: parameters are dicts of
+tensors. MAML, Meta-SGD and a learned LSTM optimizer differ only in the rule they pass to
+:func:`metatl.meta.adapt.adapt`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+Params = Dict[str, Tensor]
+
+
+class SGD:
+    """``theta <- theta - lr * g``; no state."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def init(self, params: Params):
+        return ()
+
+    def update(self, grads: Params, state, params: Params) -> Tuple[Params, tuple]:
+        return {k: -self.lr * g for k, g in grads.items()}, state
+
+
+class Adam:
+    """Adam (Kingma and Ba 2015) with bias correction, as ``torch.optim.Adam`` with no weight decay:
+
+    ``m <- b1 m + (1-b1) g``; ``v <- b2 v + (1-b2) g^2``;
+    ``theta <- theta - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``.
+    The Reptile paper uses ``betas=(0, 0.999)`` in its inner loop.
+    """
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+
+    def init(self, params: Params):
+        zeros = {k: torch.zeros_like(p) for k, p in params.items()}
+        return 0, zeros, dict(zeros)
+
+    def update(self, grads: Params, state, params: Params):
+        t, m, v = state
+        t += 1
+        b1, b2 = self.betas
+        m = {k: b1 * m[k] + (1 - b1) * g for k, g in grads.items()}
+        v = {k: b2 * v[k] + (1 - b2) * g * g for k, g in grads.items()}
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        updates = {k: -self.lr * (m[k] / c1) / ((v[k] / c2).sqrt() + self.eps) for k in grads}
+        return updates, (t, m, v)
+
+
+RULES = {"sgd": SGD, "adam": Adam}
+
+
+def make_rule(name: str, **kwargs):
+    if name not in RULES:
+        raise ValueError(f"unknown inner optimizer {name!r}; choose one of {', '.join(RULES)}.")
+    return RULES[name](**kwargs)

@@ -1,0 +1,90 @@
+"""Backbones: plain ``nn.Module`` factories, registered by name.
+
+BatchNorm is an explicit choice, ``bn_mode``:
+
+- ``"batch"`` (default, as the reference MAML code): normalise with the statistics of the set being
+  processed, in training and at test; no running statistics are kept. At test this is transductive
+  (the query set is normalised with its own statistics); the evaluator can also classify each query
+  together with the support set only (``eval.transductive: false``).
+- ``"running"``: keep running statistics during meta-training and use them in ``eval()`` mode.
+- ``"none"``: no normalisation layers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from ..registry import BACKBONES
+
+BN_MODES = ("batch", "running", "none")
+
+
+def _norm(channels: int, bn_mode: str) -> nn.Module:
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}.")
+    if bn_mode == "none":
+        return nn.Identity()
+    return nn.BatchNorm2d(channels, track_running_stats=(bn_mode == "running"))
+
+
+@BACKBONES.register("mlp")
+def mlp(in_features: int = 1, out_features: int = 1, hidden: Sequence[int] = (40, 40), **_) -> nn.Module:
+    """The MAML sinusoid regressor: ``in -> 40 -> 40 -> out`` with ReLU."""
+    layers, width = [], in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """Four conv blocks of ``filters`` channels and an optional linear head.
+
+    ``stride`` variant (MAML's Omniglot net): 3x3 conv with stride 2, BatchNorm, ReLU; features
+    are averaged over space (as the MAML code does). ``pool`` variant (Prototypical Networks):
+    3x3 conv, BatchNorm, ReLU, 2x2 max-pool; features are flattened.
+    ``out_features=0`` leaves the head off and returns the embedding (metric-based methods).
+    """
+
+    def __init__(self, in_channels: int = 1, out_features: int = 5, filters: int = 64,
+                 variant: str = "stride", bn_mode: str = "batch", image_size: int = 28):
+        super().__init__()
+        if variant not in ("stride", "pool"):
+            raise ValueError(f"unknown conv variant {variant!r}; use 'stride' or 'pool'.")
+        blocks, c, size = [], in_channels, image_size
+        for _ in range(4):
+            if variant == "stride":
+                blocks += [nn.Conv2d(c, filters, 3, stride=2, padding=1), _norm(filters, bn_mode), nn.ReLU()]
+                size = (size + 1) // 2
+            else:
+                blocks += [nn.Conv2d(c, filters, 3, padding=1), _norm(filters, bn_mode), nn.ReLU(),
+                           nn.MaxPool2d(2)]
+                size = size // 2
+            c = filters
+        self.features = nn.Sequential(*blocks)
+        self.variant = variant
+        self.embedding_dim = filters if variant == "stride" else filters * size * size
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features else nn.Identity()
+
+    def embed(self, x):
+        h = self.features(x)
+        return h.mean(dim=(2, 3)) if self.variant == "stride" else h.flatten(1)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+@BACKBONES.register("conv4_stride")
+def conv4_stride(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
+                 image_size: int = 28, filters: int = 64, **_) -> nn.Module:
+    """MAML's Omniglot net: 4 x (3x3 conv stride 2, BN, ReLU), mean over space, linear head."""
+    return ConvNet(in_channels, out_features, filters, "stride", bn_mode, image_size)
+
+
+@BACKBONES.register("conv4_pool")
+def conv4_pool(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
+               image_size: int = 28, filters: int = 64, **_) -> nn.Module:
+    """The Prototypical Networks net: 4 x (3x3 conv, BN, ReLU, 2x2 max-pool), linear head."""
+    return ConvNet(in_channels, out_features, filters, "pool", bn_mode, image_size)
