@@ -50,7 +50,32 @@ def rbf_matvec(A: np.ndarray, B: np.ndarray, v: np.ndarray, gamma: float, chunk:
 # --------------------------------------------------------------------------- estimators
 
 
-class _DomainEstimator(MetaEstimatorMixin, BaseEstimator):
+class LabelledScoreMixin:
+    """``score(X, y)`` = accuracy (R^2 for regressors) on the labelled rows only.
+
+    Masked rows (-1 / NaN) are skipped, so ``GridSearchCV``'s default score never errors on the
+    unlabelled target and never uses target labels that are not there. With ``sample_domain``,
+    only rows of domains that the estimator may learn from are scored: source rows for
+    unsupervised methods (``_scores_target_labels = False``), any labelled row otherwise.
+    """
+
+    _scores_target_labels = False
+
+    def score(self, X, y, sample_domain=None, sample_weight=None):
+        y = np.asarray(y)
+        keep = ~is_masked(y)
+        if sample_domain is not None and not self._scores_target_labels:
+            keep &= np.asarray(sample_domain) > 0
+        if not keep.any():
+            raise ValueError("score needs labelled rows; every row of y is masked (-1 / NaN).")
+        sw = None if sample_weight is None else np.asarray(sample_weight)[keep]
+        pred = self.predict(np.asarray(X)[keep])
+        if is_regressor(self):
+            return r2_score(y[keep].astype(float), pred, sample_weight=sw)
+        return accuracy_score(y[keep], pred, sample_weight=sw)
+
+
+class _DomainEstimator(LabelledScoreMixin, MetaEstimatorMixin, BaseEstimator):
     """Wraps ``estimator``; ``predict`` & co. delegate to the fitted ``estimator_``.
 
     ``score(X, y)`` scores only the labelled rows (masked target rows are skipped), so the default
@@ -98,19 +123,6 @@ class _DomainEstimator(MetaEstimatorMixin, BaseEstimator):
     @available_if(lambda self: hasattr(self._fitted_or_base(), "decision_function"))
     def decision_function(self, X):
         return self.estimator_.decision_function(self._check_predict_X(X))
-
-    def score(self, X, y, sample_domain=None, sample_weight=None):
-        """Accuracy (R^2 for regressors) on the labelled rows of ``X``; masked rows are skipped."""
-        y = np.asarray(y)
-        keep = ~is_masked(y)
-        if sample_domain is not None:
-            keep &= np.asarray(sample_domain) > 0
-        if not keep.any():
-            raise ValueError("score needs labelled rows; every row of y is masked (-1 / NaN).")
-        X = np.asarray(X)[keep]
-        sw = None if sample_weight is None else np.asarray(sample_weight)[keep]
-        metric = r2_score if is_regressor(self._base()) else accuracy_score
-        return metric(y[keep], self.predict(X), sample_weight=sw)
 
 
 @ESTIMATORS.register("source_only")

@@ -11,15 +11,19 @@ KLIEP solves
 
     \max_{\alpha \ge 0} \sum_{j=1}^{n_t} \log (A\alpha)_j \quad \text{s.t.} \quad \bar b^\top \alpha = 1 ,
 
-by the paper's projected gradient ascent (Fig. 1), one step being
+by projected gradient ascent. The paper's step (Fig. 1, ``projection='paper'``) is
 
 .. math::
 
     \alpha \leftarrow \alpha + \varepsilon A^\top (1 / A\alpha);\quad
     \alpha \leftarrow \alpha + (1 - \bar b^\top\alpha)\,\bar b / (\bar b^\top \bar b);\quad
-    \alpha \leftarrow \max(0, \alpha);\quad \alpha \leftarrow \alpha / (\bar b^\top \alpha),
+    \alpha \leftarrow \max(0, \alpha);\quad \alpha \leftarrow \alpha / (\bar b^\top \alpha).
 
-with the authors' step schedule :math:`\varepsilon = 10^3, 10^2, \dots, 10^{-3}` (each step size is
+Its last three lines only approximate the projection onto :math:`\{\alpha \ge 0, \bar b^\top\alpha = 1\}`
+and can stall before the optimum (the reference test shows it on a tiny problem), so the default
+``projection='exact'`` replaces them by the Euclidean projection
+:math:`\alpha \leftarrow \max(0, \alpha - \lambda \bar b)` with the scalar :math:`\lambda` set by
+bisection so that :math:`\bar b^\top\alpha = 1`. Both use the authors' step schedule :math:`\varepsilon = 10^3, 10^2, \dots, 10^{-3}` (each step size is
 used while the objective improves). The kernel width is chosen by likelihood cross-validation
 (Fig. 2): the target is split in ``cv`` folds and the width maximising the held-out
 :math:`\frac{1}{|T_r|}\sum_{x \in T_r} \log \hat w_r(x)` is kept. Memory is ``n x b``, never ``n x n``.
@@ -35,25 +39,45 @@ from metatl.transfer._base import BaseReweighter, rbf_kernel, resolve_gamma
 STEP_SIZES = tuple(10.0 ** np.arange(3, -4, -1))
 
 
-def kliep_step(alpha, A, b_bar, step):
-    """One update of Fig. 1: gradient step, projection on ``b'alpha = 1``, clip at 0, renormalise."""
+def project_weighted_simplex(v, b_bar):
+    """Euclidean projection of ``v`` onto ``{alpha >= 0, b_bar' alpha = 1}`` (``b_bar > 0``).
+
+    The solution is ``max(0, v - lam * b_bar)``; ``lam`` comes from the sorted breakpoints ``v / b_bar``.
+    """
+    order = np.argsort(-v / b_bar)
+    vs, bs = v[order], b_bar[order]
+    lam = (np.cumsum(bs * vs) - 1.0) / np.cumsum(bs * bs)  # lam if the first k entries are positive
+    k = np.flatnonzero(vs / bs > lam)[-1]
+    return np.maximum(0.0, v - lam[k] * b_bar)
+
+
+def kliep_step(alpha, A, b_bar, step, projection="exact"):
+    """One ascent step: ``alpha + step * A'(1 / A alpha)``, then the projection (see module docstring)."""
     alpha = alpha + step * A.T @ (1.0 / (A @ alpha))
-    alpha = alpha + (1.0 - b_bar @ alpha) * b_bar / (b_bar @ b_bar)
+    if projection == "exact":
+        return project_weighted_simplex(alpha, b_bar)
+    alpha = alpha + (1.0 - b_bar @ alpha) * b_bar / (b_bar @ b_bar)  # Fig. 1 of the paper
     alpha = np.maximum(0.0, alpha)
     return alpha / (b_bar @ alpha)
 
 
-def kliep_fit_alpha(A, b_bar, *, max_iter=100, step_sizes=STEP_SIZES):
-    """``alpha`` maximising ``mean(log(A alpha))`` s.t. ``b_bar' alpha = 1, alpha >= 0``."""
+def kliep_fit_alpha(A, b_bar, *, max_iter=100, tol=1e-9, step_sizes=STEP_SIZES, projection="exact"):
+    """``alpha`` maximising ``mean(log(A alpha))`` s.t. ``b_bar' alpha = 1, alpha >= 0``.
+
+    Each step size is used while the objective improves by more than ``tol`` (at most ``max_iter``
+    times), then the next, smaller one.
+    """
     alpha = np.ones(A.shape[1]) / b_bar.sum()
     score = np.mean(np.log(A @ alpha))
     for step in step_sizes:
         for _ in range(max_iter):
-            new = kliep_step(alpha, A, b_bar, step)
+            new = kliep_step(alpha, A, b_bar, step, projection)
             new_score = np.mean(np.log(np.maximum(A @ new, 1e-300)))
             if not new_score > score:
                 break
-            alpha, score = new, new_score
+            alpha, score, gain = new, new_score, new_score - score
+            if gain < tol:
+                break
     return alpha
 
 

@@ -32,6 +32,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, has_fit_parameter
 
 from metatl.registry import ESTIMATORS
+from metatl.transfer._base import LabelledScoreMixin
 from metatl.transfer._validation import check_domains, check_n_features, check_X, is_masked
 
 
@@ -46,7 +47,7 @@ class _Constant(BaseEstimator):
 
 
 @ESTIMATORS.register("tradaboost")
-class TrAdaBoost(ClassifierMixin, BaseEstimator):
+class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
     """TrAdaBoost classifier (Dai et al. 2007); the equations are in the module docstring.
 
     Needs labelled target rows: pass ``sample_domain`` (positive = source, negative = target) and
@@ -71,6 +72,8 @@ class TrAdaBoost(ClassifierMixin, BaseEstimator):
     """
 
     __metadata_request__fit = {"sample_domain": True}
+    __metadata_request__score = {"sample_domain": True}
+    _scores_target_labels = True
 
     def __init__(self, estimator=None, n_estimators=20, random_state=None):
         self.estimator = estimator

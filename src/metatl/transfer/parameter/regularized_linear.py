@@ -29,6 +29,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from metatl.registry import ESTIMATORS
+from metatl.transfer._base import LabelledScoreMixin
 from metatl.transfer._validation import check_domains, check_n_features, check_X, is_masked
 
 
@@ -78,7 +79,7 @@ def logistic_to_prior(X, Y, W_prior, alpha):
 
 
 @ESTIMATORS.register("transfer_ridge")
-class TransferRidge(RegressorMixin, BaseEstimator):
+class TransferRidge(LabelledScoreMixin, RegressorMixin, BaseEstimator):
     """Ridge regression pulled towards a source model (equation in the module docstring).
 
     Parameters
@@ -96,6 +97,8 @@ class TransferRidge(RegressorMixin, BaseEstimator):
     """
 
     __metadata_request__fit = {"sample_domain": True}
+    __metadata_request__score = {"sample_domain": True}
+    _scores_target_labels = True
 
     def __init__(self, alpha=1.0, alpha_source=1e-3, source_coef=None):
         self.alpha = alpha
@@ -123,7 +126,7 @@ class TransferRidge(RegressorMixin, BaseEstimator):
 
 
 @ESTIMATORS.register("transfer_logistic")
-class TransferLogisticRegression(ClassifierMixin, BaseEstimator):
+class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
     """Logistic regression pulled towards a source model (equation in the module docstring).
 
     Parameters
@@ -141,6 +144,8 @@ class TransferLogisticRegression(ClassifierMixin, BaseEstimator):
     """
 
     __metadata_request__fit = {"sample_domain": True}
+    __metadata_request__score = {"sample_domain": True}
+    _scores_target_labels = True
 
     def __init__(self, alpha=1.0, alpha_source=1e-2, source_coef=None):
         self.alpha = alpha
