@@ -1,0 +1,259 @@
+"""MNIST and USPS digits as transfer domains (the classic MNIST <-> USPS adaptation task).
+
+Files and formats (see the shared data README for provenance):
+
+* MNIST: the four official IDX files, gzip-compressed, under ``<data_dir>/mnist/``
+  (``train-images-idx3-ubyte.gz`` ...), 28x28 uint8.
+* USPS: ``<data_dir>/usps/usps.h5`` (HDF5: ``/train|test/data`` float32 (n, 256) in [0, 1],
+  ``/train|test/target``), or the LIBSVM files ``usps.bz2`` / ``usps.t.bz2`` (lines
+  ``label 1:v ... 256:v``, labels 1-10 for digits 0-9, values in [-1, 1]). 16x16.
+
+Every loader returns ``X`` of shape ``(n, size * size)``, float32 in [0, 1], and ``y`` int64 in 0-9.
+Images are resized with separable linear interpolation (:func:`resize_images`).
+
+``data_dir`` is found by :func:`resolve_data_dir`: the argument, then ``$METATL_DATA_DIR``, then
+``../shared/data`` next to the repository when it exists, then ``~/.cache/metatl``. With
+``download=True`` missing files are fetched from the official locations (MNIST: Yann LeCun's site
+and the PyTorch mirror; USPS LIBSVM files: the LIBSVM data page) and verified by sha256.
+``usps.h5`` has no official download location: copy it by hand.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+_REPO = Path(__file__).resolve().parents[3]
+
+MNIST_MIRRORS = ("https://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
+LIBSVM_USPS = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
+
+# accepted sha256 of each file, and of its decompressed bytes (either one may match)
+CHECKSUMS = {
+    "mnist/train-images-idx3-ubyte.gz": (
+        "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    "mnist/train-labels-idx1-ubyte.gz": (
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    "mnist/t10k-images-idx3-ubyte.gz": (
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    "mnist/t10k-labels-idx1-ubyte.gz": (
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+    "usps/usps.bz2": ("3771e9dd6ba685185f89867b6e249233dd74652389f263963b3b741e994b034f",),
+    "usps/usps.t.bz2": ("a9c0164e797d60142a50604917f0baa604f326e9a689698763793fa5d12ffc4e",),
+    "usps/usps.h5": ("734f88c541104a956d88be2c95d03b4a463ffd74ccc2ba9c80841fb98e3fcb36",),
+}
+
+
+def resolve_data_dir(data_dir=None) -> Path:
+    """The data folder: ``data_dir``, ``$METATL_DATA_DIR``, ``../shared/data`` next to the repo, ``~/.cache/metatl``."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get("METATL_DATA_DIR"):
+        return Path(os.environ["METATL_DATA_DIR"]).expanduser()
+    shared = _REPO.parent / "shared" / "data"
+    if shared.is_dir():
+        return shared
+    return Path.home() / ".cache" / "metatl"
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _sha256(path: Path, opener=open) -> str:
+    h = hashlib.sha256()
+    with opener(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, accepted) -> bool:
+    """True when the file's sha256, or that of its gunzipped content, is in ``accepted``."""
+    if _sha256(path) in accepted:
+        return True
+    return path.suffix == ".gz" and _sha256(path, gzip.open) in accepted
+
+
+def download(urls, dest: Path, accepted) -> Path:
+    """Fetch ``dest`` from the first working URL: resumes ``dest.part`` with an HTTP Range request,
+    checks the sha256 against ``accepted``, then renames atomically."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    errors = []
+    for url in urls:
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                if have and getattr(r, "status", None) != 206:  # server ignored Range: start over
+                    have = 0
+                total = int(r.headers.get("Content-Length", 0)) + have
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total or None, initial=have, unit="B", unit_scale=True, desc=dest.name
+                ) as bar:
+                    for block in iter(lambda: r.read(1 << 16), b""):
+                        f.write(block)
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError) as e:
+            errors.append(f"{url}: {e}")
+            continue
+        if verify(part, accepted):
+            os.replace(part, dest)
+            return dest
+        part.unlink()
+        errors.append(f"{url}: sha256 mismatch (file discarded)")
+    raise RuntimeError(
+        f"could not download {dest.name} (no network?). Tried:\n  " + "\n  ".join(errors)
+        + f"\nCopy the file to {dest} by hand, or point METATL_DATA_DIR at a folder that has it."
+    )
+
+
+def _file(rel: str, data_dir, download_missing: bool, urls=()) -> Path:
+    path = resolve_data_dir(data_dir) / rel
+    if path.exists():
+        return path
+    if download_missing and urls:
+        return download(urls, path, CHECKSUMS[rel])
+    hint = " or pass download=True" if urls else " (it has no official download location)"
+    raise FileNotFoundError(
+        f"{path} not found. Set METATL_DATA_DIR (or data_dir=) to the folder holding {rel}{hint}."
+    )
+
+
+# --------------------------------------------------------------------------- image helpers
+
+
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` linear interpolation matrix with aligned pixel centres."""
+    pos = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    pos = np.clip(pos, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    M = np.zeros((n_out, n_in))
+    M[np.arange(n_out), lo] += 1 - frac
+    M[np.arange(n_out), hi] += frac
+    if n_out < n_in:  # downsampling: average over the footprint to avoid aliasing
+        M = np.zeros((n_out, n_in))
+        edges = np.linspace(0, n_in, n_out + 1)
+        for i in range(n_out):
+            for j in range(n_in):
+                M[i, j] = max(0.0, min(edges[i + 1], j + 1) - max(edges[i], j))
+        M /= M.sum(1, keepdims=True)
+    return M
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(n, h, w)`` images to ``(n, size, size)``: ``R_h @ img @ R_w^T`` (linear up, area down)."""
+    n, h, w = images.shape
+    if (h, w) == (size, size):
+        return images.astype(np.float32)
+    Rh, Rw = _interp_matrix(h, size), _interp_matrix(w, size)
+    return (Rh @ images.astype(np.float64) @ Rw.T).astype(np.float32)
+
+
+def _finish(images, labels, size):
+    X = resize_images(images, size).reshape(len(images), -1)
+    return np.clip(X, 0.0, 1.0), labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzip-compressed) IDX file: magic 2049 = labels (n,), 2051 = images (n, rows, cols)."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    magic, n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+    if magic == 2049:
+        return np.frombuffer(data, np.uint8, count=n, offset=8)
+    if magic == 2051:
+        rows, cols = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
+        return np.frombuffer(data, np.uint8, count=n * rows * cols, offset=16).reshape(n, rows, cols)
+    raise ValueError(f"{path} is not an IDX file (magic {magic}); expected 2049 or 2051.")
+
+
+def load_mnist(split="train", *, size=28, data_dir=None, download=False):
+    """MNIST ``X (n, size*size)`` in [0, 1] and ``y (n,)``; ``split`` is 'train' (60,000) or 'test' (10,000)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    arrays = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte.gz"
+        arrays.append(read_idx(_file(f"mnist/{name}", data_dir, download, [m + name for m in MNIST_MIRRORS])))
+    images, labels = arrays
+    return _finish(images / 255.0, labels, size)
+
+
+def read_libsvm_usps(path: Path):
+    """``(n, 16, 16)`` images in [0, 1] and labels 0-9 from a LIBSVM USPS file (labels 1-10, values in [-1, 1])."""
+    opener = bz2.open if path.suffix == ".bz2" else open
+    rows, labels = [], []
+    with opener(path, "rt") as f:
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            labels.append(int(float(parts[0])) - 1)
+            x = np.full(256, -1.0)
+            for item in parts[1:]:
+                k, v = item.split(":")
+                x[int(k) - 1] = float(v)
+            rows.append(x)
+    return (np.array(rows).reshape(-1, 16, 16) + 1.0) / 2.0, np.array(labels)
+
+
+def load_usps(split="train", *, size=16, data_dir=None, fmt="h5", download=False):
+    """USPS ``X (n, size*size)`` in [0, 1] and ``y (n,)`` in 0-9.
+
+    ``fmt='h5'`` reads ``usps/usps.h5`` (train 7,291, test 2,007); ``fmt='libsvm'`` reads
+    ``usps/usps.bz2`` (train) or ``usps/usps.t.bz2`` (test). The two formats were normalised
+    differently, so their pixel values differ slightly for the same digit.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+    if fmt == "h5":
+        import h5py
+
+        with h5py.File(_file("usps/usps.h5", data_dir, False), "r") as f:
+            images, labels = f[split]["data"][:].reshape(-1, 16, 16), f[split]["target"][:]
+    elif fmt == "libsvm":
+        name = "usps.bz2" if split == "train" else "usps.t.bz2"
+        images, labels = read_libsvm_usps(_file(f"usps/{name}", data_dir, download, [LIBSVM_USPS + name]))
+    else:
+        raise ValueError(f"fmt must be 'h5' or 'libsvm'; got {fmt!r}.")
+    return _finish(images, labels, size)
+
+
+def load_digits_domains(source="mnist", target="usps", *, size=16, n_source=2000, n_target=1800,
+                        split="train", data_dir=None, random_state=0, return_target_labels=True):
+    """``X, y, sample_domain`` (+ ``y_target_true``) for a digits adaptation task, e.g. MNIST -> USPS.
+
+    ``n_source`` / ``n_target`` rows are drawn at random (None: all rows). Target labels are masked.
+    """
+    from metatl.data.domains import to_domain
+
+    loaders = {"mnist": load_mnist, "usps": load_usps}
+    rng = np.random.default_rng(random_state)
+    parts = []
+    for name, n in ((source, n_source), (target, n_target)):
+        X, y = loaders[name](split, size=size, data_dir=data_dir)
+        idx = rng.permutation(len(X))[:n] if n is not None else np.arange(len(X))
+        parts += [X[idx], y[idx]]
+    X, y, sd = to_domain(parts[0], parts[1], parts[2])
+    return (X, y, sd, parts[3]) if return_target_labels else (X, y, sd)
