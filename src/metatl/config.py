@@ -42,8 +42,10 @@ class TrainConfig:
     meta_batch: int = 25
     optimizer: str = "adam"  # adam or sgd (the outer / meta optimizer)
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # constant or linear (to lr_final at the last iteration)
+    lr_schedule: str = "constant"  # constant, linear (to lr_final at the last iteration) or step
     lr_final: float = 0.0
+    lr_step_every: Optional[int] = None  # step schedule: multiply lr by lr_gamma every this many iterations
+    lr_gamma: float = 0.5
     grad_clip: Optional[float] = None  # max global norm of the meta-gradient
     val_every: int = 500
     val_episodes: int = 100

@@ -5,13 +5,63 @@ from ..data import build_sampler
 from ..registry import ALGORITHMS, BACKBONES
 
 
+def task_spec(sampler) -> dict:
+    """What the learner needs to know of the tasks (stored in checkpoints, so a checkpoint can be
+    loaded without its training data): task type, head width and input shape."""
+    return {"task_type": sampler.task_type, "out_features": sampler.out_features,
+            "input_spec": dict(getattr(sampler, "input_spec", {}))}
+
+
+def learner_from_spec(cfg, spec: dict):
+    """The meta-learner of ``cfg`` for tasks described by :func:`task_spec`. Algorithms that set
+    ``uses_head = False`` (the metric-based ones) get the backbone without a head (``out_features=0``)."""
+    algo = ALGORITHMS.get(cfg.algorithm["name"])
+    out_features = spec["out_features"] if getattr(algo, "uses_head", True) else 0
+    model_kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
+    model = BACKBONES.get(cfg.model["name"])(out_features=out_features, **spec["input_spec"], **model_kwargs)
+    algo_kwargs = {k: v for k, v in cfg.algorithm.items() if k != "name"}
+    return algo(model, task_type=spec["task_type"], **algo_kwargs)
+
+
 def build_learner(cfg, sampler):
     """The meta-learner of ``cfg`` for tasks like those of ``sampler``."""
-    model_kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
-    spec = dict(getattr(sampler, "input_spec", {}))
-    model = BACKBONES.get(cfg.model["name"])(out_features=sampler.out_features, **spec, **model_kwargs)
-    algo_kwargs = {k: v for k, v in cfg.algorithm.items() if k != "name"}
-    return ALGORITHMS.get(cfg.algorithm["name"])(model, task_type=sampler.task_type, **algo_kwargs)
+    return learner_from_spec(cfg, task_spec(sampler))
 
 
-__all__ = ["build_learner", "build_sampler"]
+def load_learner(checkpoint):
+    """The learner stored in ``checkpoint``, in eval mode, with its config as ``learner.config`` and
+    its input spec as ``learner.input_spec``. The training data is not needed (older checkpoints
+    without a stored task spec fall back to building the training sampler). Image models check
+    their input: a wrong channel count or size raises a ValueError that says what to pass."""
+    from ..config import from_dict
+    from . import checkpoint as ckpt_io
+
+    state = ckpt_io.load(checkpoint)
+    cfg = from_dict(state["config"])
+    spec = state.get("task") or task_spec(build_sampler(cfg.data, "train"))
+    learner = learner_from_spec(cfg, spec)
+    learner.load_state_dict(state["learner"])
+    learner.eval()
+    learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
+    if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
+        learner.model.register_forward_pre_hook(_image_guard(learner.input_spec, cfg.data.name, checkpoint))
+    return learner
+
+
+def _image_guard(input_spec: dict, dataset: str, checkpoint):
+    expected = (input_spec["in_channels"], input_spec["image_size"], input_spec["image_size"])
+
+    def check(module, args):
+        x = args[0]
+        if x.dim() < 3 or tuple(x.shape[-3:]) != expected:
+            c, s, _ = expected
+            raise ValueError(
+                f"the model of {checkpoint} takes images of shape (n, {c}, {s}, {s}) ({c} channel(s), "
+                f"{s}x{s} pixels, as trained on {dataset}); got {tuple(x.shape)}. Convert the images: "
+                f"metatl.data.image_folder.load_images(paths, in_channels={c}, image_size={s}) or "
+                f"`metatl adapt`, which converts for you.")
+
+    return check
+
+
+__all__ = ["build_learner", "build_sampler", "learner_from_spec", "load_learner", "task_spec"]

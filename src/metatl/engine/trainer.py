@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config, ConfigError, from_dict
 from . import checkpoint as ckpt_io
-from .build import build_learner, build_sampler
+from .build import build_learner, build_sampler, task_spec
 from .evaluator import evaluate
 
 
@@ -57,7 +57,11 @@ def lr_at(cfg: Config, iteration: int) -> float:
     if t.lr_schedule == "linear":  # the Reptile schedule: lr -> lr_final over the run
         frac = iteration / max(1, t.iterations)
         return t.lr + (t.lr_final - t.lr) * frac
-    raise ConfigError(f"unknown train.lr_schedule {t.lr_schedule!r}; use constant or linear.")
+    if t.lr_schedule == "step":  # ProtoNets / Relation Net: lr * gamma every lr_step_every iterations
+        if not t.lr_step_every or t.lr_step_every < 1:
+            raise ConfigError("train.lr_schedule: step needs train.lr_step_every >= 1 (e.g. 2000).")
+        return t.lr * t.lr_gamma ** (iteration // t.lr_step_every)
+    raise ConfigError(f"unknown train.lr_schedule {t.lr_schedule!r}; use constant, linear or step.")
 
 
 def _same_task(a: dict, b: dict) -> list:
@@ -92,7 +96,8 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"config": self.cfg.to_dict(), "learner": self.learner.state_dict(),
+        return {"config": self.cfg.to_dict(), "task": task_spec(self.train_tasks),
+                "learner": self.learner.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                 "train_seconds": self.train_seconds, "best": self.best,
                 "snapshots_done": self.snapshots_done, "generator": self.generator.get_state(),

@@ -2,8 +2,12 @@
 from .adapt import adapt
 from .base import GradientMetaLearner, MetaLearner, Predictor
 from .maml import MAML
+from .matching import MatchingNet
 from .pretrain import Pretrain
+from .protonet import ProtoNet
+from .relation import RelationNet
 from .reptile import Reptile
 from .rules import SGD, Adam
 
-__all__ = ["MAML", "Adam", "GradientMetaLearner", "MetaLearner", "Predictor", "Pretrain", "Reptile", "SGD", "adapt"]
+__all__ = ["MAML", "Adam", "GradientMetaLearner", "MatchingNet", "MetaLearner", "Predictor", "Pretrain", "ProtoNet",
+           "RelationNet", "Reptile", "SGD", "adapt"]
