@@ -15,7 +15,7 @@ def _episode_shape(cfg, subset: str):
 
 
 @DATASETS.register("sinusoid")
-def sinusoid(cfg, subset: str) -> SinusoidTasks:
+def sinusoid_tasks(cfg, subset: str) -> SinusoidTasks:
     """MAML sinusoid regression; ``shots`` = K support points, ``queries`` = query points."""
     _, shots, queries = _episode_shape(cfg, subset)
     tasks = SinusoidTasks(shots=shots, queries=queries)
@@ -24,7 +24,7 @@ def sinusoid(cfg, subset: str) -> SinusoidTasks:
 
 
 @DATASETS.register("omniglot")
-def omniglot(cfg, subset: str) -> EpisodeSampler:
+def omniglot_tasks(cfg, subset: str) -> EpisodeSampler:
     """Omniglot N-way K-shot episodes, characters x 4 rotations as classes."""
     from .omniglot import omniglot_classes
 
@@ -33,6 +33,20 @@ def omniglot(cfg, subset: str) -> EpisodeSampler:
     pool = omniglot_classes(subset, cfg.split, cfg.data_dir, cfg.image_size, download_missing=cfg.download)
     sampler = EpisodeSampler(pool, *_episode_shape(cfg, subset))
     sampler.input_spec = {"in_channels": 1, "image_size": cfg.image_size}
+    return sampler
+
+
+@DATASETS.register("image_folder")
+def image_folder_tasks(cfg, subset: str) -> EpisodeSampler:
+    """Your own images: ``data.root`` with one sub-folder per class, classes split train/val/test."""
+    from .image_folder import image_folder_classes
+
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}; use one of {SUBSETS}.")
+    ways, shots, queries = _episode_shape(cfg, subset)
+    pool = image_folder_classes(cfg, subset, shots, queries, ways)
+    sampler = EpisodeSampler(pool, ways, shots, queries)
+    sampler.input_spec = {"in_channels": cfg.in_channels, "image_size": cfg.image_size}
     return sampler
 
 

@@ -60,7 +60,7 @@ class Reptile(GradientMetaLearner):
                     scores.append(task_metric(self.task_type, self.functional(adapted, ep.query_x), ep.query_y))
         loss = 0.5 * sum(((theta[k] - mean[k]) ** 2).sum() for k in theta)
         name = "query_acc" if self.task_type == "classification" else "query_mse"
-        metrics = {"loss": float(loss)}
+        metrics = {"loss": loss.detach().item()}
         if scores:
             metrics[name] = sum(scores) / len(scores)
         return loss, metrics

@@ -1,0 +1,159 @@
+"""End-to-end CLI runs for each algorithm, exact resume, NaN safety, and config errors."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from metatl.cli import main
+from metatl.config import ConfigError, load_config
+from metatl.engine import NonFiniteLossError, Trainer
+from metatl.engine import checkpoint as ckpt_io
+
+from test_data import fake_omniglot
+
+SINUSOID = {
+    "name": "t",
+    "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
+    "model": {"name": "mlp", "hidden": [16, 16]},
+    "data": {"name": "sinusoid", "shots": 5, "queries": 10},
+    "train": {"iterations": 6, "meta_batch": 4, "val_every": 3, "val_episodes": 5, "ckpt_every": 3, "log_every": 1},
+    "eval": {"episodes": 10, "extra_steps": [1, 5]},
+}
+
+
+def write_config(tmp_path, raw, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+ALGOS = {
+    "maml": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
+    "fomaml": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1, "first_order": True},
+    "reptile": {"name": "reptile", "inner_lr": 0.01, "inner_steps": 3, "inner_batch": 3, "inner_steps_test": 3},
+    "pretrain": {"name": "pretrain", "inner_lr": 0.01},
+}
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_cli_train_and_eval_sinusoid(tmp_path, algo, capsys):
+    raw = dict(SINUSOID, algorithm=ALGOS[algo])
+    cfg = write_config(tmp_path, raw)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    for f in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "results.json", "learning_curve.png",
+              "sinusoid_tasks.png"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    for key in ("algorithm", "dataset", "ways", "shots", "queries", "episodes", "metric", "inner_steps_test",
+                "bn_mode", "train_seconds", "iterations", "seed", "metatl_version", "torch_version"):
+        assert key in res
+    assert res["metric"]["name"] == "mse" and math.isfinite(res["metric"]["mean"]) and res["iterations"] == 6
+    assert set(res["by_inner_steps"]) == {"1", "5"}
+    printed = capsys.readouterr().out
+    assert "mean +- 95% CI" in printed and "learning_curve.png" in printed
+    # eval writes results beside the checkpoint, or to --out
+    assert main(["eval", str(out / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress",
+                 "--set", "eval.episodes=5"]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["episodes"] == 5
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
+def test_cli_train_on_omniglot_shaped_data(tmp_path, algo, monkeypatch):
+    from metatl.data import omniglot as omni
+
+    root = fake_omniglot(tmp_path / "data", n_alphabets=2, n_chars=3)
+    monkeypatch.setattr(omni, "ACCEPTED", {p: (omni.file_digests(root / "omniglot" / f"{p}.zip")["sha256"],)
+                                           for p in omni.PARTS})
+    monkeypatch.setattr(omni, "N_CHARACTERS", 12)
+    names = [f"Alpha{p[7]}{a}/character{c:02d}" for p in omni.PARTS for a in range(2) for c in range(1, 4)]
+    monkeypatch.setattr(omni, "split_characters", lambda n, split, subset: names[:8] if subset == "train" else names[8:])
+    raw = {"name": "o", "algorithm": ALGOS[algo], "model": {"name": "conv4_stride", "filters": 8},
+           "data": {"name": "omniglot", "ways": 3, "shots": 1, "queries": 2, "data_dir": str(root)},
+           "train": {"iterations": 2, "meta_batch": 2, "val_every": 2, "val_episodes": 2},
+           "eval": {"episodes": 4}}
+    out = tmp_path / "run"
+    assert main(["train", str(write_config(tmp_path, raw)), "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["metric"]["name"] == "accuracy" and 0 <= res["metric"]["mean"] <= 1 and res["ways"] == 3
+
+
+def _params(trainer):
+    return {k: v.clone() for k, v in trainer.learner.state_dict().items()}
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_resume_continues_exactly(tmp_path, algo):
+    raw = dict(SINUSOID, algorithm=ALGOS[algo])
+    raw["train"] = dict(raw["train"], iterations=8, ckpt_every=100, val_every=0)
+    cfg = load_config(write_config(tmp_path, raw))
+    straight = Trainer(cfg, tmp_path / "a", progress=False).fit()
+
+    cfg.train.iterations = 3
+    Trainer(cfg, tmp_path / "b", progress=False).fit()
+    torch.manual_seed(12345)  # whatever happened in between must not matter
+    cfg.train.iterations = 8
+    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    resumed.resume()
+    assert resumed.iteration == 3
+    resumed.fit()
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    raw = dict(SINUSOID)
+    raw["train"] = dict(raw["train"], iterations=4, ckpt_every=2, val_every=0)
+    cfg = load_config(write_config(tmp_path, raw))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    good = ckpt_io.load(tmp_path / "run" / "last.pt")
+    cfg.train.iterations = 10
+    cfg.algorithm["inner_lr"] = float("nan")
+    bad = Trainer(cfg, tmp_path / "run", progress=False)
+    bad.learner.load_state_dict(trainer.learner.state_dict())
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint .* untouched.*grad_clip"):
+        bad.fit()
+    after = ckpt_io.load(tmp_path / "run" / "last.pt")
+    assert after["iteration"] == good["iteration"]
+    assert all(torch.equal(after["learner"][k], good["learner"][k]) for k in good["learner"])
+
+
+def test_resume_from_another_config_is_refused(tmp_path):
+    raw = dict(SINUSOID)
+    raw["train"] = dict(raw["train"], iterations=2, val_every=0)
+    Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "run", progress=False).fit()
+    other = dict(raw, model={"name": "mlp", "hidden": [8]})
+    t = Trainer(load_config(write_config(tmp_path, other, "other.yaml")), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="another config.*model.hidden"):
+        t.resume()
+    assert main(["train", str(tmp_path / "other.yaml"), "--out", str(tmp_path / "run"), "--resume",
+                 "--no-progress"]) == 2
+
+
+def test_unknown_config_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key.*lr_typo.*valid keys:.*lr"):
+        load_config(write_config(tmp_path, dict(SINUSOID, train={"lr_typo": 1})))
+    with pytest.raises(ConfigError, match="unknown key.*alpha.*valid keys:.*inner_lr"):
+        load_config(write_config(tmp_path, dict(SINUSOID, algorithm={"name": "maml", "alpha": 0.1})))
+    with pytest.raises(ConfigError, match="unknown algorithm 'mamll'.*maml"):
+        load_config(write_config(tmp_path, dict(SINUSOID, algorithm={"name": "mamll"})))
+    with pytest.raises(ConfigError, match="unknown key.*bogus"):
+        load_config(write_config(tmp_path, SINUSOID), ["bogus.x=1"])
+    cfg = load_config(write_config(tmp_path, SINUSOID), ["train.lr=0.5", "algorithm.first_order=true"])
+    assert cfg.train.lr == 0.5 and cfg.algorithm["first_order"] is True
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_list_shows_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("maml", "reptile", "sinusoid", "omniglot", "conv4_stride", "conv4_pool", "mlp"):
+        assert name in out

@@ -1,0 +1,57 @@
+"""Short CPU runs that show learning happens (a few seconds each)."""
+import pytest
+import torch
+
+from metatl.config import from_dict
+from metatl.data import EpisodeSampler, TensorClassPool
+from metatl.engine import Trainer, evaluate
+from metatl.meta import MAML
+from metatl.nn import conv4_stride
+
+
+SMOKE = {
+    "maml": ({"name": "maml", "inner_lr": 0.01, "inner_steps": 1, "inner_steps_test": 5},
+             {"iterations": 400, "meta_batch": 10, "lr": 0.003}),
+    "reptile": ({"name": "reptile", "inner_optimizer": "sgd", "inner_lr": 0.02, "inner_steps": 5,
+                 "inner_batch": None, "inner_steps_test": 5},
+                {"iterations": 400, "meta_batch": 5, "optimizer": "sgd", "lr": 1.0, "lr_schedule": "linear"}),
+}
+
+
+@pytest.mark.parametrize("algo", sorted(SMOKE))
+def test_learns_sinusoids(tmp_path, algo):
+    algorithm, train = SMOKE[algo]
+    cfg = from_dict({"algorithm": algorithm, "model": {"name": "mlp"},
+                     "data": {"name": "sinusoid", "shots": 10, "queries": 20},
+                     "train": {**train, "val_every": 0, "ckpt_every": 0}})
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    tasks = trainer.val_tasks
+    before = evaluate(trainer.learner, tasks, episodes=100, progress=False)["mean"]
+    trainer.fit()
+    after = evaluate(trainer.learner, tasks, episodes=100, progress=False)["mean"]
+    assert after < 0.6 * before, (before, after)
+
+
+def blob_tasks(n_classes=30, per_class=10, seed=0):
+    """Classes are fixed random 12x12 patterns plus noise: learnable in a few dozen iterations."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(n_classes, 1, 12, 12, generator=g) > 0.7).float()
+    x = protos.repeat_interleave(per_class, 0) + 0.6 * torch.randn(n_classes * per_class, 1, 12, 12, generator=g)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    return EpisodeSampler(TensorClassPool(x, y), ways=5, shots=1, queries=5)
+
+
+def test_maml_learns_few_shot_classification():
+    torch.manual_seed(0)
+    sampler = blob_tasks()
+    learner = MAML(conv4_stride(out_features=5, filters=16, image_size=12), inner_lr=0.4, inner_steps_test=3)
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-3)
+    before = evaluate(learner, sampler, episodes=40, progress=False)["mean"]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        loss, _ = learner.meta_loss(sampler.sample_batch(4, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = evaluate(learner, sampler, episodes=40, progress=False)["mean"]
+    assert after > max(0.5, before + 0.15), (before, after)
