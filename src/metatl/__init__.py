@@ -14,10 +14,14 @@ except ImportError:  # pragma: no cover
 
 
 def load(checkpoint):
-    """The learner stored in a checkpoint: ``metatl.load(path).adapt(support_x, support_y)``."""
-    from .engine.trainer import load_trainer
+    """The learner stored in a checkpoint: ``metatl.load(path).adapt(support_x, support_y)``.
 
-    return load_trainer(checkpoint, progress=False).learner
+    The training data is not needed; ``learner.config`` is the run's config and
+    ``learner.input_spec`` the input it takes (see :func:`metatl.engine.build.load_learner`).
+    """
+    from .engine.build import load_learner
+
+    return load_learner(checkpoint)
 
 
 __all__ = ["ALGORITHMS", "BACKBONES", "DATASETS", "ESTIMATORS", "Config", "Episode", "EpisodeSampler",

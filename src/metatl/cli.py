@@ -2,6 +2,7 @@
 
     metatl train CONFIG [--set key=value ...] [--out DIR] [--resume]
     metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
+    metatl adapt CHECKPOINT --support DIR --query DIR [--out predictions.csv]
     metatl list
 """
 from __future__ import annotations
@@ -75,6 +76,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    import metatl
+    from .engine.predict import classify_folder, write_predictions
+
+    learner = metatl.load(args.checkpoint)
+    result = classify_folder(learner, args.support, args.query, steps=args.steps, invert=args.invert,
+                             transductive=args.transductive)
+    fmt = result["input"]
+    print(f"{len(result['classes'])} classes from {args.support}: {', '.join(result['classes'])}; images as "
+          f"{fmt['in_channels']}-channel {fmt['image_size']}x{fmt['image_size']}{' inverted' if fmt['invert'] else ''}")
+    labelled = result["labelled"] > 0
+    rows = [[r["file"], r["predicted"], f"{r['confidence']:.3f}"] + ([r["true"] or "-"] if labelled else [])
+            for r in result["rows"]]
+    print(_table(rows, ["file", "predicted", "confidence"] + (["true"] if labelled else [])))
+    if result["accuracy"] is not None:
+        print(f"accuracy on the {result['labelled']} labelled query images: {100 * result['accuracy']:.1f}%")
+    print(f"predictions: {write_predictions(result, args.out)}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from . import registry
     import metatl  # noqa: F401  (registers everything)
@@ -109,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("adapt", help="few-shot classify your own images with a checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint of any meta-learner")
+    p.add_argument("--support", required=True, help="folder with one sub-folder of a few images per new class")
+    p.add_argument("--query", required=True, help="folder of images to classify")
+    p.add_argument("--out", default="predictions.csv", help="CSV table to write (default predictions.csv)")
+    p.add_argument("--steps", type=int, help="test-time inner steps (MAML / Reptile; default: the checkpoint's)")
+    p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                   help="invert pixel values (default: only for Omniglot checkpoints, which expect ink = 1)")
+    p.add_argument("--transductive", action="store_true",
+                   help="classify all query images in one batch (BatchNorm statistics shared across them)")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("list", help="list algorithms, datasets, backbones and estimators")
     p.set_defaults(func=cmd_list)

@@ -32,6 +32,10 @@ class DataConfig:
     split: str = "vinyals"  # omniglot: vinyals (1028/172/423) or maml (1200/423)
     image_size: int = 28
     root: Optional[str] = None  # image folders: the folder of class sub-folders
+    in_channels: int = 1  # image folders: 1 (grayscale) or 3 (RGB); images are converted
+    classes: Optional[Dict[str, List[str]]] = None  # image folders: {train: [...], val: [...], test: [...]}
+    split_fractions: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # else a seeded split
+    split_seed: int = 0
     data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
 

@@ -1,6 +1,8 @@
 """From a config to objects: the episode sources and the learner (backbone + algorithm)."""
 from __future__ import annotations
 
+from torch import nn
+
 from ..data import build_sampler
 from ..registry import ALGORITHMS, BACKBONES
 
@@ -44,7 +46,9 @@ def load_learner(checkpoint):
     learner.eval()
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
-        learner.model.register_forward_pre_hook(_image_guard(learner.input_spec, cfg.data.name, checkpoint))
+        # on the first conv layer: every path to the features (forward, embed, feature maps) passes it
+        first = next((m for m in learner.model.modules() if isinstance(m, nn.Conv2d)), learner.model)
+        first.register_forward_pre_hook(_image_guard(learner.input_spec, cfg.data.name, checkpoint))
     return learner
 
 

@@ -1,0 +1,110 @@
+"""End to end: meta-train on a tiny image folder with `metatl train`, then classify new images with
+`metatl adapt` and from Python; the errors a user meets on the way."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import metatl
+from metatl.cli import main
+from metatl.data.image_folder import load_support_folder
+
+
+def blob_png(path, center, width, rng, size=24):
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = np.asarray(center) + rng.randn(2)
+    img = np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * width ** 2)) + 0.1 * rng.randn(size, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def make_classes(root, n_classes, per_class, seed, size=24):
+    rng = np.random.RandomState(seed)
+    specs = [(rng.uniform(5, size - 5, 2), rng.uniform(1.5, 4)) for _ in range(n_classes)]
+    for c, (center, width) in enumerate(specs):
+        for i in range(per_class):
+            blob_png(root / f"blob{seed}_{c}" / f"{i}.png", center, width, rng, size)
+    return specs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A protonet and a 3-way MAML checkpoint meta-trained for a few steps on an image folder."""
+    tmp = tmp_path_factory.mktemp("run")
+    make_classes(tmp / "train_imgs", n_classes=10, per_class=6, seed=0)
+    runs = {}
+    for algo, extra, iters in (("protonet", {}, 6), ("maml", {"inner_lr": 0.1, "inner_steps": 1, "first_order": True}, 2)):
+        config = {"algorithm": {"name": algo, **extra}, "model": {"name": "conv4_pool", "filters": 8},
+                  "data": {"name": "image_folder", "root": str(tmp / "train_imgs"), "image_size": 16,
+                           "ways": 3, "shots": 1, "queries": 2, "split_fractions": [0.7, 0.0, 0.3]},
+                  "train": {"iterations": iters, "meta_batch": 2, "val_every": 0, "ckpt_every": 0, "log_every": 5},
+                  "eval": {"episodes": 3}}
+        path = tmp / f"{algo}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["train", str(path), "--out", str(tmp / algo), "--no-progress"]) == 0
+        runs[algo] = tmp / algo / "last.pt"
+    return tmp, runs
+
+
+def new_task(root, n_classes=3, shots=2, queries=3, seed=7):
+    """Support folder of new classes, and a query folder with labelled sub-folders and loose images."""
+    rng = np.random.RandomState(seed)
+    specs = [(rng.uniform(5, 19, 2), rng.uniform(1.5, 4)) for _ in range(n_classes)]
+    for c, (center, width) in enumerate(specs):
+        for i in range(shots):
+            blob_png(root / "support" / f"new{c}" / f"{i}.png", center, width, rng)
+        for i in range(queries):
+            blob_png(root / "query" / f"new{c}" / f"q{i}.png", center, width, rng)
+    blob_png(root / "query" / "loose.png", specs[0][0], specs[0][1], rng)
+    return root / "support", root / "query"
+
+
+@pytest.mark.parametrize("algo", ["protonet", "maml"])
+def test_train_then_adapt_writes_a_prediction_table(trained, tmp_path, capsys, algo):
+    _, runs = trained
+    support, query = new_task(tmp_path)
+    out = tmp_path / "predictions.csv"
+    assert main(["adapt", str(runs[algo]), "--support", str(support), "--query", str(query), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 classes from" in printed and "new0, new1, new2" in printed and "accuracy on the 9 labelled" in printed
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10 and set(rows[0]) == {"file", "predicted", "confidence", "true"}
+    assert {r["predicted"] for r in rows} <= {"new0", "new1", "new2"}
+    assert all(0 < float(r["confidence"]) <= 1 for r in rows)
+    assert [r["true"] for r in rows if r["file"] == "loose.png"] == [""]
+
+
+def test_python_api_and_no_training_data_needed(trained, tmp_path):
+    tmp, runs = trained
+    support, query = new_task(tmp_path)
+    (tmp / "train_imgs").rename(tmp / "moved")  # a checkpoint works without its training data
+    try:
+        learner = metatl.load(runs["protonet"])
+        sx, sy, names = load_support_folder(support, learner)
+        assert sx.shape == (6, 1, 16, 16) and names == ["new0", "new1", "new2"]
+        predictor = learner.adapt(sx, sy)
+        assert predictor.predict(sx).shape == (6,)
+        with pytest.raises(ValueError, match=r"takes images of shape \(n, 1, 16, 16\).*got \(6, 3, 16, 16\)"):
+            learner.adapt(sx.expand(-1, 3, -1, -1), sy)
+        with pytest.raises(ValueError, match=r"takes images of shape \(n, 1, 16, 16\).*got \(2, 1, 28, 28\)"):
+            predictor.predict(torch.rand(2, 1, 28, 28))
+    finally:
+        (tmp / "moved").rename(tmp / "train_imgs")
+
+
+def test_adapt_errors_name_the_fix(trained, tmp_path, capsys):
+    _, runs = trained
+    support, query = new_task(tmp_path, n_classes=4)
+    assert main(["adapt", str(runs["maml"]), "--support", str(support), "--query", str(query),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "3-way head but the support folder has 4 classes" in err and "metric-based" in err
+    (tmp_path / "empty_query").mkdir()
+    assert main(["adapt", str(runs["protonet"]), "--support", str(support), "--query",
+                 str(tmp_path / "empty_query")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert main(["adapt", str(tmp_path / "missing.pt"), "--support", str(support), "--query", str(query)]) == 2
+    assert "does not exist" in capsys.readouterr().err
