@@ -1,0 +1,118 @@
+"""Episodes per second of meta-training and of evaluation for the metric-based learners
+(Prototypical, Matching and Relation Networks) on Omniglot 5-way 1-shot.
+
+Each method uses its configs/<method>_omniglot_5w1s.yaml, so training episodes have the paper's shape
+(ProtoNets: 60-way 1-shot with 5 queries per class; Matching: 5-way 1-shot with 15 queries, meta-batch
+32; Relation: 5-way 1-shot with 19 queries). Training is timed through the real trainer step
+(sampling, meta-loss, backward, Adam step) and reported per *episode*; evaluation is
+``learner.adapt`` + prediction on 5-way 1-shot test episodes with 15 queries per class. Each
+measurement runs for about ``--seconds`` seconds after one warm-up step. Uses the real Omniglot data
+when found, else random images of the same shape (speed does not depend on pixel values).
+
+    OMP_NUM_THREADS=1 python benchmarks/metric_speed.py [--seconds 3] [--threads 1] [--out benchmarks/results/metric_speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("protonet", "matching", "relation")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_sampler(cfg_data, subset):
+    from metatl.data import EpisodeSampler, TensorClassPool
+
+    ways, shots, queries = ((cfg_data.train_ways or cfg_data.ways), (cfg_data.train_shots or cfg_data.shots),
+                            (cfg_data.train_queries or cfg_data.queries)) if subset == "train" else \
+        (cfg_data.ways, cfg_data.shots, cfg_data.queries)
+    x = torch.rand(100 * 20, 1, cfg_data.image_size, cfg_data.image_size)
+    s = EpisodeSampler(TensorClassPool(x, torch.arange(100).repeat_interleave(20)), ways, shots, queries)
+    s.input_spec = {"in_channels": 1, "image_size": cfg_data.image_size}
+    return s
+
+
+def timed(fn, seconds: float) -> tuple:
+    fn()  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n, time.perf_counter() - start
+
+
+def measure(method: str, seconds: float, data: str) -> dict:
+    from metatl.config import load_config
+    from metatl.data import build_sampler
+    from metatl.engine.build import build_learner
+    from metatl.engine.trainer import make_optimizer
+
+    cfg = load_config(ROOT / "configs" / f"{method}_omniglot_5w1s.yaml")
+    make = build_sampler if data == "omniglot" else random_sampler
+    train, test = make(cfg.data, "train"), make(cfg.data, "test")
+    torch.manual_seed(0)
+    learner = build_learner(cfg, train)
+    opt = make_optimizer(cfg, learner.parameters())
+    g = torch.Generator().manual_seed(0)
+
+    def train_step():
+        loss, _ = learner.meta_loss(train.sample_batch(cfg.train.meta_batch, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def eval_episode():
+        ep = test.sample(g)
+        with torch.no_grad():
+            learner.adapt(ep.support_x, ep.support_y)(ep.query_x)
+
+    learner.train()
+    steps, t_train = timed(train_step, seconds)
+    learner.eval()
+    episodes, t_eval = timed(eval_episode, seconds)
+    d = cfg.data
+    return {"train_episodes_per_s": steps * cfg.train.meta_batch / t_train,
+            "train_steps_per_s": steps / t_train,
+            "train_episode": f"{d.train_ways or d.ways}-way {d.train_shots or d.shots}-shot, "
+                             f"{d.train_queries or d.queries} queries/class, meta-batch {cfg.train.meta_batch}",
+            "eval_episodes_per_s": episodes / t_eval,
+            "eval_episode": f"{d.ways}-way {d.shots}-shot, {d.queries} queries/class",
+            "timed_train_steps": steps, "timed_eval_episodes": episodes}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metric_speed.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from metatl.engine.trainer import hardware
+
+    try:
+        from metatl.data.omniglot import load_images
+
+        load_images()
+        data = "omniglot"
+    except (FileNotFoundError, ValueError):
+        data = "random images (Omniglot not found)"
+    results = {"data": data, "seconds_per_measurement": args.seconds, "threads": args.threads,
+               "hardware": hardware(), "torch_version": torch.__version__, "methods": {}}
+    for m in args.methods:
+        results["methods"][m] = r = measure(m, args.seconds, "omniglot" if data == "omniglot" else "random")
+        print(f"{m:<9} train {r['train_episodes_per_s']:8.1f} episodes/s ({r['train_episode']}); "
+              f"eval {r['eval_episodes_per_s']:8.1f} episodes/s ({r['eval_episode']})", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
