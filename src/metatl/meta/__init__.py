@@ -1,13 +1,18 @@
 """Meta-learning algorithms, one file each (optimization-, metric- and RNN-based)."""
 from .adapt import adapt
 from .base import GradientMetaLearner, MetaLearner, Predictor
+from .learned_optimizer import LearnedOptimizer
 from .maml import MAML
+from .mann import MANN
 from .matching import MatchingNet
+from .meta_lstm import MetaLSTM
 from .pretrain import Pretrain
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .reptile import Reptile
 from .rules import SGD, Adam
+from .snail import SNAIL
 
 __all__ = ["MAML", "Adam", "GradientMetaLearner", "MatchingNet", "MetaLearner", "Predictor", "Pretrain", "ProtoNet",
            "RelationNet", "Reptile", "SGD", "adapt"]
+__all__ += ["LearnedOptimizer", "MANN", "MetaLSTM", "SNAIL"]  # RNN-based

@@ -8,7 +8,8 @@ for ``j < steps``. With ``create_graph=True`` the result stays differentiable wi
 ``theta`` through the gradients (second-order MAML); with ``create_graph=False`` the gradients are
 constants, so ``d theta_steps / d theta`` is the identity (first-order MAML), and with detached
 inputs nothing is tracked at all (evaluation, Reptile). Training and evaluation call this same
-function.
+function. A rule with ``uses_loss = True`` also receives the (detached) loss: ``rule.update(grads,
+state, params, loss=...)``.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor
         with torch.enable_grad():
             loss = loss_fn(forward(params, xb), yb)
             grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
-        updates, state = rule.update(dict(zip(names, grads)), state, {k: params[k] for k in names})
+        extra = {"loss": loss.detach()} if getattr(rule, "uses_loss", False) else {}  # e.g. meta-LSTM
+        updates, state = rule.update(dict(zip(names, grads)), state, {k: params[k] for k in names}, **extra)
         for k in names:
             new = params[k] + updates[k]
             params[k] = new if outer else new.detach().requires_grad_(True)
