@@ -58,7 +58,7 @@ def _rff(X: np.ndarray, W: np.ndarray, phase: np.ndarray, chunk: int) -> np.ndar
 
 
 def kmm_weights(X_source, X_target, *, gamma=1.0, B=1000.0, eps=None, solver="auto", n_components=1000,
-                max_iter=1000, tol=1e-6, max_dense_memory=5e8, chunk=2048, random_state=None,
+                max_iter=1000, tol=1e-4, max_dense_memory=5e8, chunk=2048, random_state=None,
                 return_info=False):
     """KMM weights ``beta`` (shape ``(n_s,)``) for ``X_source`` against ``X_target``; see the module docstring.
 
@@ -137,7 +137,8 @@ class KMM(BaseReweighter):
     n_components : int, default=1000
         Random Fourier features for ``solver='rff'``.
     max_iter : int, default=1000
-    tol : float, default=1e-6
+    tol : float, default=1e-4
+        Stop when ``||beta_new - beta|| <= tol * max(1, ||beta||)``.
     max_dense_memory : float, default=5e8
         Bytes allowed for the dense ``K`` under ``solver='auto'``.
     random_state : int, RandomState or None
@@ -151,7 +152,7 @@ class KMM(BaseReweighter):
     """
 
     def __init__(self, estimator=None, gamma="scale", B=1000.0, eps=None, solver="auto", n_components=1000,
-                 max_iter=1000, tol=1e-6, max_dense_memory=5e8, random_state=None):
+                 max_iter=1000, tol=1e-4, max_dense_memory=5e8, random_state=None):
         self.estimator = estimator
         self.gamma = gamma
         self.B = B
