@@ -1,0 +1,118 @@
+"""Seconds per meta-iteration and peak memory of MAML, first-order MAML and Reptile on Omniglot
+5-way 1-shot episodes (meta-batch 32, 15 queries per class, 1 inner step), for both conv nets.
+
+Each setting runs in a fresh subprocess (so peak RSS is its own) through the real trainer step:
+episode sampling, meta-loss, backward and optimizer step. Uses the real Omniglot data when it is
+found (else random images of the same shape; the speed does not depend on pixel values).
+
+    python benchmarks/maml_speed.py [--iters 10] [--threads 2] [--out benchmarks/results/maml_speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "maml": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1},
+    "fomaml": {"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "first_order": True},
+    "reptile": {"name": "reptile", "inner_lr": 0.001, "inner_steps": 1, "inner_batch": None},
+}
+BACKBONES = ("conv4_stride", "conv4_pool")
+
+
+def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str) -> dict:
+    import resource
+
+    import torch
+
+    from metatl.config import from_dict
+    from metatl.engine.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    raw = {"algorithm": SETTINGS[algo], "model": {"name": backbone},
+           "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
+           "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device}}
+    data = "omniglot"
+    try:
+        trainer = Trainer(from_dict(raw), "/dev/null", progress=False)
+    except (FileNotFoundError, ValueError):  # no real data here: Omniglot-shaped random images
+        from metatl.data import EpisodeSampler, TensorClassPool
+        from metatl.engine.build import build_learner
+
+        data = "random 28x28 images (Omniglot not found)"
+        pool = TensorClassPool(torch.rand(200 * 20, 1, 28, 28), torch.arange(200).repeat_interleave(20))
+        sampler = EpisodeSampler(pool, 5, 1, 15)
+        sampler.input_spec = {"in_channels": 1, "image_size": 28}
+        raw["data"] = {"name": "sinusoid"}
+        trainer = Trainer(from_dict(raw), "/dev/null", progress=False)
+        trainer.train_tasks = sampler
+        trainer.learner = build_learner(trainer.cfg, sampler).to(device)
+        trainer.optimizer = torch.optim.Adam(trainer.learner.parameters(), lr=1e-3)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i in range(iters + warmup):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    out = {"algorithm": algo, "backbone": backbone, "data": data, "iters": iters,
+           "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
+           "seconds_per_iter_min": times[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_before_loop_mb": rss0 / 1024}
+    if device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device)))
+        return
+
+    import torch
+
+    from metatl.engine.trainer import hardware
+
+    torch.set_num_threads(args.threads)
+    results = []
+    for algo in args.algorithms:
+        for backbone in args.backbones:
+            cmd = [sys.executable, __file__, "--child", algo, backbone, "--iters", str(args.iters),
+                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            print(f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            results.append(res)
+    record = {"benchmark": "maml_speed", "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, "
+              "1 inner step, float32", "hardware": hardware(), "device": args.device, "threads": args.threads,
+              "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
