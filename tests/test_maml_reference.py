@@ -44,10 +44,11 @@ def unrolled_objective(flat, shapes, ep, alpha, steps):
     return F.mse_loss(mlp_apply(theta, shapes, ep.query_x), ep.query_y)
 
 
+@pytest.mark.parametrize("batch_tasks", [False, True], ids=["loop", "vmap"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_maml_meta_gradient_matches_finite_differences(steps):
+def test_maml_meta_gradient_matches_finite_differences(steps, batch_tasks):
     model, ep, alpha = tiny_mlp(), episode(), 0.3
-    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=steps)
+    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=steps, batch_tasks=batch_tasks)
     loss, _ = learner.meta_loss([ep])
     grads = torch.autograd.grad(loss, list(model.parameters()))
     analytic = torch.cat([g.flatten() for g in grads])
@@ -89,13 +90,27 @@ def test_first_order_maml_drops_the_second_order_term(steps):
     assert torch.allclose(analytic, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_meta_batch_loss_is_the_mean_over_tasks():
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_batch_loss_is_the_mean_over_tasks_and_vmap_agrees(first_order):
     model = tiny_mlp()
-    learner = MAML(model, "regression", inner_lr=0.1)
-    eps = [episode(1), episode(2)]
+    learner = MAML(model, "regression", inner_lr=0.1, first_order=first_order)
+    eps = [episode(1), episode(2), episode(3)]
     both, _ = learner.meta_loss(eps)
     one = [learner.meta_loss([e])[0] for e in eps]
-    assert torch.allclose(both, (one[0] + one[1]) / 2)
+    assert torch.allclose(both, sum(one) / 3)
+    g_loop = torch.autograd.grad(both, list(model.parameters()))
+    learner.batch_tasks = True
+    batched, _ = learner.meta_loss(eps)
+    g_vmap = torch.autograd.grad(batched, list(model.parameters()))
+    assert torch.allclose(batched, both)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_loop, g_vmap))
+
+
+def test_vmap_refuses_batchnorm_running_statistics():
+    from metatl.nn import conv4_stride
+
+    with pytest.raises(ValueError, match="bn_mode 'batch'"):
+        MAML(conv4_stride(bn_mode="running"), batch_tasks=True)
 
 
 @pytest.mark.parametrize("meta_batch", [1, 3])
@@ -158,3 +173,16 @@ def test_adaptation_leaves_the_model_untouched():
     assert after_loss < before_loss
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_running_batchnorm_statistics_update_in_training_but_not_when_adapting():
+    from metatl.nn import conv4_stride
+
+    torch.manual_seed(0)
+    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12, bn_mode="running"), inner_lr=0.1)
+    x, y = torch.randn(6, 1, 12, 12), torch.arange(3).repeat(2)
+    before = {k: v.clone() for k, v in learner.model.named_buffers()}
+    learner.adapt(x, y, steps=2)(x)
+    assert all(torch.equal(v, before[k]) for k, v in learner.model.named_buffers())
+    learner.meta_loss([Episode(x, y, x, y)])[0].backward()
+    assert not torch.equal(learner.model.features[1].running_mean, before["features.1.running_mean"])

@@ -75,12 +75,10 @@ class MetaLearner(nn.Module):
         """The model's parameters as a dict (the outer loop differentiates through these)."""
         return dict(self.model.named_parameters())
 
-    def functional(self, params: Params, x: Tensor, buffers: Optional[Params] = None) -> Tensor:
-        """``f(x; params)`` with ``buffers`` (default: the model's own, e.g. BatchNorm running
-        statistics; pass copies to keep test-time adaptation from changing them)."""
-        if buffers is None:
-            buffers = dict(self.model.named_buffers())
-        return functional_call(self.model, {**buffers, **params}, (x,))
+    def functional(self, params: Params, x: Tensor) -> Tensor:
+        """``f(x; params)``. ``params`` may also carry buffers (BatchNorm running statistics);
+        buffers it lacks come from the model."""
+        return functional_call(self.model, params, (x,), strict=False)
 
     def meta_loss(self, batch):  # pragma: no cover - interface
         raise NotImplementedError
@@ -110,9 +108,12 @@ class GradientMetaLearner(MetaLearner):
     def adapt_params(self, params: Params, x: Tensor, y: Tensor, steps: int, *,
                      create_graph: bool = False, batch_size: Optional[int] = None,
                      buffers: Optional[Params] = None) -> Params:
-        forward = self.functional if buffers is None else (lambda p, z: self.functional(p, z, buffers))
-        return adapt(forward, params, x, y, self.loss_fn, self.rule, steps,
-                     create_graph=create_graph, batch_size=batch_size)
+        """:func:`metatl.meta.adapt.adapt` with this learner's model, loss and rule. ``buffers``
+        defaults to the model's own (BatchNorm running statistics are updated in training)."""
+        if buffers is None:
+            buffers = dict(self.model.named_buffers())
+        return adapt(self.functional, params, x, y, self.loss_fn, self.rule, steps,
+                     create_graph=create_graph, batch_size=batch_size, buffers=buffers)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """Adapt a copy of the meta-learned parameters to a support set (no meta-gradient)."""
@@ -122,4 +123,4 @@ class GradientMetaLearner(MetaLearner):
         adapted = self.adapt_params(params, support_x, support_y, steps,
                                     batch_size=self.inner_batch_test, buffers=buffers)
         adapted = {k: p.detach() for k, p in adapted.items()}
-        return Predictor(lambda x: self.functional(adapted, x, buffers), self.task_type)
+        return Predictor(lambda x: self.functional({**buffers, **adapted}, x), self.task_type)
