@@ -1,0 +1,59 @@
+"""Time to accuracy: test accuracy (+- 95% CI, 600 fixed test episodes) of the snapshots a run
+kept at chosen training minutes (``train.snapshot_minutes``), as JSON and a plot.
+
+    metatl train configs/maml_omniglot_5w1s.yaml --out runs/maml_5w1s_tta \\
+        --set train.time_budget_min=15 "train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]" \\
+              train.num_threads=1 algorithm.batch_tasks=true
+    python benchmarks/time_to_accuracy.py runs/maml_5w1s_tta --out benchmarks/results/maml_5w1s_time_to_accuracy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="output path without extension (.json and .png)")
+    ap.add_argument("--episodes", type=int, default=600)
+    ap.add_argument("--reference", type=float, nargs="*", default=[0.95, 0.97])
+    args = ap.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metatl.engine.trainer import hardware, load_trainer
+
+    points = []
+    snaps = sorted(args.run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
+    for snap in snaps:
+        trainer = load_trainer(snap, [f"eval.episodes={args.episodes}"], progress=False)
+        res = trainer.test(checkpoint=str(snap))
+        points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration,
+                       "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
+        print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  "
+              f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
+    record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(), "points": points}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    x = [p["minutes"] for p in points]
+    y = [100 * p["accuracy"] for p in points]
+    e = [100 * p["ci95"] for p in points]
+    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label="metatl MAML (test, 600 episodes)")
+    for r in args.reference:
+        ax.axhline(100 * r, ls=":", color="gray")
+    ax.set(xlabel="training minutes", ylabel="5-way 1-shot accuracy (%)", title=args.run.name)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
