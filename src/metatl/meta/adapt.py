@@ -9,7 +9,9 @@ Python loop and batched over tasks under ``torch.func.vmap``. With ``create_grap
 stays differentiable with respect to ``theta`` through the gradients (second-order MAML); with
 ``create_graph=False`` the gradients are constants, so ``d theta_steps / d theta`` is the identity
 (first-order MAML), and for parameters outside any graph nothing is tracked at all (evaluation,
-Reptile). Training and evaluation call this same function.
+Reptile). Training and evaluation call this same function. A rule with ``uses_loss = True`` also
+receives the (detached) inner loss: ``rule.update(grads, state, params, loss=...)`` (the
+meta-learner LSTM needs it).
 """
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor
             idx, order = order[:batch_size], order[batch_size:]
             xb, yb = x[idx], y[idx]
         with torch.enable_grad():
-            grads = torch.func.grad(inner_loss)(theta, fixed, xb, yb)
+            grads, loss = torch.func.grad_and_value(inner_loss)(theta, fixed, xb, yb)
         if not create_graph:
             grads = {k: g.detach() for k, g in grads.items()}
-        updates, state = rule.update(grads, state, theta)
+        extra = {"loss": loss.detach()} if getattr(rule, "uses_loss", False) else {}
+        updates, state = rule.update(grads, state, theta, **extra)
         theta = {k: theta[k] + updates[k] for k in names}
     return {**params, **theta}
