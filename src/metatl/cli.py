@@ -23,8 +23,8 @@ def _table(rows, headers) -> str:
 def results_table(results: dict) -> str:
     m = results["metric"]
     fmt = (lambda v: f"{100 * v:.2f}%") if m["name"] == "accuracy" else (lambda v: f"{v:.4f}")
-    setting = (f"{results['ways']}-way {results['shots']}-shot" if results.get("ways")
-               else f"K={results['shots']}")
+    setting = results.get("setting") or (f"{results['ways']}-way {results['shots']}-shot" if results.get("ways")
+                                         else f"K={results['shots']}")
     rows = [[results["algorithm"], results["dataset"], setting, results["inner_steps_test"], m["name"],
              f"{fmt(m['mean'])} +- {fmt(m['ci95'])}", results["episodes"]]]
     for steps, r in (results.get("by_inner_steps") or {}).items():

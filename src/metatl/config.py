@@ -38,6 +38,11 @@ class DataConfig:
     split_seed: int = 0
     data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
+    # domain adaptation (mnist_usps): source->target, target labels revealed for training, subsampling
+    direction: str = "mnist->usps"  # or usps->mnist
+    target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
+    max_source: Optional[int] = None  # use at most this many training rows per domain (quick runs)
+    max_target: Optional[int] = None
 
 
 @dataclass

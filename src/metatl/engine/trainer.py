@@ -5,6 +5,19 @@ outer optimizer. Around that: periodic validation, atomic checkpoints (every ``c
 iterations, at chosen training minutes, and at exit), exact resume (model, optimizer and every RNG
 state), ``metrics.jsonl``, a learning-curve PNG and, at the end, the test evaluation in
 ``results.json``. A non-finite loss or gradient stops the run before it can touch a checkpoint.
+
+Beyond episodes, optional hooks let other data sources and objectives (e.g. deep domain adaptation,
+:mod:`metatl.transfer`) use this same loop:
+
+- a batch may be any structure of tensors (lists, tuples, dicts, objects with ``.to``); it is moved
+  to the device recursively (:func:`to_device`);
+- a data source with ``to(device)`` is moved once (its data then lives on the device);
+- a data source with ``evaluate(learner, episodes, seed, progress, device, desc)`` is scored by it
+  instead of :func:`~metatl.engine.evaluator.evaluate` (same returned dict, plus an optional
+  ``record`` of extra ``results.json`` fields);
+- a learner with ``param_groups()`` chooses its optimizer groups (an ``lr_scale`` key in a group
+  multiplies the scheduled learning rate); a learner with ``set_progress(p)`` is told the training
+  progress ``p = iteration / iterations`` before each step (for schedules such as DANN's).
 """
 from __future__ import annotations
 
@@ -23,6 +36,18 @@ from ..config import Config, ConfigError, from_dict
 from . import checkpoint as ckpt_io
 from .build import build_learner, build_sampler, task_spec
 from .evaluator import evaluate
+
+
+def to_device(batch, device):
+    """``batch`` with every tensor moved to ``device``: recurses into lists, tuples and dicts, and
+    calls ``.to(device)`` on anything else that has it (tensors, :class:`~metatl.data.Episode`)."""
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if callable(getattr(batch, "to", None)) else batch
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,8 +112,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.device = torch.device(t.device)
         self.train_tasks = build_sampler(cfg.data, "train")
+        if callable(getattr(self.train_tasks, "to", None)):  # a data source that can live on the device
+            self.train_tasks = self.train_tasks.to(self.device)
         self.learner = build_learner(cfg, self.train_tasks).to(self.device)
-        self.optimizer = make_optimizer(cfg, self.learner.parameters())
+        groups = getattr(self.learner, "param_groups", None)
+        self.optimizer = make_optimizer(cfg, groups() if callable(groups) else self.learner.parameters())
         self.generator = torch.Generator().manual_seed(t.seed)
         self.iteration, self.train_seconds, self.best = 0, 0.0, None
         self.snapshots_done: list = []
@@ -135,11 +163,18 @@ class Trainer:
             self._val_tasks = build_sampler(self.cfg.data, "val")
         return self._val_tasks
 
+    def _evaluate(self, tasks, episodes: int, seed: int, inner_steps, progress: bool, desc: str) -> dict:
+        """The data source's own ``evaluate`` when it has one, else the episodic evaluator."""
+        if callable(getattr(tasks, "evaluate", None)):
+            return tasks.evaluate(self.learner, episodes=episodes, seed=seed, progress=progress,
+                                  device=self.device, desc=desc)
+        return evaluate(self.learner, tasks, episodes, seed, inner_steps, self.cfg.eval.transductive,
+                        progress, self.device, desc=desc)
+
     def validate(self) -> dict:
         c = self.cfg
-        res = evaluate(self.learner, self.val_tasks, c.train.val_episodes, seed=c.eval.seed + 1,
-                       inner_steps=c.eval.inner_steps, transductive=c.eval.transductive,
-                       progress=False, device=self.device)
+        res = self._evaluate(self.val_tasks, c.train.val_episodes, c.eval.seed + 1, c.eval.inner_steps,
+                             False, "eval")
         record = {"iteration": self.iteration, "train_minutes": self.train_seconds / 60,
                   f"val_{res['metric']}": res["mean"], "val_ci95": res["ci95"]}
         self.log(record)
@@ -152,10 +187,11 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> dict:
-        batch = [ep.to(self.device) for ep in
-                 self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator)]
+        batch = to_device(self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator), self.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, self.iteration)
+            group["lr"] = lr_at(self.cfg, self.iteration) * group.get("lr_scale", 1.0)
+        if callable(getattr(self.learner, "set_progress", None)):
+            self.learner.set_progress(self.iteration / max(1, self.cfg.train.iterations))
         loss, metrics = self.learner.meta_loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._nan_message("loss"))
@@ -214,13 +250,11 @@ class Trainer:
         """Evaluate on the fixed test episodes and write ``results.json`` in the run folder."""
         c = self.cfg
         tasks = sampler or build_sampler(c.data, "test")
-        res = evaluate(self.learner, tasks, c.eval.episodes, c.eval.seed, c.eval.inner_steps,
-                       c.eval.transductive, self.progress, self.device, desc="test")
+        res = self._evaluate(tasks, c.eval.episodes, c.eval.seed, c.eval.inner_steps, self.progress, "test")
         results = results_record(c, self.learner, res, self.iteration, self.train_seconds,
                                  checkpoint or str(self.out / "last.pt"))
         for steps in c.eval.extra_steps:
-            extra = evaluate(self.learner, tasks, c.eval.episodes, c.eval.seed, steps,
-                             c.eval.transductive, False, self.device)
+            extra = self._evaluate(tasks, c.eval.episodes, c.eval.seed, steps, False, "eval")
             results.setdefault("by_inner_steps", {})[str(steps)] = {"mean": extra["mean"], "ci95": extra["ci95"]}
         write_results(results, self.out / "results.json")
         return results
@@ -241,6 +275,7 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
         "backbone": cfg.model["name"], "train_seconds": train_seconds, "iterations": iterations,
         "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
         "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(),
+        **res.get("record", {}),  # extra fields from a data source's own evaluate (e.g. the direction)
     }
 
 
