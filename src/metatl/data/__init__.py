@@ -50,6 +50,14 @@ def image_folder_tasks(cfg, subset: str) -> EpisodeSampler:
     return sampler
 
 
+@DATASETS.register("mnist_usps")
+def mnist_usps(cfg, subset: str):
+    """MNIST <-> USPS domain adaptation (``data.direction``); labelled source, unlabelled target."""
+    from .digits import digits_adaptation
+
+    return digits_adaptation(cfg, subset)
+
+
 def build_sampler(cfg, subset: str):
     """The episode source for ``subset`` ("train", "val" or "test") of a :class:`DataConfig`."""
     return DATASETS.get(cfg.name)(cfg, subset)

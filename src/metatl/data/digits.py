@@ -257,3 +257,92 @@ def load_digits_domains(source="mnist", target="usps", *, size=16, n_source=2000
         parts += [X[idx], y[idx]]
     X, y, sd = to_domain(parts[0], parts[1], parts[2])
     return (X, y, sd, parts[3]) if return_target_labels else (X, y, sd)
+
+
+# --------------------------------------------------------------------------- adaptation source
+
+DIRECTIONS = ("mnist->usps", "usps->mnist")
+
+
+def _parse_direction(direction: str):
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown data.direction {direction!r}; use one of {', '.join(DIRECTIONS)}.")
+    return direction.split("->")
+
+
+_CACHE: dict = {}
+
+
+def _domain(name: str, split: str, size: int, data_dir):
+    """``(X (n, 1, size, size) float32 tensor, y (n,) int64 tensor)``, cached per process (the
+    benchmark trains many runs on the same arrays)."""
+    import torch
+
+    key = (name, split, size, str(resolve_data_dir(data_dir)))
+    if key not in _CACHE:
+        X, y = {"mnist": load_mnist, "usps": load_usps}[name](split, size=size, data_dir=data_dir)
+        _CACHE[key] = (torch.from_numpy(X).view(-1, 1, size, size), torch.from_numpy(y))
+    return _CACHE[key]
+
+
+def _subsample(X, y, n, seed: int):
+    import torch
+
+    if n is None or n >= len(X):
+        return X, y
+    idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:n]
+    return X[idx], y[idx]
+
+
+def labelled_subset(y, fraction: float, seed: int):
+    """Indices of a class-stratified ``fraction`` of the rows (at least one per class), seeded."""
+    import torch
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"data.target_labels_fraction must be in [0, 1]; got {fraction}.")
+    if fraction == 0:
+        return torch.zeros(0, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in torch.unique(y):
+        rows = torch.nonzero(y == c).flatten()
+        k = max(1, round(fraction * len(rows)))
+        picks.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+    return torch.sort(torch.cat(picks)).values
+
+
+def digits_adaptation(cfg, subset: str):
+    """The MNIST <-> USPS adaptation source for a :class:`~metatl.config.DataConfig`.
+
+    Both domains are 1-channel ``image_size`` x ``image_size`` images in [0, 1] (MNIST 28x28 and
+    USPS 16x16 are resized by :func:`resize_images`). ``data.direction`` is ``mnist->usps`` or
+    ``usps->mnist``.
+
+    * ``train``: the source training split with labels, the target training split without labels
+      (:class:`~metatl.data.adaptation.DomainPairSampler`). ``target_labels_fraction`` reveals a
+      class-stratified fraction of the target training labels (seed ``split_seed``).
+    * ``val``: the labelled source test split -- held-out *source* accuracy, so validation never
+      reads target labels.
+    * ``test``: the target test split (MNIST 10,000 / USPS 2,007 images), labels for scoring only.
+
+    ``max_source`` / ``max_target`` cap the rows taken from each source / target split (seeded
+    random subsets, for quick runs).
+    """
+    from .adaptation import DomainPairSampler, LabelledSet
+
+    source, target = _parse_direction(cfg.direction)
+    size, seed = cfg.image_size, cfg.split_seed
+    record = {"setting": cfg.direction, "direction": cfg.direction, "ways": None, "shots": None,
+              "queries": None, "target_labels_fraction": cfg.target_labels_fraction, "image_size": size}
+    if subset == "train":
+        xs, ys = _subsample(*_domain(source, "train", size, cfg.data_dir), cfg.max_source, seed)
+        xt, yt = _subsample(*_domain(target, "train", size, cfg.data_dir), cfg.max_target, seed + 1)
+        return DomainPairSampler(xs, ys, xt, yt, labelled_subset(yt, cfg.target_labels_fraction, seed),
+                                 out_features=10)
+    if subset == "val":
+        x, y = _subsample(*_domain(source, "test", size, cfg.data_dir), cfg.max_source, seed + 2)
+        return LabelledSet(x, y, {**record, "eval_set": f"{source} test (source, held out)"}, out_features=10)
+    if subset == "test":
+        x, y = _subsample(*_domain(target, "test", size, cfg.data_dir), cfg.max_target, seed + 3)
+        return LabelledSet(x, y, {**record, "eval_set": f"{target} test ({len(x)} images)"}, out_features=10)
+    raise ValueError(f"unknown subset {subset!r}; use train, val or test.")
