@@ -3,9 +3,13 @@
 Data convention: ``X, y, sample_domain`` with source domains positive, target domains negative and
 target labels masked (-1, NaN for regression); see :mod:`metatl.data.domains`.
 
-Every estimator here is registered in :data:`metatl.registry.ESTIMATORS`.
+Every estimator here is registered in :data:`metatl.registry.ESTIMATORS`. The deep objectives
+(``source_only``, ``dann``, ``deep_coral``, ``dan``, ``linear_probe``, ``finetune``, ``l2sp``,
+``rkd``) are registered in :data:`metatl.registry.ALGORITHMS` and run by the one trainer.
 """
+from metatl.transfer import relation  # noqa: F401  (registers rkd)
 from metatl.transfer._base import SourceOnly
+from metatl.transfer._deep import DeepTransfer
 from metatl.transfer._validation import TargetLabelLeakWarning
 from metatl.transfer.feature import CORAL
 from metatl.transfer.instance import KLIEP, KMM, TrAdaBoost, kliep_weights, kmm_weights
@@ -15,6 +19,7 @@ from metatl.transfer.selection import DEVScorer, ImportanceWeightedScorer, Rever
 __all__ = [
     "CORAL",
     "DEVScorer",
+    "DeepTransfer",
     "ImportanceWeightedScorer",
     "KLIEP",
     "KMM",
