@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-_REPO = Path(__file__).resolve().parents[3]
+from .files import download, matches, resolve_data_dir
 
 MNIST_MIRRORS = ("https://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")
 LIBSVM_USPS = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
@@ -58,70 +54,9 @@ CHECKSUMS = {
 }
 
 
-def resolve_data_dir(data_dir=None) -> Path:
-    """The data folder: ``data_dir``, ``$METATL_DATA_DIR``, ``../shared/data`` next to the repo, ``~/.cache/metatl``."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    if os.environ.get("METATL_DATA_DIR"):
-        return Path(os.environ["METATL_DATA_DIR"]).expanduser()
-    shared = _REPO.parent / "shared" / "data"
-    if shared.is_dir():
-        return shared
-    return Path.home() / ".cache" / "metatl"
-
-
-# --------------------------------------------------------------------------- download
-
-
-def _sha256(path: Path, opener=open) -> str:
-    h = hashlib.sha256()
-    with opener(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(path: Path, accepted) -> bool:
     """True when the file's sha256, or that of its gunzipped content, is in ``accepted``."""
-    if _sha256(path) in accepted:
-        return True
-    return path.suffix == ".gz" and _sha256(path, gzip.open) in accepted
-
-
-def download(urls, dest: Path, accepted) -> Path:
-    """Fetch ``dest`` from the first working URL: resumes ``dest.part`` with an HTTP Range request,
-    checks the sha256 against ``accepted``, then renames atomically."""
-    from tqdm import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    errors = []
-    for url in urls:
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                if have and getattr(r, "status", None) != 206:  # server ignored Range: start over
-                    have = 0
-                total = int(r.headers.get("Content-Length", 0)) + have
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total or None, initial=have, unit="B", unit_scale=True, desc=dest.name
-                ) as bar:
-                    for block in iter(lambda: r.read(1 << 16), b""):
-                        f.write(block)
-                        bar.update(len(block))
-        except (urllib.error.URLError, OSError) as e:
-            errors.append(f"{url}: {e}")
-            continue
-        if verify(part, accepted):
-            os.replace(part, dest)
-            return dest
-        part.unlink()
-        errors.append(f"{url}: sha256 mismatch (file discarded)")
-    raise RuntimeError(
-        f"could not download {dest.name} (no network?). Tried:\n  " + "\n  ".join(errors)
-        + f"\nCopy the file to {dest} by hand, or point METATL_DATA_DIR at a folder that has it."
-    )
+    return matches(path, accepted)
 
 
 def _file(rel: str, data_dir, download_missing: bool, urls=()) -> Path:

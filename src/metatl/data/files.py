@@ -52,21 +52,55 @@ def file_digests(path: os.PathLike, chunk: int = 1 << 20) -> dict:
     return {name: h.hexdigest() for name, h in hashes.items()}
 
 
-def verify(path: os.PathLike, accepted: Iterable[str]) -> None:
-    """Raise a clear error unless the file's sha256 (64 hex digits) or md5 (32, for official
-    files published only with an md5) is one of ``accepted``."""
+def matches(path: os.PathLike, accepted: Iterable[str]) -> bool:
+    """Whether the file's sha256 or md5 (or, for a ``.gz`` file, the sha256 of its decompressed
+    bytes) is one of ``accepted``."""
     accepted = set(accepted)
-    digests = file_digests(path)
-    if not accepted & set(digests.values()):
+    if accepted & set(file_digests(path).values()):
+        return True
+    if str(path).endswith(".gz"):
+        import gzip
+
+        h = hashlib.sha256()
+        try:
+            with gzip.open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            return False
+        return h.hexdigest() in accepted
+    return False
+
+
+def verify(path: os.PathLike, accepted: Iterable[str]) -> None:
+    """Raise a clear error unless :func:`matches` accepts the file (sha256, or md5 for official
+    files published only with an md5)."""
+    accepted = set(accepted)
+    if not matches(path, accepted):
+        digests = file_digests(path)
         raise ValueError(
             f"{path} has sha256 {digests['sha256']}, which is not an accepted checksum for this file "
             f"(accepted: {', '.join(sorted(accepted))}). The file is corrupt or a different "
             f"version: delete it and download it again (pass download=True / --download).")
 
 
-def download(url: str, dest: os.PathLike, accepted: Iterable[str], *, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` with resume and sha256 verification; the final name appears
-    only once the file is verified."""
+def download(urls, dest: os.PathLike, accepted: Iterable[str], *, progress: bool = True) -> Path:
+    """Download ``dest`` from the first of ``urls`` (one URL or a list of mirrors) that works, with
+    resume and checksum verification; the final name appears only once the file is verified."""
+    if isinstance(urls, str):
+        urls = [urls]
+    errors = []
+    for url in urls:
+        try:
+            return _download_one(url, dest, accepted, progress=progress)
+        except (RuntimeError, ValueError) as err:
+            errors.append(str(err))
+    if len(errors) == 1:
+        raise (ValueError if "checksum" in errors[0] else RuntimeError)(errors[0])
+    raise RuntimeError(f"could not download {Path(dest).name} from any mirror:\n  " + "\n  ".join(errors))
+
+
+def _download_one(url: str, dest: os.PathLike, accepted: Iterable[str], *, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     dest = Path(dest)
@@ -88,9 +122,10 @@ def download(url: str, dest: os.PathLike, accepted: Iterable[str], *, progress: 
             f"or point --data-dir / {ENV_VAR} at a folder that already has it.") from err
     if response is not None:
         with response:
-            if done and response.status != 206:  # server ignored the Range header: start over
+            if done and getattr(response, "status", None) != 206:  # server ignored the Range header: start over
                 done = 0
-            total = response.length + done if response.length is not None else None
+            length = response.headers.get("Content-Length")
+            total = int(length) + done if length else None
             with open(part, "ab" if done else "wb") as f, tqdm(
                     total=total, initial=done, unit="B", unit_scale=True, desc=dest.name,
                     disable=not progress) as bar:
