@@ -12,8 +12,8 @@ run() {  # name config [overrides...]
     --set train.time_budget_min=$BUDGET train.num_threads=1 train.val_every=0 "$@" > "$OUT/$name.log" 2>&1
 }
 mkdir -p "$OUT"
-run fomaml_5w1s fomaml_omniglot_5w1s algorithm.batch_tasks=true & run maml_5w5s maml_omniglot_5w5s algorithm.batch_tasks=true & wait
-run fomaml_5w5s fomaml_omniglot_5w5s algorithm.batch_tasks=true & run reptile_5w1s reptile_omniglot_5w1s & wait
+run fomaml_5w1s fomaml_omniglot_5w1s algorithm.batch_tasks=true & run maml_5w5s maml_omniglot_5w5s & wait
+run fomaml_5w5s fomaml_omniglot_5w5s & run reptile_5w1s reptile_omniglot_5w1s & wait
 run reptile_5w5s reptile_omniglot_5w5s & wait
 # Reptile's non-transductive number: each query normalised with the support set only
 metatl eval "$OUT/reptile_5w1s/last.pt" --out "$OUT/reptile_5w1s_nontransductive" --no-progress --set eval.transductive=false
