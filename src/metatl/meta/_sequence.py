@@ -25,6 +25,17 @@ def feature_dim(model: nn.Module) -> int:
     return linears[-1].out_features
 
 
+def infer_ways(model: nn.Module, ways: Optional[int]) -> int:
+    """``ways`` if given, else the width of the backbone's linear head (built for the training ways)."""
+    if ways is not None:
+        return ways
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError("cannot infer the number of ways from this backbone; pass ways=N "
+                         "(algorithm.ways in a config).")
+    return head.out_features
+
+
 def encode(model: nn.Module, x: Tensor) -> Tensor:
     """Features ``(n, feature_dim)`` of inputs ``x`` ``(n, *x_shape)``."""
     return model.embed(x) if hasattr(model, "embed") else model(x)

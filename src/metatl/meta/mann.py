@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
-from ._sequence import encode, feature_dim, one_hot
+from ._sequence import encode, feature_dim, infer_ways, one_hot
 from .base import MetaLearner, Predictor
 
 State = Dict[str, Tensor]
@@ -161,12 +161,7 @@ class MANN(MetaLearner):
             raise ValueError("MANN classifies; use it with classification episodes (e.g. data.name: omniglot).")
         if objective not in ("episode", "online"):
             raise ValueError(f"unknown objective {objective!r}; use 'episode' or 'online'.")
-        if ways is None:
-            head = getattr(model, "head", None)
-            if not isinstance(head, nn.Linear):
-                raise ValueError("cannot infer the number of ways from this backbone; pass ways=N "
-                                 "(algorithm.ways in a config).")
-            ways = head.out_features
+        ways = infer_ways(model, ways)
         self.ways, self.objective = ways, objective
         self.core = MANNCore(feature_dim(model), ways, hidden, memory, slots, slot_size, heads, gamma, beta)
 

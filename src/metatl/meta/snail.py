@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
-from ._sequence import encode, feature_dim, one_hot
+from ._sequence import encode, feature_dim, infer_ways, one_hot
 from .base import MetaLearner, Predictor
 
 
@@ -137,12 +137,7 @@ class SNAIL(MetaLearner):
         super().__init__(model, task_type)
         if task_type != "classification":
             raise ValueError("SNAIL classifies here; use it with classification episodes.")
-        if ways is None:
-            head = getattr(model, "head", None)
-            if not isinstance(head, nn.Linear):
-                raise ValueError("cannot infer the number of ways from this backbone; pass ways=N "
-                                 "(algorithm.ways in a config).")
-            ways = head.out_features
+        ways = infer_ways(model, ways)
         self.ways = ways
         self.net = SNAILNet(feature_dim(model) + ways, ways, seq_len, filters, attention)
 
