@@ -1,16 +1,11 @@
 """metatl: meta-learning and transfer learning in PyTorch, one data model, one trainer, one evaluator."""
 __version__ = "0.1.0"
 
-from . import data, meta, nn  # noqa: E402,F401  (registers datasets, algorithms, backbones)
+from . import data, meta, nn, transfer  # noqa: E402,F401  (registers every component)
 from .config import Config, load_config  # noqa: E402
 from .data import Episode, EpisodeSampler, SinusoidTasks  # noqa: E402
 from .meta import MAML, Reptile, adapt  # noqa: E402
 from .registry import ALGORITHMS, BACKBONES, DATASETS, ESTIMATORS  # noqa: E402
-
-try:  # classical transfer estimators register themselves when present
-    from . import transfer  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
 
 
 def load(checkpoint):
