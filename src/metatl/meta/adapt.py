@@ -4,8 +4,9 @@
 
     theta_0 = theta;   theta_{j+1} = theta_j + rule.update(grad_theta L(f(x; theta_j), y))
 
-for ``j < steps``. Gradients come from ``torch.func.grad``, so the same code runs per task in a
-Python loop and batched over tasks under ``torch.func.vmap``. With ``create_graph=True`` the result
+for ``j < steps``. Gradients come from ``torch.autograd.grad`` (least overhead for a per-task loop)
+or, with ``batched=True``, from ``torch.func.grad``, so the same loop also runs batched over tasks
+under ``torch.func.vmap``. With ``create_graph=True`` the result
 stays differentiable with respect to ``theta`` through the gradients (second-order MAML); with
 ``create_graph=False`` the gradients are constants, so ``d theta_steps / d theta`` is the identity
 (first-order MAML), and for parameters outside any graph nothing is tracked at all (evaluation,
@@ -27,21 +28,32 @@ def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor
           loss_fn: Callable[[Tensor, Tensor], Tensor], rule, steps: int, *,
           create_graph: bool = False, trainable: Optional[Callable[[str], bool]] = None,
           buffers: Optional[Params] = None, batch_size: Optional[int] = None,
-          generator: Optional[torch.Generator] = None) -> Params:
+          generator: Optional[torch.Generator] = None, batched: bool = False) -> Params:
     """Run ``steps`` updates of ``rule`` on the loss of ``forward(params, x)`` against ``y``.
 
     ``forward`` receives the parameters merged with ``buffers`` (e.g. BatchNorm running statistics,
     which it may update in place). ``trainable(name)`` picks the parameters to adapt, the others stay
     fixed (e.g. ANIL adapts the head only). ``batch_size`` draws a minibatch per step by cycling
     through shuffled passes over ``(x, y)`` (the Reptile inner loop); otherwise every step uses all
-    of ``(x, y)``. Returns the adapted parameters (``params`` with the trainable ones replaced).
+    of ``(x, y)``. Set ``batched`` when calling inside ``torch.func.vmap``. Returns the adapted
+    parameters (``params`` with the trainable ones replaced).
     """
     names = [k for k in params if trainable is None or trainable(k)]
     fixed = {**(buffers or {}), **{k: v for k, v in params.items() if k not in names}}
     theta = {k: params[k] for k in names}
 
+    outer = any(v.requires_grad for v in theta.values())  # is an outer loop differentiating us?
+
     def inner_loss(theta, fixed, xb, yb):
         return loss_fn(forward({**fixed, **theta}, xb), yb)
+
+    def grad_and_loss(theta, xb, yb):
+        if batched:
+            return torch.func.grad_and_value(inner_loss)(theta, fixed, xb, yb)
+        leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in theta.items()}
+        loss = inner_loss(leaves, fixed, xb, yb)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+        return dict(zip(leaves, grads)), loss
 
     state = rule.init(theta)
     order = torch.empty(0, dtype=torch.long)
@@ -53,10 +65,12 @@ def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor
             idx, order = order[:batch_size], order[batch_size:]
             xb, yb = x[idx], y[idx]
         with torch.enable_grad():
-            grads, loss = torch.func.grad_and_value(inner_loss)(theta, fixed, xb, yb)
+            grads, loss = grad_and_loss(theta, xb, yb)
         if not create_graph:
             grads = {k: g.detach() for k, g in grads.items()}
         extra = {"loss": loss.detach()} if getattr(rule, "uses_loss", False) else {}
         updates, state = rule.update(grads, state, theta, **extra)
         theta = {k: theta[k] + updates[k] for k in names}
+        if not outer:  # evaluation or Reptile: keep no graph across steps
+            theta = {k: v.detach() for k, v in theta.items()}
     return {**params, **theta}

@@ -107,13 +107,13 @@ class GradientMetaLearner(MetaLearner):
 
     def adapt_params(self, params: Params, x: Tensor, y: Tensor, steps: int, *,
                      create_graph: bool = False, batch_size: Optional[int] = None,
-                     buffers: Optional[Params] = None) -> Params:
+                     buffers: Optional[Params] = None, batched: bool = False) -> Params:
         """:func:`metatl.meta.adapt.adapt` with this learner's model, loss and rule. ``buffers``
         defaults to the model's own (BatchNorm running statistics are updated in training)."""
         if buffers is None:
             buffers = dict(self.model.named_buffers())
         return adapt(self.functional, params, x, y, self.loss_fn, self.rule, steps,
-                     create_graph=create_graph, batch_size=batch_size, buffers=buffers)
+                     create_graph=create_graph, batch_size=batch_size, buffers=buffers, batched=batched)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """Adapt a copy of the meta-learned parameters to a support set (no meta-gradient)."""

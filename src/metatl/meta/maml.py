@@ -15,6 +15,7 @@ Outer objective on the query sets, minimised by the trainer's optimizer (Adam in
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -52,10 +53,10 @@ class MAML(GradientMetaLearner):
                              "use model.bn_mode 'batch' (the MAML default) or 'none', or batch_tasks=false.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
 
-    def task_loss(self, theta, support_x, support_y, query_x, query_y):
+    def task_loss(self, theta, support_x, support_y, query_x, query_y, batched: bool = False):
         """``L_i^query(theta'_i)`` for one task, and the query outputs."""
         adapted = self.adapt_params(theta, support_x, support_y, self.inner_steps,
-                                    create_graph=not self.first_order)
+                                    create_graph=not self.first_order, batched=batched)
         out = self.functional(adapted, query_x)
         return self.loss_fn(out, query_y), out
 
@@ -63,7 +64,7 @@ class MAML(GradientMetaLearner):
         theta = self.params()
         if self.batch_tasks:
             ep = stack_episodes(batch)
-            losses, outs = torch.func.vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0))(
+            losses, outs = torch.func.vmap(partial(self.task_loss, batched=True), in_dims=(None, 0, 0, 0, 0))(
                 theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y)
             scores = [task_metric(self.task_type, o, y) for o, y in zip(outs.detach(), ep.query_y)]
         else:
