@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
 from pathlib import Path
 
 
@@ -33,8 +34,7 @@ def main() -> None:
     snaps = sorted(args.run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
     for snap in snaps:
         trainer = load_trainer(snap, [f"eval.episodes={args.episodes}"], progress=False)
-        trainer.out = args.out.parent / f"{args.out.name}_{snap.stem}"  # keep the run's own results.json
-        trainer.out.mkdir(parents=True, exist_ok=True)
+        trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
         res = trainer.test(checkpoint=str(snap))
         points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration,
                        "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
