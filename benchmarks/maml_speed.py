@@ -106,7 +106,7 @@ def main() -> None:
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             results.append(res)
     record = {"benchmark": "maml_speed", "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, "
-              "1 inner step, float32", "hardware": hardware(), "device": args.device, "threads": args.threads,
+              "1 inner step, float32", "hardware": hardware(args.device), "device": args.device, "threads": args.threads,
               "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

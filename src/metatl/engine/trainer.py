@@ -54,7 +54,8 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or the meta-gradient became NaN or infinite."""
 
 
-def hardware() -> str:
+def hardware(device: str = "cpu") -> str:
+    """The CPU model and thread count, and the GPU's name when ``device`` is a CUDA device."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -63,7 +64,10 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    cpu = f"{name}, {torch.get_num_threads()} threads"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CPU: {cpu})"
+    return cpu
 
 
 def make_optimizer(cfg: Config, params):
@@ -274,7 +278,7 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
         "bn_mode": cfg.model.get("bn_mode", "batch"), "transductive": cfg.eval.transductive,
         "backbone": cfg.model["name"], "train_seconds": train_seconds, "iterations": iterations,
         "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
-        "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(),
+        "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(cfg.train.device),
         **res.get("record", {}),  # extra fields from a data source's own evaluate (e.g. the direction)
     }
 
