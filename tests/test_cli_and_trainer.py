@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from metatl.cli import main
-from metatl.config import ConfigError, load_config
+from metatl.config import ConfigError, from_dict, load_config
 from metatl.engine import NonFiniteLossError, Trainer
 from metatl.engine import checkpoint as ckpt_io
 
@@ -157,3 +157,22 @@ def test_list_shows_every_registry(capsys):
     out = capsys.readouterr().out
     for name in ("maml", "reptile", "sinusoid", "omniglot", "conv4_stride", "conv4_pool", "mlp"):
         assert name in out
+
+
+def test_schedules_follow_the_iteration_or_time_budget_whichever_ends_first():
+    from metatl.engine.trainer import lr_at, progress_at
+
+    cfg = from_dict({"train": {"iterations": 1000, "lr": 1e-3, "lr_final": 1e-4, "lr_schedule": "cosine"}})
+    assert lr_at(cfg, 0) == pytest.approx(1e-3)
+    assert lr_at(cfg, 500) == pytest.approx(5.5e-4)
+    assert lr_at(cfg, 1000) == pytest.approx(1e-4)
+    # under a 10-minute budget, 5 of 10 minutes spent at iteration 100 is half-way
+    timed = from_dict({"train": {"iterations": 1000, "time_budget_min": 10, "lr": 1.0, "lr_schedule": "linear"}})
+    assert progress_at(timed, 100, 300.0) == pytest.approx(0.5)
+    assert progress_at(timed, 900, 300.0) == pytest.approx(0.9)
+    assert progress_at(timed, 10, 900.0) == 1.0
+    assert lr_at(timed, 100, 300.0) == pytest.approx(0.5)
+    cos = from_dict({"train": {"time_budget_min": 10, "lr": 1.0, "lr_schedule": "cosine"}})
+    assert lr_at(cos, 1, 150.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(ConfigError, match="cosine"):
+        lr_at(from_dict({"train": {"lr_schedule": "exp"}}), 0)

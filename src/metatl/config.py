@@ -51,7 +51,7 @@ class TrainConfig:
     meta_batch: int = 25
     optimizer: str = "adam"  # adam or sgd (the outer / meta optimizer)
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # constant, linear (to lr_final at the last iteration) or step
+    lr_schedule: str = "constant"  # constant, linear or cosine (to lr_final at the end of the run), or step
     lr_final: float = 0.0
     lr_step_every: Optional[int] = None  # step schedule: multiply lr by lr_gamma every this many iterations
     lr_gamma: float = 0.5

@@ -79,18 +79,32 @@ def make_optimizer(cfg: Config, params):
     raise ConfigError(f"unknown train.optimizer {t.optimizer!r}; use adam or sgd.")
 
 
-def lr_at(cfg: Config, iteration: int) -> float:
+def progress_at(cfg: Config, iteration: int, train_seconds: float = 0.0) -> float:
+    """How far training has gone, in [0, 1]: the larger of the iteration fraction and, under
+    ``train.time_budget_min``, the fraction of the time budget spent (a run ends at whichever
+    limit comes first, so schedules that follow progress end with it)."""
+    t = cfg.train
+    frac = iteration / max(1, t.iterations)
+    if t.time_budget_min:
+        frac = max(frac, train_seconds / (60 * t.time_budget_min))
+    return min(1.0, frac)
+
+
+def lr_at(cfg: Config, iteration: int, train_seconds: float = 0.0) -> float:
+    """The outer learning rate at this point of training (``train.lr_schedule``)."""
     t = cfg.train
     if t.lr_schedule == "constant":
         return t.lr
     if t.lr_schedule == "linear":  # the Reptile schedule: lr -> lr_final over the run
-        frac = iteration / max(1, t.iterations)
-        return t.lr + (t.lr_final - t.lr) * frac
+        return t.lr + (t.lr_final - t.lr) * progress_at(cfg, iteration, train_seconds)
+    if t.lr_schedule == "cosine":  # lr -> lr_final along half a cosine over the run
+        frac = progress_at(cfg, iteration, train_seconds)
+        return t.lr_final + (t.lr - t.lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
     if t.lr_schedule == "step":  # ProtoNets / Relation Net: lr * gamma every lr_step_every iterations
         if not t.lr_step_every or t.lr_step_every < 1:
             raise ConfigError("train.lr_schedule: step needs train.lr_step_every >= 1 (e.g. 2000).")
         return t.lr * t.lr_gamma ** (iteration // t.lr_step_every)
-    raise ConfigError(f"unknown train.lr_schedule {t.lr_schedule!r}; use constant, linear or step.")
+    raise ConfigError(f"unknown train.lr_schedule {t.lr_schedule!r}; use constant, linear, cosine or step.")
 
 
 def _same_task(a: dict, b: dict) -> list:
@@ -193,9 +207,9 @@ class Trainer:
     def step(self) -> dict:
         batch = to_device(self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator), self.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, self.iteration) * group.get("lr_scale", 1.0)
+            group["lr"] = lr_at(self.cfg, self.iteration, self.train_seconds) * group.get("lr_scale", 1.0)
         if callable(getattr(self.learner, "set_progress", None)):
-            self.learner.set_progress(self.iteration / max(1, self.cfg.train.iterations))
+            self.learner.set_progress(progress_at(self.cfg, self.iteration, self.train_seconds))
         loss, metrics = self.learner.meta_loss(batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._nan_message("loss"))

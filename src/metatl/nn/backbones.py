@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..registry import BACKBONES
@@ -46,10 +47,13 @@ class ConvNet(nn.Module):
     are averaged over space (as the MAML code does). ``pool`` variant (Prototypical Networks):
     3x3 conv, BatchNorm, ReLU, 2x2 max-pool; features are flattened.
     ``out_features=0`` leaves the head off and returns the embedding (metric-based methods).
+    ``channels_last=True`` keeps weights and activations in the channels-last memory layout, which
+    oneDNN's CPU convolutions run faster on for large batches (same results up to rounding).
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, filters: int = 64,
-                 variant: str = "stride", bn_mode: str = "batch", image_size: int = 28):
+                 variant: str = "stride", bn_mode: str = "batch", image_size: int = 28,
+                 channels_last: bool = False):
         super().__init__()
         if variant not in ("stride", "pool"):
             raise ValueError(f"unknown conv variant {variant!r}; use 'stride' or 'pool'.")
@@ -67,8 +71,13 @@ class ConvNet(nn.Module):
         self.variant = variant
         self.embedding_dim = filters if variant == "stride" else filters * size * size
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else nn.Identity()
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def embed(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.features(x)
         return h.mean(dim=(2, 3)) if self.variant == "stride" else h.flatten(1)
 
@@ -78,13 +87,13 @@ class ConvNet(nn.Module):
 
 @BACKBONES.register("conv4_stride")
 def conv4_stride(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
-                 image_size: int = 28, filters: int = 64, **_) -> nn.Module:
+                 image_size: int = 28, filters: int = 64, channels_last: bool = False, **_) -> nn.Module:
     """MAML's Omniglot net: 4 x (3x3 conv stride 2, BN, ReLU), mean over space, linear head."""
-    return ConvNet(in_channels, out_features, filters, "stride", bn_mode, image_size)
+    return ConvNet(in_channels, out_features, filters, "stride", bn_mode, image_size, channels_last)
 
 
 @BACKBONES.register("conv4_pool")
 def conv4_pool(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
-               image_size: int = 28, filters: int = 64, **_) -> nn.Module:
+               image_size: int = 28, filters: int = 64, channels_last: bool = False, **_) -> nn.Module:
     """The Prototypical Networks net: 4 x (3x3 conv, BN, ReLU, 2x2 max-pool), linear head."""
-    return ConvNet(in_channels, out_features, filters, "pool", bn_mode, image_size)
+    return ConvNet(in_channels, out_features, filters, "pool", bn_mode, image_size, channels_last)
