@@ -88,16 +88,17 @@ def test_protonet_logits_and_loss_match_the_equation():
     torch.testing.assert_close(cos, ref_cos.detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_matching_attention_over_one_hot_labels_by_loop():
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_matching_attention_over_one_hot_labels_by_loop(scale):
     torch.manual_seed(0)
     model = _eval_model(conv4_pool(out_features=0, bn_mode="none", filters=8))
-    learner = MatchingNet(model)
+    learner = MatchingNet(model, scale=scale)
     ep = episode(ways=3, shots=2, queries=2)
     g = [model(x[None])[0] for x in ep.support_x]
     probs = []
     for q in ep.query_x:
         f = model(q[None])[0]
-        sims = torch.stack([F.cosine_similarity(f, gi, dim=0) for gi in g])
+        sims = scale * torch.stack([F.cosine_similarity(f, gi, dim=0) for gi in g])
         a = sims.exp() / sims.exp().sum()
         probs.append(torch.stack([sum(a[i] for i in range(len(g)) if ep.support_y[i] == k) for k in range(3)]))
     probs = torch.stack(probs)
@@ -105,6 +106,19 @@ def test_matching_attention_over_one_hot_labels_by_loop():
     torch.testing.assert_close(loss, -probs[torch.arange(len(probs)), ep.query_y].log().mean(), rtol=1e-4, atol=1e-5)
     predictor = learner.adapt(ep.support_x, ep.support_y)
     torch.testing.assert_close(predictor.predict_proba(ep.query_x), probs.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_matching_learned_scale_is_a_positive_parameter_that_trains():
+    torch.manual_seed(0)
+    model = _eval_model(conv4_pool(out_features=0, bn_mode="none", filters=8))
+    fixed, learned = MatchingNet(model, scale=5.0), MatchingNet(model, scale=5.0, learn_scale=True)
+    assert "log_scale" not in fixed.state_dict()  # the paper's fixed form keeps old checkpoints loadable
+    ep = episode(ways=3, shots=2, queries=2)
+    torch.testing.assert_close(learned.meta_loss([ep])[0], fixed.meta_loss([ep])[0])
+    learned.meta_loss([ep])[0].backward()
+    assert learned.log_scale.grad is not None and learned.log_scale.grad.abs() > 0
+    with pytest.raises(ValueError, match="scale must be positive"):
+        MatchingNet(model, scale=0.0)
 
 
 def _lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):

@@ -16,6 +16,12 @@ bidirectional LSTM and each query by an attention LSTM with ``K = fce_steps`` re
     h^_k, c_k = LSTM(f'(x), h_{k-1} + r_{k-1}, c_{k-1})         (h_0 = c_0 = 0)
     h_k       = h^_k + f'(x);    f(x, S) = h_K
 
+The paper's attention takes the softmax of cosines, which lie in [-1, 1], so it can never be sharp
+(at best ``e / (e + (n - 1) / e)`` on the right support example). ``scale`` multiplies the cosines
+before the softmax (an inverse temperature, ``a = softmax_i(s * cos(f(x), g(x_i)))``), and
+``learn_scale=True`` learns ``s`` with the embedding (metric scaling, Oreshkin et al. 2018);
+``scale=1, learn_scale=False`` is the paper's formula.
+
 (The paper writes the LSTM's previous state as the concatenation ``[h_{k-1}, r_{k-1}]``, whose
 size does not match ``h_k``; like the common reimplementations we feed the sum.) The predictor's
 output is ``log P(y | x, S)``, so ``predict_proba`` returns ``P`` itself.
@@ -69,16 +75,26 @@ class MatchingNet(MetaLearner):
     task_type : ``"classification"`` only.
     fce : full context embeddings (needs ``model.embedding_dim``, as the conv4 backbones have).
     fce_steps : K, the attention LSTM's read steps (not given in the paper).
+    scale : s, the factor on the cosines before the softmax (1 is the paper's formula).
+    learn_scale : learn ``s`` (starting from ``scale``) with the rest of the network.
     """
 
     uses_head = False
 
     def __init__(self, model: nn.Module, task_type: str = "classification", fce: bool = False,
-                 fce_steps: int = 5):
+                 fce_steps: int = 5, scale: float = 1.0, learn_scale: bool = False):
         if task_type != "classification":
             raise ValueError("matching classifies; it has no regression form (use maml or reptile).")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (it multiplies the cosines), got {scale}.")
         super().__init__(model, task_type)
         self.fce, self.fce_steps = fce, fce_steps
+        # stored as a log so that a learned scale stays positive
+        log_scale = torch.tensor(float(scale)).log()
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale, persistent=False)
         if fce:
             if not hasattr(model, "embedding_dim"):
                 raise ValueError(f"fce needs the embedding width: backbone {type(model).__name__} has no "
@@ -94,7 +110,7 @@ class MatchingNet(MetaLearner):
         f = embed(self.model, x)
         if self.fce:
             f = self.context.query(f, g)
-        attention = cosine_similarity(f, g).softmax(dim=1)  # (m, n_support)
+        attention = (self.log_scale.exp() * cosine_similarity(f, g)).softmax(dim=1)  # (m, n_support)
         probs = attention @ F.one_hot(support_y, n).to(attention.dtype)
         return probs.clamp_min(1e-12).log()
 
