@@ -145,10 +145,16 @@ def main(argv=None) -> int:
         entry["curves"]["LSTM"] = np.stack([run(learned[trained_on], prob, args.steps) for prob in problems(args.seeds, 0)])
         entry["diverged"]["LSTM_runs"] = int(np.isnan(entry["curves"]["LSTM"]).any(1).sum())
         for k, c in entry["curves"].items():
+            per_run = np.nanmean(c, 1)  # each seed's mean loss over the steps: the meta-objective
             entry["curves"][k] = {"mean": np.nanmean(c, 0).tolist(), "std": np.nanstd(c, 0).tolist(),
-                                  "final_mean": float(np.nanmean(c[:, -1]))}
+                                  "final_mean": float(np.nanmean(c[:, -1])),
+                                  "final_ci95": float(1.96 * np.nanstd(c[:, -1]) / math.sqrt(len(c))),
+                                  "run_mean": float(np.nanmean(per_run)),
+                                  "run_mean_ci95": float(1.96 * np.nanstd(per_run) / math.sqrt(len(c)))}
         results["problems"][name] = entry
-        print(f"{name:<16} final loss " + "  ".join(f"{k} {v['final_mean']:.4g}" for k, v in entry["curves"].items())
+        print(f"{name:<16} mean loss over the run " + "  ".join(
+            f"{k} {v['run_mean']:.4g}+-{v['run_mean_ci95']:.2g}" for k, v in entry["curves"].items())
+              + "; final loss " + "  ".join(f"{k} {v['final_mean']:.4g}" for k, v in entry["curves"].items())
               + f"  (lr: {entry['lr']})", flush=True)
 
     results["seconds"] = time.time() - start

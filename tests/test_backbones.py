@@ -21,3 +21,11 @@ def test_channels_last_gives_the_same_outputs_and_gradients(factory, bn_mode):
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
         # conv biases before BatchNorm have (near-)zero gradients: compare on the scale of the others
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_maml_batch_tasks_refuses_channels_last_with_the_fix():
+    from metatl.meta import MAML
+
+    with pytest.raises(ValueError, match="channels_last=false"):
+        MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True), batch_tasks=True)
+    MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True))  # the per-task loop runs it

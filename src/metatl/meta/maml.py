@@ -51,6 +51,9 @@ class MAML(GradientMetaLearner):
         if batch_tasks and any(True for _ in model.buffers()):
             raise ValueError("batch_tasks=True cannot update BatchNorm running statistics inside vmap; "
                              "use model.bn_mode 'batch' (the MAML default) or 'none', or batch_tasks=false.")
+        if batch_tasks and getattr(model, "channels_last", False):
+            raise ValueError("batch_tasks=True (vmap) cannot run the channels-last layout; set "
+                             "model.channels_last=false or algorithm.batch_tasks=false.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
 
     def task_loss(self, theta, support_x, support_y, query_x, query_y, batched: bool = False):
