@@ -6,6 +6,10 @@ episode sampling, meta-loss, backward and optimizer step. Uses the real Omniglot
 found (else random images of the same shape; the speed does not depend on pixel values).
 
     python benchmarks/maml_speed.py [--iters 10] [--threads 2] [--out benchmarks/results/maml_speed.json]
+    python benchmarks/maml_speed.py --processes 2 --threads 1     # the meta-batch split over 2 processes
+
+With ``--processes N`` the trainer splits each meta-batch over N processes (``train.processes``,
+``--threads`` threads each); the time is process 0's, and the peak memory is per process.
 """
 from __future__ import annotations
 
@@ -25,7 +29,31 @@ SETTINGS = {
 BACKBONES = ("conv4_stride", "conv4_pool")
 
 
-def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str) -> dict:
+def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
+          processes: int = 1) -> dict:
+    if processes > 1:
+        import tempfile
+
+        from metatl.engine import distributed
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "rank0.json"
+            distributed.launch(_rank_child, processes, device, algo, backbone, iters, warmup, threads,
+                               device, processes, str(result))
+            return json.loads(result.read_text())
+    return _measure(algo, backbone, iters, warmup, threads, device, 1)
+
+
+def _rank_child(algo, backbone, iters, warmup, threads, device, processes, result_path) -> None:
+    from metatl.engine import distributed
+
+    res = _measure(algo, backbone, iters, warmup, threads, device, processes)
+    if distributed.rank() == 0:
+        Path(result_path).write_text(json.dumps(res))
+
+
+def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
+             processes: int) -> dict:
     import resource
 
     import torch
@@ -36,7 +64,8 @@ def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, devic
     torch.set_num_threads(threads)
     raw = {"algorithm": SETTINGS[algo], "model": {"name": backbone},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
-           "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device}}
+           "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
+                     "num_threads": threads, "processes": processes}}
     data = "omniglot"
     try:
         trainer = Trainer(from_dict(raw), "/dev/null", progress=False)
@@ -70,7 +99,7 @@ def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, devic
     out = {"algorithm": algo, "backbone": backbone, "data": data, "iters": iters,
            "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
            "seconds_per_iter_min": times[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_loop_mb": rss0 / 1024}
+           "rss_before_loop_mb": rss0 / 1024, "processes": processes}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -82,13 +111,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--processes", type=int, default=1, help="split each meta-batch over this many processes")
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device)))
+        print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes)))
         return
 
     import torch
@@ -100,13 +130,15 @@ def main() -> None:
     for algo in args.algorithms:
         for backbone in args.backbones:
             cmd = [sys.executable, __file__, "--child", algo, backbone, "--iters", str(args.iters),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
+                   "--processes", str(args.processes)]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             results.append(res)
     record = {"benchmark": "maml_speed", "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, "
               "1 inner step, float32", "hardware": hardware(args.device), "device": args.device, "threads": args.threads,
+              "processes": args.processes,
               "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -43,24 +43,40 @@ def _data_overrides(args) -> list:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .engine import plots
-    from .engine.trainer import Trainer
 
     cfg = load_config(args.config, (args.set or []) + _data_overrides(args))
     out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    trainer = Trainer(cfg, out, progress=not args.no_progress)
-    if args.resume:
+    if cfg.train.processes > 1:
+        from .engine import distributed
+
+        distributed.launch(train_and_test, cfg.train.processes, cfg.train.device, cfg, out,
+                           not args.no_progress, args.resume)
+    else:
+        train_and_test(cfg, out, not args.no_progress, args.resume)
+    return 0
+
+
+def train_and_test(cfg, out: Path, progress: bool, resume: bool) -> None:
+    """Train (resuming if asked), then test and report; in every process of a split run."""
+    from .engine import plots
+    from .engine.trainer import Trainer
+
+    trainer = Trainer(cfg, out, progress=progress)
+    if resume:
         trainer.resume()
-        print(f"resumed {out} at iteration {trainer.iteration}")
+        if trainer.rank == 0:
+            print(f"resumed {out} at iteration {trainer.iteration}")
     trainer.fit()
+    if trainer.rank != 0:
+        return
     results = trainer.test()
     print(results_table(results))
-    print(f"trained {trainer.iteration} iterations in {trainer.train_seconds / 60:.1f} min; run folder: {out}")
+    procs = f" in {cfg.train.processes} processes" if cfg.train.processes > 1 else ""
+    print(f"trained {trainer.iteration} iterations in {trainer.train_seconds / 60:.1f} min{procs}; run folder: {out}")
     print(f"results: {out / 'results.json'}")
     print(f"plot: {plots.learning_curve(out)}")
     if cfg.data.name == "sinusoid" and cfg.eval.plot_tasks:
         print(f"plot: {plots.sinusoid_tasks(trainer.learner, trainer.val_tasks, out / 'sinusoid_tasks.png', cfg.eval.plot_tasks, cfg.eval.seed)}")
-    return 0
 
 
 def cmd_eval(args) -> int:

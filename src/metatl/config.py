@@ -64,7 +64,8 @@ class TrainConfig:
     snapshot_minutes: List[float] = field(default_factory=list)  # keep checkpoints at these minutes
     seed: int = 0
     device: str = "cpu"
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = None  # threads per process (default: torch's, or 1 with processes > 1)
+    processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
 
 
 @dataclass
@@ -144,6 +145,11 @@ def validate_components(cfg: Config) -> None:
         _check_keys(f"section {section!r} ({values['name']})", set(values) - {"name"}, component_keys(obj))
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}.")
+    if not (isinstance(cfg.train.processes, int) and cfg.train.processes >= 1):
+        raise ConfigError(f"train.processes must be a whole number >= 1, got {cfg.train.processes!r}.")
+    if cfg.train.meta_batch % cfg.train.processes:
+        raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
+                          f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it.")
 
 
 def parse_override(text: str):

@@ -18,6 +18,10 @@ Beyond episodes, optional hooks let other data sources and objectives (e.g. deep
 - a learner with ``param_groups()`` chooses its optimizer groups (an ``lr_scale`` key in a group
   multiplies the scheduled learning rate); a learner with ``set_progress(p)`` is told the training
   progress ``p = iteration / iterations`` before each step (for schedules such as DANN's).
+
+With ``train.processes > 1`` (see :mod:`metatl.engine.distributed`) each process computes the
+meta-loss of its share of the same meta-batch, gradients are averaged, and process 0 alone logs,
+validates and checkpoints.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config, ConfigError, from_dict
 from . import checkpoint as ckpt_io
+from . import distributed as ddp
 from .build import build_learner, build_sampler, task_spec
 from .evaluator import evaluate
 
@@ -125,14 +130,21 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.progress = progress
         t = cfg.train
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
+        self.rank, self.world = ddp.rank(), ddp.world_size()
+        if t.num_threads or self.world > 1:
+            torch.set_num_threads(t.num_threads or 1)
         torch.manual_seed(t.seed)
         self.device = torch.device(t.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.rank)
         self.train_tasks = build_sampler(cfg.data, "train")
         if callable(getattr(self.train_tasks, "to", None)):  # a data source that can live on the device
             self.train_tasks = self.train_tasks.to(self.device)
         self.learner = build_learner(cfg, self.train_tasks).to(self.device)
+        if self.world > 1:  # one starting point for all; then each its own random stream
+            for tensor in [*self.learner.parameters(), *self.learner.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+            torch.manual_seed(t.seed + 1000 * self.rank)
         groups = getattr(self.learner, "param_groups", None)
         self.optimizer = make_optimizer(cfg, groups() if callable(groups) else self.learner.parameters())
         self.generator = torch.Generator().manual_seed(t.seed)
@@ -152,7 +164,8 @@ class Trainer:
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / name
-        ckpt_io.save_atomic(self.state(), path)
+        if self.rank == 0:  # the processes hold the same state; one writes it
+            ckpt_io.save_atomic(self.state(), path)
         return path
 
     def resume(self, path=None) -> None:
@@ -172,6 +185,8 @@ class Trainer:
 
     # -- logging ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -205,22 +220,36 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> dict:
-        batch = to_device(self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator), self.device)
+        batch = self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator)
+        if self.world > 1:  # every process drew the same meta-batch; each keeps its share
+            if not isinstance(batch, list):
+                raise ConfigError(f"train.processes > 1 splits a meta-batch of episodes, but "
+                                  f"{type(self.train_tasks).__name__} gives {type(batch).__name__} "
+                                  f"batches; use train.processes=1 for this data source.")
+            batch = batch[self.rank::self.world]
+        batch = to_device(batch, self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, self.iteration, self.train_seconds) * group.get("lr_scale", 1.0)
         if callable(getattr(self.learner, "set_progress", None)):
             self.learner.set_progress(progress_at(self.cfg, self.iteration, self.train_seconds))
         loss, metrics = self.learner.meta_loss(batch)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.world > 1:  # the mean over the processes' shares; all stop if one is not finite
+            metrics = ddp.average_values({**metrics, "_nonfinite": float(not finite)}, self.device)
+            finite = metrics.pop("_nonfinite") == 0
+        if not finite:
             raise NonFiniteLossError(self._nan_message("loss"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.learner.parameters() if p.grad is not None]
+        ddp.average_gradients(params)
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
         if not torch.isfinite(norm):
             raise NonFiniteLossError(self._nan_message("meta-gradient"))
         self.optimizer.step()
+        if self.world > 1:
+            ddp.average_buffers(self.learner)
         return {**metrics, "grad_norm": float(norm)}
 
     def _nan_message(self, what: str) -> str:
@@ -233,15 +262,18 @@ class Trainer:
     def fit(self) -> "Trainer":
         c, t = self.cfg, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
-        c.dump(self.out / "config.yaml")
+        if self.rank == 0:
+            c.dump(self.out / "config.yaml")
         budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
-        bar = tqdm(total=t.iterations, initial=self.iteration, desc=c.name, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=t.iterations, initial=self.iteration, desc=c.name,
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         try:
             while self.iteration < t.iterations and self.train_seconds < budget:
                 start = time.perf_counter()
                 metrics = self.step()
                 self.train_seconds += time.perf_counter() - start
+                if self.world > 1:  # agree on the time spent, so that all stop together
+                    self.train_seconds = ddp.max_value(self.train_seconds, self.device)
                 self.iteration += 1
                 bar.update(1)
                 if self.iteration % t.log_every == 0 or self.iteration == 1:
@@ -251,7 +283,7 @@ class Trainer:
                     if minutes not in self.snapshots_done and self.train_seconds >= minutes * 60:
                         self.snapshots_done.append(minutes)
                         self.save(f"snapshot_{minutes:g}min.pt")
-                if t.val_every and self.iteration % t.val_every == 0:
+                if t.val_every and self.iteration % t.val_every == 0 and self.rank == 0:
                     record = self.validate()
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                 if t.ckpt_every and self.iteration % t.ckpt_every == 0:

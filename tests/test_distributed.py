@@ -1,0 +1,32 @@
+"""Splitting the meta-batch over processes gives the single-process run (up to float rounding)."""
+import pytest
+import torch
+
+from metatl.cli import main
+from metatl.config import ConfigError, from_dict
+
+from test_cli_and_trainer import SINUSOID, write_config
+
+
+def test_two_processes_train_the_same_parameters_as_one(tmp_path):
+    raw = {**SINUSOID, "train": {**SINUSOID["train"], "iterations": 8, "meta_batch": 4, "num_threads": 1}}
+    cfg = write_config(tmp_path, raw)
+    for procs in (1, 2):
+        assert main(["train", str(cfg), "--out", str(tmp_path / f"p{procs}"), "--no-progress",
+                     "--set", f"train.processes={procs}"]) == 0
+    one = torch.load(tmp_path / "p1" / "last.pt", weights_only=False)
+    two = torch.load(tmp_path / "p2" / "last.pt", weights_only=False)
+    assert two["iteration"] == one["iteration"] == 8
+    for name, value in one["learner"].items():
+        torch.testing.assert_close(two["learner"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # process 0 alone wrote the run folder's files, once
+    lines = (tmp_path / "p2" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "p1" / "metrics.jsonl").read_text().splitlines())
+    assert (tmp_path / "p2" / "results.json").exists()
+
+
+def test_a_meta_batch_that_does_not_split_evenly_is_refused():
+    with pytest.raises(ConfigError, match="multiple"):
+        from_dict({**SINUSOID, "train": {"meta_batch": 5, "processes": 2}})
+    with pytest.raises(ConfigError, match="processes must be"):
+        from_dict({**SINUSOID, "train": {"processes": 0}})
