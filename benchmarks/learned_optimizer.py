@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--meta-lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--only", nargs="+", help="run only these problems (e.g. quadratic); the files get their names")
     args = p.parse_args(argv)
     if args.quick:
         args.unroll, args.truncation, args.steps, args.seeds, args.tune_seeds = 20, 10, 20, 2, 1
@@ -113,6 +114,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.time()
     families = make_families(mnist_data(), args.batch)
+    if args.only:
+        families = {k: v for k, v in families.items() if k in args.only}
     results = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "meta_iterations": iters,
                "mnist": "mnist_mlp" in families, "torch_version": torch.__version__, "problems": {}, "meta_training": {}}
 
@@ -144,6 +147,12 @@ def main(argv=None) -> int:
                                                   for prob in problems(args.seeds, 0)])
         entry["curves"]["LSTM"] = np.stack([run(learned[trained_on], prob, args.steps) for prob in problems(args.seeds, 0)])
         entry["diverged"]["LSTM_runs"] = int(np.isnan(entry["curves"]["LSTM"]).any(1).sum())
+        # paired over the same problems: each seed's mean loss, LSTM minus the best baseline
+        best = min(BASELINES, key=lambda k: float(np.nanmean(entry["curves"][k])))
+        diff = np.nanmean(entry["curves"]["LSTM"], 1) - np.nanmean(entry["curves"][best], 1)
+        entry["lstm_minus_best"] = {"baseline": best, "mean": float(np.mean(diff)),
+                                    "ci95": float(1.96 * np.std(diff) / math.sqrt(len(diff))),
+                                    "lstm_lower_on": int((diff < 0).sum()), "seeds": len(diff)}
         for k, c in entry["curves"].items():
             per_run = np.nanmean(c, 1)  # each seed's mean loss over the steps: the meta-objective
             entry["curves"][k] = {"mean": np.nanmean(c, 0).tolist(), "std": np.nanstd(c, 0).tolist(),
@@ -156,11 +165,16 @@ def main(argv=None) -> int:
             f"{k} {v['run_mean']:.4g}+-{v['run_mean_ci95']:.2g}" for k, v in entry["curves"].items())
               + "; final loss " + "  ".join(f"{k} {v['final_mean']:.4g}" for k, v in entry["curves"].items())
               + f"  (lr: {entry['lr']})", flush=True)
+        d = entry["lstm_minus_best"]
+        print(f"{'':<16} LSTM minus {d['baseline']}, paired: {d['mean']:.4g} +- {d['ci95']:.2g}; "
+              f"LSTM lower on {d['lstm_lower_on']}/{d['seeds']} problems", flush=True)
 
     results["seconds"] = time.time() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "learned_optimizer_quick" if args.quick else "learned_optimizer"
+    if args.only:
+        stem += "_" + "_".join(args.only)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     plot(results, out / f"{stem}.png")
     print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'} in {results['seconds']:.0f}s")
