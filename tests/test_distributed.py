@@ -30,3 +30,18 @@ def test_a_meta_batch_that_does_not_split_evenly_is_refused():
         from_dict({**SINUSOID, "train": {"meta_batch": 5, "processes": 2}})
     with pytest.raises(ConfigError, match="processes must be"):
         from_dict({**SINUSOID, "train": {"processes": 0}})
+
+
+def test_a_split_run_resumes_exactly(tmp_path):
+    raw = {**SINUSOID, "train": {**SINUSOID["train"], "iterations": 6, "meta_batch": 4, "num_threads": 1,
+                                 "processes": 2, "val_every": 0, "ckpt_every": 0}}
+    cfg = write_config(tmp_path, raw)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
+    assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--set", "train.iterations=3"]) == 0
+    assert (tmp_path / "halves" / "last.pt.rng1").exists()  # process 1's own random state
+    assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--resume"]) == 0
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "halves" / "last.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 6
+    for name, value in a["learner"].items():
+        torch.testing.assert_close(b["learner"][name], value, rtol=0, atol=0, msg=name)

@@ -17,7 +17,8 @@ Beyond episodes, optional hooks let other data sources and objectives (e.g. deep
   ``record`` of extra ``results.json`` fields);
 - a learner with ``param_groups()`` chooses its optimizer groups (an ``lr_scale`` key in a group
   multiplies the scheduled learning rate); a learner with ``set_progress(p)`` is told the training
-  progress ``p = iteration / iterations`` before each step (for schedules such as DANN's).
+  progress ``p`` in [0, 1] before each step (:func:`progress_at`: iterations, or the time budget
+  when it ends first; for schedules such as DANN's).
 
 With ``train.processes > 1`` (see :mod:`metatl.engine.distributed`) each process computes the
 meta-loss of its share of the same meta-batch, gradients are averaged, and process 0 alone logs,
@@ -164,8 +165,11 @@ class Trainer:
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / name
-        if self.rank == 0:  # the processes hold the same state; one writes it
+        if self.rank == 0:  # the processes hold the same state; one writes it ...
             ckpt_io.save_atomic(self.state(), path)
+        else:  # ... except their own random streams, kept beside it for an exact resume
+            ckpt_io.save_atomic({"iteration": self.iteration, "rng": ckpt_io.rng_state()},
+                                path.with_name(f"{path.name}.rng{self.rank}"))
         return path
 
     def resume(self, path=None) -> None:
@@ -182,6 +186,13 @@ class Trainer:
         self.best, self.snapshots_done = state["best"], state.get("snapshots_done", [])
         self.generator.set_state(state["generator"])
         ckpt_io.set_rng_state(state["rng"])
+        if self.rank > 0:
+            own = path.with_name(f"{path.name}.rng{self.rank}")
+            mine = torch.load(own, weights_only=False) if own.exists() else None
+            if mine is not None and mine["iteration"] == self.iteration:
+                ckpt_io.set_rng_state(mine["rng"])
+            else:  # e.g. a single-process checkpoint resumed in several: a fresh stream per process
+                torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + self.iteration)
 
     # -- logging ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
