@@ -53,32 +53,27 @@ def launch(fn: Callable, processes: int, device: str, *args) -> None:
                                 nprocs=processes, join=True)
 
 
-def average_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Replace each parameter's ``.grad`` by its mean over the processes (one all-reduce)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size() == 1 or not grads:
+def _average_in_place(tensors: List[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the processes, with one all-reduce for all of them."""
+    if world_size() == 1 or not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size()
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Replace each parameter's ``.grad`` by its mean over the processes."""
+    _average_in_place([p.grad for p in params if p.grad is not None])
 
 
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over the processes."""
-    bufs = [b for b in module.buffers() if b.is_floating_point()]
-    if world_size() == 1 or not bufs:
-        return
-    flat = torch.cat([b.reshape(-1) for b in bufs])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for b in bufs:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
+    _average_in_place([b for b in module.buffers() if b.is_floating_point()])
 
 
 def average_values(values: Dict[str, float], device) -> Dict[str, float]:
