@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metatl.engine.evaluator import mean_ci95
 from metatl.meta.learned_optimizer import LearnedOptimizer, MLPProblem, QuadraticProblem, meta_train, unroll
 from metatl.meta.rules import SGD, Adam
 
@@ -147,19 +148,18 @@ def main(argv=None) -> int:
                                                   for prob in problems(args.seeds, 0)])
         entry["curves"]["LSTM"] = np.stack([run(learned[trained_on], prob, args.steps) for prob in problems(args.seeds, 0)])
         entry["diverged"]["LSTM_runs"] = int(np.isnan(entry["curves"]["LSTM"]).any(1).sum())
-        # paired over the same problems: each seed's mean loss, LSTM minus the best baseline
-        best = min(BASELINES, key=lambda k: float(np.nanmean(entry["curves"][k])))
-        diff = np.nanmean(entry["curves"]["LSTM"], 1) - np.nanmean(entry["curves"][best], 1)
-        entry["lstm_minus_best"] = {"baseline": best, "mean": float(np.mean(diff)),
-                                    "ci95": float(1.96 * np.std(diff) / math.sqrt(len(diff))),
+        # each seed's mean loss over the steps (the meta-objective); mean +- 95% CI over the seeds
+        per_run = {k: np.nanmean(c, 1) for k, c in entry["curves"].items()}
+        best = min(BASELINES, key=lambda k: float(np.nanmean(per_run[k])))
+        diff = per_run["LSTM"] - per_run[best]  # paired over the same problems
+        paired = mean_ci95(diff)
+        entry["lstm_minus_best"] = {"baseline": best, "mean": paired["mean"], "ci95": paired["ci95"],
                                     "lstm_lower_on": int((diff < 0).sum()), "seeds": len(diff)}
         for k, c in entry["curves"].items():
-            per_run = np.nanmean(c, 1)  # each seed's mean loss over the steps: the meta-objective
+            final, run_mean = mean_ci95(c[:, -1]), mean_ci95(per_run[k])
             entry["curves"][k] = {"mean": np.nanmean(c, 0).tolist(), "std": np.nanstd(c, 0).tolist(),
-                                  "final_mean": float(np.nanmean(c[:, -1])),
-                                  "final_ci95": float(1.96 * np.nanstd(c[:, -1]) / math.sqrt(len(c))),
-                                  "run_mean": float(np.nanmean(per_run)),
-                                  "run_mean_ci95": float(1.96 * np.nanstd(per_run) / math.sqrt(len(c)))}
+                                  "final_mean": final["mean"], "final_ci95": final["ci95"],
+                                  "run_mean": run_mean["mean"], "run_mean_ci95": run_mean["ci95"]}
         results["problems"][name] = entry
         print(f"{name:<16} mean loss over the run " + "  ".join(
             f"{k} {v['run_mean']:.4g}+-{v['run_mean_ci95']:.2g}" for k, v in entry["curves"].items())
