@@ -10,6 +10,10 @@ measurement runs for about ``--seconds`` seconds after one warm-up step. Uses th
 when found, else random images of the same shape (speed does not depend on pixel values).
 
     OMP_NUM_THREADS=1 python benchmarks/metric_speed.py [--seconds 3] [--threads 1] [--out benchmarks/results/metric_speed.json]
+    python benchmarks/metric_speed.py --methods protonet --threads 2 --set train.precision=bfloat16 --out ...
+
+``--set`` overrides every method's config (as ``metatl train --set``); ``train.precision=bfloat16``
+times the meta-loss under bfloat16 autocast as the trainer runs it.
 """
 from __future__ import annotations
 
@@ -45,13 +49,13 @@ def timed(fn, seconds: float) -> tuple:
     return n, time.perf_counter() - start
 
 
-def measure(method: str, seconds: float, data: str) -> dict:
+def measure(method: str, seconds: float, data: str, overrides=()) -> dict:
     from metatl.config import load_config
     from metatl.data import build_sampler
     from metatl.engine.build import build_learner
     from metatl.engine.trainer import make_optimizer
 
-    cfg = load_config(ROOT / "configs" / f"{method}_omniglot_5w1s.yaml")
+    cfg = load_config(ROOT / "configs" / f"{method}_omniglot_5w1s.yaml", list(overrides))
     make = build_sampler if data == "omniglot" else random_sampler
     train, test = make(cfg.data, "train"), make(cfg.data, "test")
     torch.manual_seed(0)
@@ -60,7 +64,8 @@ def measure(method: str, seconds: float, data: str) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def train_step():
-        loss, _ = learner.meta_loss(train.sample_batch(cfg.train.meta_batch, g))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bfloat16"):
+            loss, _ = learner.meta_loss(train.sample_batch(cfg.train.meta_batch, g))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every method")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metric_speed.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,9 +108,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError):
         data = "random images (Omniglot not found)"
     results = {"data": data, "seconds_per_measurement": args.seconds, "threads": args.threads,
-               "hardware": hardware(), "torch_version": torch.__version__, "methods": {}}
+               "hardware": hardware(), "torch_version": torch.__version__, "overrides": args.set, "methods": {}}
     for m in args.methods:
-        results["methods"][m] = r = measure(m, args.seconds, "omniglot" if data == "omniglot" else "random")
+        results["methods"][m] = r = measure(m, args.seconds, "omniglot" if data == "omniglot" else "random", args.set)
         print(f"{m:<9} train {r['train_episodes_per_s']:8.1f} episodes/s ({r['train_episode']}); "
               f"eval {r['eval_episodes_per_s']:8.1f} episodes/s ({r['eval_episode']})", flush=True)
     out = Path(args.out)

@@ -1,8 +1,11 @@
-"""Backbone options that must not change results: the channels-last memory layout."""
+"""Backbone choices that must not change results: the channels-last memory layout, and the max-pool
+blocks that apply ReLU after the pool (the papers write conv-BN-ReLU-pool)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metatl.nn.backbones import conv4_pool, conv4_stride
+from metatl.nn.relation import RelationEmbedding
 
 
 @pytest.mark.parametrize("factory", [conv4_stride, conv4_pool])
@@ -29,3 +32,61 @@ def test_maml_batch_tasks_refuses_channels_last_with_the_fix():
     with pytest.raises(ValueError, match="channels_last=false"):
         MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True), batch_tasks=True)
     MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True))  # the per-task loop runs it
+
+
+def test_maml_batch_tasks_refuses_bfloat16_autocast_with_the_fix():
+    from metatl.data import Episode
+    from metatl.meta import MAML
+
+    ep = Episode(torch.rand(3, 1, 28, 28), torch.arange(3), torch.rand(3, 1, 28, 28), torch.arange(3))
+    maml = MAML(conv4_stride(out_features=3, bn_mode="batch", filters=8), batch_tasks=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="precision=float32"):
+        maml.meta_loss([ep, ep])
+
+
+def _papers_order(blocks, x, pool_after):
+    """conv -> BN (batch statistics) -> ReLU -> [2x2 max-pool], written out with the functional ops."""
+    convs = [m for m in blocks if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in blocks if isinstance(m, torch.nn.BatchNorm2d)]
+    for i, (conv, bn) in enumerate(zip(convs, norms)):
+        x = F.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
+        x = F.relu(F.batch_norm(x, None, None, bn.weight, bn.bias, training=True))
+        if pool_after(i):
+            x = F.max_pool2d(x, 2)
+    return x
+
+
+@pytest.mark.parametrize("net", ["conv4_pool", "conv4_relation"])
+def test_relu_after_the_pool_equals_the_papers_order(net):
+    torch.manual_seed(0)
+    if net == "conv4_pool":
+        model, pool_after = conv4_pool(out_features=0, bn_mode="batch", filters=8), (lambda i: True)
+    else:
+        model, pool_after = RelationEmbedding(filters=8, bn_mode="batch"), (lambda i: i < 2)
+    model = model.double()
+    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        torch.nn.init.uniform_(bn.weight, -1, 1)  # negative scales too: BN must stay before the pool
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    ours = model.features(x)
+    ref = _papers_order(model.features, x, pool_after)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    w = torch.randn_like(ref)
+    g_ours = torch.autograd.grad((ours * w).sum(), list(model.parameters()))
+    g_ref = torch.autograd.grad((ref * w).sum(), list(model.parameters()))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_pixels_backbone_flattens_and_resizes():
+    from metatl.nn import pixels
+
+    x = torch.rand(3, 1, 28, 28)
+    same = pixels(image_size=28)
+    assert same.embedding_dim == 784 and torch.equal(same(x), x.flatten(1))
+    small = pixels(image_size=28, size=20)
+    out = small(x)
+    assert out.shape == (3, 400) and small.embedding_dim == 400 and not list(small.parameters())
+    flat = torch.ones(2, 1, 28, 28)  # a constant image stays constant after resizing
+    torch.testing.assert_close(small(flat), torch.ones(2, 400))
+    with pytest.raises(ValueError, match="image batches"):
+        small(torch.rand(3, 784))

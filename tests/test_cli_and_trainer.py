@@ -60,7 +60,7 @@ def test_cli_train_and_eval_sinusoid(tmp_path, algo, capsys):
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["episodes"] == 5
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "protonet_bfloat16"])
 def test_cli_train_on_omniglot_shaped_data(tmp_path, algo, monkeypatch):
     from metatl.data import omniglot as omni
 
@@ -70,14 +70,18 @@ def test_cli_train_on_omniglot_shaped_data(tmp_path, algo, monkeypatch):
     monkeypatch.setattr(omni, "N_CHARACTERS", 12)
     names = [f"Alpha{p[7]}{a}/character{c:02d}" for p in omni.PARTS for a in range(2) for c in range(1, 4)]
     monkeypatch.setattr(omni, "split_characters", lambda n, split, subset: names[:8] if subset == "train" else names[8:])
-    raw = {"name": "o", "algorithm": ALGOS[algo], "model": {"name": "conv4_stride", "filters": 8},
+    raw = {"name": "o", "algorithm": ALGOS.get(algo), "model": {"name": "conv4_stride", "filters": 8},
            "data": {"name": "omniglot", "ways": 3, "shots": 1, "queries": 2, "data_dir": str(root)},
            "train": {"iterations": 2, "meta_batch": 2, "val_every": 2, "val_episodes": 2},
            "eval": {"episodes": 4}}
+    if algo == "protonet_bfloat16":
+        raw.update(algorithm={"name": "protonet"}, model={"name": "conv4_pool", "filters": 8, "channels_last": True})
+        raw["train"]["precision"] = "bfloat16"
     out = tmp_path / "run"
     assert main(["train", str(write_config(tmp_path, raw)), "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["metric"]["name"] == "accuracy" and 0 <= res["metric"]["mean"] <= 1 and res["ways"] == 3
+    assert res["train_precision"] == raw["train"].get("precision", "float32")
 
 
 def _params(trainer):
@@ -141,6 +145,8 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
         load_config(write_config(tmp_path, dict(SINUSOID, algorithm={"name": "mamll"})))
     with pytest.raises(ConfigError, match="unknown key.*bogus"):
         load_config(write_config(tmp_path, SINUSOID), ["bogus.x=1"])
+    with pytest.raises(ConfigError, match="train.precision.*float32, bfloat16.*'float16'"):
+        load_config(write_config(tmp_path, SINUSOID), ["train.precision=float16"])
     cfg = load_config(write_config(tmp_path, SINUSOID), ["train.lr=0.5", "algorithm.first_order=true"])
     assert cfg.train.lr == 0.5 and cfg.algorithm["first_order"] is True
 
@@ -176,3 +182,13 @@ def test_schedules_follow_the_iteration_or_time_budget_whichever_ends_first():
     assert lr_at(cos, 1, 150.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     with pytest.raises(ConfigError, match="cosine"):
         lr_at(from_dict({"train": {"lr_schedule": "exp"}}), 0)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) > 20
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.name == path.stem, f"{path.name}: name {cfg.name!r} differs from the file name"

@@ -198,6 +198,45 @@ def test_step_lr_schedule_halves_every_n_iterations():
         lr_at(from_dict({"train": {"lr_schedule": "step"}}), 0)
 
 
+def test_distances_stay_float32_under_bfloat16_autocast():
+    g = torch.Generator().manual_seed(0)
+    a = 30 + torch.randn(7, 64, generator=g)  # large norms, small differences
+    b = a[:3] + 0.05 * torch.randn(3, 64, generator=g)
+    exact = pairwise_distances(a.double(), b.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = pairwise_distances(a, b)
+        naive = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.t()  # autocast: bf16 matmul
+        protos = prototypes(a, torch.tensor([0, 1, 2, 0, 1, 2, 0]), 3)
+    assert d.dtype == torch.float32 and protos.dtype == torch.float32
+    torch.testing.assert_close(d.double(), exact, rtol=1e-3, atol=1e-2)
+    assert (naive.double() - exact).abs().max() > 10  # what the helper guards against
+
+
+def test_protonet_bfloat16_loss_is_close_to_float32_and_learns():
+    torch.manual_seed(0)
+    train, test = blob_sampler(n_classes=24, seed=0), blob_sampler(n_classes=12, seed=1)
+    cfg = from_dict({"algorithm": {"name": "protonet"},
+                     "model": {"name": "conv4_pool", "filters": 16, "channels_last": True}})
+    learner = build_learner(cfg, train)
+    batch = train.sample_batch(2, torch.Generator().manual_seed(0))
+    loss32, _ = learner.meta_loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, _ = learner.meta_loss(batch)
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
+    opt = torch.optim.Adam(learner.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = learner.meta_loss(train.sample_batch(2, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.dtype == torch.float32 for p in learner.parameters())
+    acc = evaluate(learner, test, episodes=30, progress=False)["mean"]
+    assert acc > 0.65, f"protonet in bfloat16: {acc:.2f} on 5-way blobs (chance 0.2)"
+
+
 # -- learning happens -------------------------------------------------------------------------
 @pytest.mark.parametrize("algo,backbone", [("protonet", "conv4_pool"), ("matching", "conv4_pool"),
                                            ("relation", "conv4_relation")])

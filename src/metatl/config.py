@@ -16,6 +16,9 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 
+PRECISIONS = ("float32", "bfloat16")  # train.precision
+
+
 class ConfigError(ValueError):
     """A config problem, with the fix in the message."""
 
@@ -66,6 +69,7 @@ class TrainConfig:
     device: str = "cpu"
     num_threads: Optional[int] = None  # threads per process (default: torch's, or 1 with processes > 1)
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
+    precision: str = "float32"  # or bfloat16: meta-loss under torch.autocast (parameters stay float32)
 
 
 @dataclass
@@ -147,6 +151,10 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}.")
     if not (isinstance(cfg.train.processes, int) and cfg.train.processes >= 1):
         raise ConfigError(f"train.processes must be a whole number >= 1, got {cfg.train.processes!r}.")
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got "
+                          f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "
+                          f"use bfloat16).")
     if cfg.train.meta_batch % cfg.train.processes:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
                           f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it.")

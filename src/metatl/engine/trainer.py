@@ -243,7 +243,9 @@ class Trainer:
             group["lr"] = lr_at(self.cfg, self.iteration, self.train_seconds) * group.get("lr_scale", 1.0)
         if callable(getattr(self.learner, "set_progress", None)):
             self.learner.set_progress(progress_at(self.cfg, self.iteration, self.train_seconds))
-        loss, metrics = self.learner.meta_loss(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.cfg.train.precision == "bfloat16"):
+            loss, metrics = self.learner.meta_loss(batch)
         finite = bool(torch.isfinite(loss))
         if self.world > 1:  # the mean over the processes' shares; all stop if one is not finite
             metrics = ddp.average_values({**metrics, "_nonfinite": float(not finite)}, self.device)
@@ -333,7 +335,8 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
         "inner_steps_test": cfg.eval.inner_steps if cfg.eval.inner_steps is not None
         else getattr(learner, "inner_steps_test", None),
         "bn_mode": cfg.model.get("bn_mode", "batch"), "transductive": cfg.eval.transductive,
-        "backbone": cfg.model["name"], "train_seconds": train_seconds, "iterations": iterations,
+        "backbone": cfg.model["name"], "train_precision": cfg.train.precision,  # evaluation runs in float32
+        "train_seconds": train_seconds, "iterations": iterations,
         "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
         "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(cfg.train.device),
         **res.get("record", {}),  # extra fields from a data source's own evaluate (e.g. the direction)

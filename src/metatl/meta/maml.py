@@ -67,6 +67,10 @@ class MAML(GradientMetaLearner):
         theta = self.params()
         if self.batch_tasks:
             ep = stack_episodes(batch)
+            if torch.is_autocast_enabled(ep.query_x.device.type):
+                raise ValueError("batch_tasks=True (vmap) cannot run under bfloat16 autocast (its double "
+                                 "backward mixes dtypes); set train.precision=float32 or "
+                                 "algorithm.batch_tasks=false.")
             losses, outs = torch.func.vmap(partial(self.task_loss, batched=True), in_dims=(None, 0, 0, 0, 0))(
                 theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y)
             scores = [task_metric(self.task_type, o, y) for o, y in zip(outs.detach(), ep.query_y)]

@@ -1,9 +1,13 @@
 """Pure helpers of the metric-based meta-learners (Prototypical, Matching and Relation Networks).
 
 Shapes: ``embeddings`` ``(n, d)``, ``labels`` ``(n,)`` int64 in ``0..n_classes-1``; ``a`` ``(n, d)``,
-``b`` ``(m, d)``. Nothing here holds parameters.
+``b`` ``(m, d)``. Nothing here holds parameters. Under mixed precision (``train.precision:
+bfloat16``) these helpers still compute in float32: a squared distance written as
+``||a||^2 + ||b||^2 - 2 a.b`` loses every digit it has in bfloat16 once the points are close.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,20 @@ from torch import Tensor, nn
 METRICS = ("sqeuclidean", "euclidean", "cosine")
 
 
+def full_precision(fn):
+    """Run ``fn`` with autocast off and its half-precision tensor arguments cast to float32."""
+    def up(t):
+        return t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+    return wrapper
+
+
+@full_precision
 def prototypes(embeddings: Tensor, labels: Tensor, n_classes: int) -> Tensor:
     """Class means ``c_k = 1/|S_k| sum_{i: y_i = k} f(x_i)``, shape ``(n_classes, d)``.
 
@@ -26,6 +44,7 @@ def prototypes(embeddings: Tensor, labels: Tensor, n_classes: int) -> Tensor:
     return onehot.t() @ embeddings / counts[:, None]
 
 
+@full_precision
 def pairwise_distances(a: Tensor, b: Tensor, metric: str = "sqeuclidean") -> Tensor:
     """Distances ``D[i, j] = d(a_i, b_j)``, shape ``(n, m)``.
 
@@ -43,6 +62,7 @@ def pairwise_distances(a: Tensor, b: Tensor, metric: str = "sqeuclidean") -> Ten
     raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
 
 
+@full_precision
 def cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     """``S[i, j] = a_i . b_j / (||a_i|| ||b_j||)``, shape ``(n, m)``."""
     return F.normalize(a, dim=1, eps=eps) @ F.normalize(b, dim=1, eps=eps).t()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import BACKBONES
@@ -63,8 +64,10 @@ class ConvNet(nn.Module):
                 blocks += [nn.Conv2d(c, filters, 3, stride=2, padding=1), _norm(filters, bn_mode), nn.ReLU()]
                 size = (size + 1) // 2
             else:
-                blocks += [nn.Conv2d(c, filters, 3, padding=1), _norm(filters, bn_mode), nn.ReLU(),
-                           nn.MaxPool2d(2)]
+                # ReLU after the pool: max and ReLU commute (ReLU is monotone), so the outputs and
+                # gradients are those of conv-BN-ReLU-pool, with the ReLU on a quarter of the values
+                blocks += [nn.Conv2d(c, filters, 3, padding=1), _norm(filters, bn_mode), nn.MaxPool2d(2),
+                           nn.ReLU()]
                 size = size // 2
             c = filters
         self.features = nn.Sequential(*blocks)
@@ -97,3 +100,29 @@ def conv4_pool(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batc
                image_size: int = 28, filters: int = 64, channels_last: bool = False, **_) -> nn.Module:
     """The Prototypical Networks net: 4 x (3x3 conv, BN, ReLU, 2x2 max-pool), linear head."""
     return ConvNet(in_channels, out_features, filters, "pool", bn_mode, image_size, channels_last)
+
+
+class Pixels(nn.Module):
+    """Raw pixels as the features: images ``(n, c, S, S)``, resized to ``size`` x ``size`` when
+    ``size`` differs from ``S`` (bilinear, antialiased), then flattened to ``(n, c * size * size)``.
+    No parameters. The MANN paper fed Omniglot this way, at 20 x 20."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, size: int = 0):
+        super().__init__()
+        self.size = size or image_size
+        self.embedding_dim = in_channels * self.size * self.size
+
+    def embed(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"pixels expects image batches (n, c, h, w), got shape {tuple(x.shape)}.")
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return x.flatten(1)
+
+    forward = embed
+
+
+@BACKBONES.register("pixels")
+def pixels(in_channels: int = 1, image_size: int = 28, size: int = 0, **_) -> nn.Module:
+    """No learned encoder: the flattened pixels, resized to ``size`` (0: keep ``image_size``)."""
+    return Pixels(in_channels, image_size, size)
