@@ -169,6 +169,22 @@ def test_snail_is_causal():
         assert not torch.allclose(out[:, t + 1:], out2[:, t + 1:])
 
 
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_snail_shared_support_prefix_equals_one_sequence_per_query(n):
+    torch.manual_seed(0)
+    net = SNAILNet(input_size=6, n_classes=3, seq_len=9, filters=4, attention=[[4, 3], [5, 4], [6, 2]]).double()
+    prefix = torch.randn(2, n, 6, dtype=torch.float64, requires_grad=True)
+    queries = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    fast = net.forward_queries(prefix, queries)
+    seqs = torch.cat([prefix.repeat_interleave(5, 0), queries.flatten(0, 1)[:, None]], 1)  # (2 * 5, n + 1, 6)
+    slow = net(seqs)[:, -1].view(2, 5, 3)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(slow)
+    inputs = [prefix, queries, *net.parameters()]
+    for a, b in zip(torch.autograd.grad((fast * w).sum(), inputs), torch.autograd.grad((slow * w).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_snail_receptive_field_and_length_check():
     net = SNAILNet(input_size=2, n_classes=2, seq_len=5, filters=2, attention=[[2, 2], [2, 2]])
     assert [b.conv.dilation[0] for blk in net.blocks[1].blocks for b in (blk.f,)] == [1, 2, 4]

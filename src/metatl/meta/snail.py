@@ -6,7 +6,11 @@ query whose label is zeroed. With ``e_t = encode(x_t)``::
     z_t = [e_t, onehot(y_t)]  for the n support steps,     z_{n+1} = [e_q, 0]
 
 and the logits for the query are the network's output at the last step, ``n + 1``. Every query of
-an episode gets its own sequence (support + that query), so queries never see each other.
+an episode gets its own sequence (support + that query), so queries never see each other. Since
+every block is causal, the support steps' activations are the same in all of an episode's
+sequences: they are computed once, and each query adds only its own last step
+(``SNAILNet.forward_queries``, tested equal to the separate sequences), so an episode with Q queries
+costs n + Q steps rather than Q (n + 1).
 
 The network interleaves two causal blocks, each concatenating its output to its input (channels)::
 
@@ -50,6 +54,13 @@ class CausalConv1d(nn.Module):
         x = F.pad(x.transpose(1, 2), (self.dilation, 0))
         return self.conv(x).transpose(1, 2)
 
+    def last_step(self, prefix: Tensor, x: Tensor) -> Tensor:
+        """``y`` at step ``n`` for each of the inputs ``x`` ``(B, Q, C)`` placed after ``prefix``
+        ``(B, n, C)``: ``W_0 prefix_{n-d} + W_1 x + b``."""
+        n, w = prefix.shape[1], self.conv.weight
+        out = F.linear(x, w[:, :, 1], self.conv.bias)
+        return out + F.linear(prefix[:, n - self.dilation], w[:, :, 0])[:, None] if self.dilation <= n else out
+
 
 class DenseBlock(nn.Module):
     def __init__(self, in_channels: int, dilation: int, filters: int):
@@ -59,6 +70,11 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, torch.tanh(self.f(x)) * torch.sigmoid(self.g(x))], -1)
+
+    def extend(self, prefix: Tensor, x: Tensor):
+        """``(block(prefix), block's output at step n for each query x)``; see ``SNAILNet.forward_queries``."""
+        last = torch.tanh(self.f.last_step(prefix, x)) * torch.sigmoid(self.g.last_step(prefix, x))
+        return self(prefix), torch.cat([x, last], -1)
 
 
 class TCBlock(nn.Module):
@@ -73,6 +89,11 @@ class TCBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)
 
+    def extend(self, prefix: Tensor, x: Tensor):
+        for block in self.blocks:
+            prefix, x = block.extend(prefix, x)
+        return prefix, x
+
 
 class AttentionBlock(nn.Module):
     def __init__(self, in_channels: int, key_size: int, value_size: int):
@@ -84,11 +105,22 @@ class AttentionBlock(nn.Module):
         self.out_channels = in_channels + value_size
 
     def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[1]
-        logits = self.query(x) @ self.key(x).transpose(1, 2) * self.scale
-        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        return self.extend(x, x[:, :0])[0]
+
+    def extend(self, prefix: Tensor, x: Tensor):
+        """``(block(prefix), block's output at step n for each query x)``: a query attends to the
+        prefix and to itself."""
+        t = prefix.shape[1]
+        k, v = self.key(prefix), self.value(prefix)
+        logits = self.query(prefix) @ k.transpose(1, 2) * self.scale
+        future = torch.ones(t, t, dtype=torch.bool, device=prefix.device).triu(1)
         attn = logits.masked_fill(future, float("-inf")).softmax(-1)
-        return torch.cat([x, attn @ self.value(x)], -1)
+        out = torch.cat([prefix, attn @ v], -1)
+        if x.shape[1] == 0:
+            return out, x.new_zeros(*x.shape[:2], self.out_channels)
+        q, kx, vx = self.query(x), self.key(x), self.value(x)
+        a = torch.cat([q @ k.transpose(1, 2), (q * kx).sum(-1, keepdim=True)], -1).mul(self.scale).softmax(-1)
+        return out, torch.cat([x, a[..., :t] @ v + a[..., t:] * vx], -1)
 
 
 class SNAILNet(nn.Module):
@@ -110,12 +142,24 @@ class SNAILNet(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.out = nn.Linear(width, n_classes)
 
-    def forward(self, z: Tensor) -> Tensor:
-        if z.shape[1] > self.seq_len:
-            raise ValueError(f"a sequence of length {z.shape[1]} is longer than the seq_len={self.seq_len} "
+    def check_length(self, t: int) -> None:
+        if t > self.seq_len:
+            raise ValueError(f"a sequence of length {t} is longer than the seq_len={self.seq_len} "
                              f"this SNAIL was built for (its temporal convolutions see only that far back); "
-                             f"build it with algorithm.seq_len >= ways * shots + 1 = {z.shape[1]}.")
+                             f"build it with algorithm.seq_len >= ways * shots + 1 = {t}.")
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Logits at every step of the sequences ``z`` ``(B, T, in)``."""
+        self.check_length(z.shape[1])
         return self.out(self.blocks(z))
+
+    def forward_queries(self, prefix: Tensor, queries: Tensor) -> Tensor:
+        """Logits ``(B, Q, N)`` at the last step of each sequence ``[prefix, queries[:, j]]``, with
+        ``prefix`` ``(B, n, in)`` computed once: equal to ``forward`` on the Q sequences."""
+        self.check_length(prefix.shape[1] + 1)
+        for block in self.blocks:
+            prefix, queries = block.extend(prefix, queries)
+        return self.out(queries)
 
 
 @ALGORITHMS.register("snail")
@@ -144,12 +188,10 @@ class SNAIL(MetaLearner):
     def query_logits(self, s_feat: Tensor, s_y: Tensor, q_feat: Tensor) -> Tensor:
         """Support features ``(B, n, D)`` and labels ``(B, n)``, query features ``(B, Q, D)`` ->
         logits ``(B, Q, N)``: one sequence ``[support..., (query, 0)]`` per query."""
-        b, n = s_y.shape
-        q = q_feat.shape[1]
+        b, q = q_feat.shape[:2]
         support = torch.cat([s_feat, one_hot(s_y, self.ways, "support_y")], -1)
         query = torch.cat([q_feat, q_feat.new_zeros(b, q, self.ways)], -1)
-        seqs = torch.cat([support.repeat_interleave(q, 0), query.flatten(0, 1)[:, None]], 1)
-        return self.net(seqs)[:, -1].view(b, q, self.ways)
+        return self.net.forward_queries(support, query)
 
     def meta_loss(self, batch):
         sx = torch.stack([ep.support_x for ep in batch])
@@ -172,8 +214,7 @@ class SNAIL(MetaLearner):
         if steps is not None:
             raise ValueError("SNAIL adapts by attending to the support sequence, not by gradient steps; "
                              "leave eval.inner_steps unset.")
-        if len(support_y) + 1 > self.net.seq_len:
-            self.net(support_x.new_zeros(1, len(support_y) + 1, 1))  # raises the length error
+        self.net.check_length(len(support_y) + 1)
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
         s_feat, s_y = encode(self.model, support_x[order])[None], support_y[order][None]
         one_hot(s_y, self.ways, "support_y")
