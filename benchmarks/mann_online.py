@@ -21,17 +21,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/mann_online.json")
     args = p.parse_args(argv)
     from metatl.data import build_sampler
-    from metatl.engine.trainer import load_trainer
+    from metatl.engine.trainer import hardware, load_trainer
     from metatl.meta.mann import mann_online_accuracy
 
     trainer = load_trainer(args.checkpoint, ["data.ways=5", "data.shots=5", "data.queries=5"], progress=False)
     acc = mann_online_accuracy(trainer.learner, build_sampler(trainer.cfg.data, "test"), args.episodes, args.seed)
     result = {"checkpoint": args.checkpoint, "memory": trainer.cfg.algorithm.get("memory", True),
-              "episodes": args.episodes, "iterations": trainer.iteration,
+              "config": trainer.cfg.name, "backbone": trainer.cfg.model.get("name"),
+              "episodes": args.episodes, "eval_seed": args.seed, "iterations": trainer.iteration,
+              "train_seconds": trainer.train_seconds,
               "accuracy_by_instance": {str(k): v for k, v in acc.items()},
               "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
-              "torch_version": torch.__version__}
-    print(" ".join(f"instance {k}: {100 * v:.1f}%" for k, v in acc.items()))
+              "hardware_of_this_scoring": hardware(), "torch_version": torch.__version__}
+    print(" ".join(f"instance {k}: {100 * v['mean']:.1f} +- {100 * v['ci95']:.1f}%" for k, v in acc.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

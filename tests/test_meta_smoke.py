@@ -55,3 +55,22 @@ def test_maml_learns_few_shot_classification():
         opt.step()
     after = evaluate(learner, sampler, episodes=40, progress=False)["mean"]
     assert after > max(0.5, before + 0.15), (before, after)
+
+
+@pytest.mark.parametrize("bn_mode", ["batch", "running"])
+def test_non_transductive_evaluation_batches_queries_only_without_batch_statistics(bn_mode, monkeypatch):
+    import metatl.engine.evaluator as evaluator
+
+    sampler = blob_tasks()
+    learner = MAML(conv4_stride(out_features=5, filters=8, image_size=12, bn_mode=bn_mode), inner_lr=0.4)
+    calls = []
+    real = evaluator._predict
+    monkeypatch.setattr(evaluator, "_predict", lambda p, ep, transductive: calls.append(transductive) or
+                        real(p, ep, transductive))
+    one_by_one = evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"]
+    assert calls == [bn_mode == "running"] * 3
+    if bn_mode == "running":  # the batched scores equal those of one query at a time
+        import metatl.engine.predict as predict
+        monkeypatch.setattr(predict, "uses_batch_statistics", lambda model: True)
+        assert evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"] == \
+            pytest.approx(one_by_one, abs=1e-12)

@@ -132,9 +132,29 @@ def test_mann_online_accuracy_on_a_tiny_model():
     tasks = EpisodeSampler(clusters(per_class=12), 3, 5, 5)  # 3 classes x 10 instances = 30 steps
     learner = MANN(encoder(), ways=3, hidden=16, slots=8, slot_size=8, heads=1, objective="online")
     acc = mann_online_accuracy(learner, tasks, episodes=4)
-    assert set(acc) == {1, 2, 5, 10} and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert set(acc) == {1, 2, 5, 10} and all(0.0 <= v["mean"] <= 1.0 for v in acc.values())
     with pytest.raises(ValueError, match="instance"):
         mann_online_accuracy(learner, tasks, episodes=1, instances=(11,))
+
+
+class _Memoriser(torch.nn.Module):
+    """Right at step t exactly when y_t appeared earlier in the sequence: a perfect one-shot
+    learner, whose k-th-instance accuracy is 0 for k = 1 and 1 for every k >= 2."""
+
+    def online_logits(self, x, y):
+        ways = int(y.max()) + 1
+        out = torch.zeros(*y.shape, ways)
+        for t in range(y.shape[1]):
+            seen = bool((y[0, :t] == y[0, t]).any())
+            out[0, t, y[0, t] if seen else (y[0, t] + 1) % ways] = 1.0
+        return out
+
+
+def test_mann_online_accuracy_counts_instances_per_class():
+    tasks = EpisodeSampler(clusters(per_class=12), 3, 5, 5)  # every class appears 10 times
+    acc = mann_online_accuracy(_Memoriser(), tasks, episodes=5)
+    assert acc[1]["mean"] == 0.0 and acc[2]["mean"] == acc[5]["mean"] == acc[10]["mean"] == 1.0
+    assert all(v["ci95"] == 0.0 for v in acc.values())
 
 
 @pytest.mark.slow  # binding labels through the sequence takes ~300 iterations (~7 s on an idle core)

@@ -38,8 +38,16 @@ def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_step
              desc: str = "eval") -> Dict:
     """Score ``learner`` on ``episodes`` episodes drawn from ``sampler`` with ``seed``.
 
+    ``transductive=False`` classifies each query in a batch of its own with the support set, so
+    that BatchNorm with batch statistics never mixes queries. A model without such layers (running
+    statistics, or no BatchNorm) gives each query the same output either way, so it is scored with
+    one batch of queries: the same scores, without a forward pass per query.
+
     Returns ``{"metric", "mean", "ci95", "std", "episodes", "scores"}``.
     """
+    from .predict import uses_batch_statistics
+
+    transductive = transductive or not uses_batch_statistics(learner)
     was_training = learner.training
     learner.eval()
     scores: List[float] = []

@@ -231,37 +231,41 @@ class MANN(MetaLearner):
 
 @torch.no_grad()
 def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234,
-                         instances: Sequence[int] = (1, 2, 5, 10)) -> Dict[int, float]:
+                         instances: Sequence[int] = (1, 2, 5, 10)) -> Dict[int, Dict[str, float]]:
     """The paper's online protocol: accuracy of the prediction at the k-th presentation of a class.
 
     Each episode's support and query examples (e.g. 5 ways x 10 examples = 50) are shuffled into one
     sequence, fed as ``(x_t, y_{t-1})``; the prediction at step t is scored when ``x_t`` is the k-th
     instance of its class, for ``k`` in ``instances``. ``learner`` needs ``online_logits`` (MANN).
-    Returns ``{k: accuracy}``; a ``k`` larger than the examples per class raises an error.
+    Returns ``{k: {"mean", "ci95", "std"}}`` over the episodes' accuracies at instance k (the same
+    summary as the evaluator's); a ``k`` larger than the examples per class raises an error.
     """
     from ..data.episode import fixed_episodes
+    from ..engine.evaluator import mean_ci95
 
     was_training = learner.training
     learner.eval()
-    correct = {k: 0 for k in instances}
-    total = {k: 0 for k in instances}
+    scores: Dict[int, list] = {k: [] for k in instances}
     g = torch.Generator().manual_seed(seed + 1)
     try:
         for ep in fixed_episodes(sampler, episodes, seed):
             x, y = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
             order = torch.randperm(len(y), generator=g)
             x, y = x[order], y[order]
-            pred = learner.online_logits(x[None], y[None])[0].argmax(-1)
+            right = (learner.online_logits(x[None], y[None])[0].argmax(-1) == y).tolist()
             seen: Dict[int, int] = {}
+            hits: Dict[int, list] = {k: [] for k in instances}
             for t, label in enumerate(y.tolist()):
                 seen[label] = seen.get(label, 0) + 1
-                if seen[label] in correct:
-                    total[seen[label]] += 1
-                    correct[seen[label]] += int(pred[t] == label)
+                if seen[label] in hits:
+                    hits[seen[label]].append(right[t])
+            for k, h in hits.items():
+                if h:
+                    scores[k].append(sum(h) / len(h))
     finally:
         learner.train(was_training)
-    empty = [k for k in instances if total[k] == 0]
+    empty = [k for k in instances if not scores[k]]
     if empty:
         raise ValueError(f"no class reached instance(s) {empty}: episodes have fewer examples per class; "
                          f"use shots + queries >= {max(empty)}.")
-    return {k: correct[k] / total[k] for k in instances}
+    return {k: mean_ci95(v) for k, v in scores.items()}
