@@ -30,7 +30,7 @@ BACKBONES = ("conv4_stride", "conv4_pool")
 
 
 def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
-          processes: int = 1) -> dict:
+          processes: int = 1, channels_last: bool = False) -> dict:
     if processes > 1:
         import tempfile
 
@@ -39,21 +39,21 @@ def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, devic
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "rank0.json"
             distributed.launch(_rank_child, processes, device, algo, backbone, iters, warmup, threads,
-                               device, processes, str(result))
+                               device, processes, str(result), channels_last)
             return json.loads(result.read_text())
-    return _measure(algo, backbone, iters, warmup, threads, device, 1)
+    return _measure(algo, backbone, iters, warmup, threads, device, 1, channels_last)
 
 
-def _rank_child(algo, backbone, iters, warmup, threads, device, processes, result_path) -> None:
+def _rank_child(algo, backbone, iters, warmup, threads, device, processes, result_path, channels_last) -> None:
     from metatl.engine import distributed
 
-    res = _measure(algo, backbone, iters, warmup, threads, device, processes)
+    res = _measure(algo, backbone, iters, warmup, threads, device, processes, channels_last)
     if distributed.rank() == 0:
         Path(result_path).write_text(json.dumps(res))
 
 
 def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
-             processes: int) -> dict:
+             processes: int, channels_last: bool = False) -> dict:
     import resource
 
     import torch
@@ -62,7 +62,7 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     from metatl.engine.trainer import Trainer
 
     torch.set_num_threads(threads)
-    raw = {"algorithm": SETTINGS[algo], "model": {"name": backbone},
+    raw = {"algorithm": SETTINGS[algo], "model": {"name": backbone, "channels_last": channels_last},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
            "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
                      "num_threads": threads, "processes": processes}}
@@ -99,7 +99,7 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     out = {"algorithm": algo, "backbone": backbone, "data": data, "iters": iters,
            "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
            "seconds_per_iter_min": times[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_loop_mb": rss0 / 1024, "processes": processes}
+           "rss_before_loop_mb": rss0 / 1024, "processes": processes, "channels_last": channels_last}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -114,11 +114,13 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1, help="split each meta-batch over this many processes")
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    ap.add_argument("--channels-last", action="store_true", help="model.channels_last=true (memory layout)")
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes)))
+        print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes,
+                               args.channels_last)))
         return
 
     import torch
@@ -131,14 +133,14 @@ def main() -> None:
         for backbone in args.backbones:
             cmd = [sys.executable, __file__, "--child", algo, backbone, "--iters", str(args.iters),
                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-                   "--processes", str(args.processes)]
+                   "--processes", str(args.processes)] + (["--channels-last"] if args.channels_last else [])
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             results.append(res)
     record = {"benchmark": "maml_speed", "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, "
               "1 inner step, float32", "hardware": hardware(args.device), "device": args.device, "threads": args.threads,
-              "processes": args.processes,
+              "processes": args.processes, "channels_last": args.channels_last,
               "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
