@@ -147,6 +147,8 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
         load_config(write_config(tmp_path, SINUSOID), ["bogus.x=1"])
     with pytest.raises(ConfigError, match="train.precision.*float32, bfloat16.*'float16'"):
         load_config(write_config(tmp_path, SINUSOID), ["train.precision=float16"])
+    with pytest.raises(ConfigError, match="bfloat16.*batch_tasks=true.*batch_tasks=false"):
+        load_config(write_config(tmp_path, SINUSOID), ["train.precision=bfloat16", "algorithm.batch_tasks=true"])
     cfg = load_config(write_config(tmp_path, SINUSOID), ["train.lr=0.5", "algorithm.first_order=true"])
     assert cfg.train.lr == 0.5 and cfg.algorithm["first_order"] is True
 
@@ -192,3 +194,9 @@ def test_every_shipped_config_loads():
     for path in configs:
         cfg = load_config(path)
         assert cfg.name == path.stem, f"{path.name}: name {cfg.name!r} differs from the file name"
+
+
+def test_a_backbone_without_parameters_is_refused_before_training(tmp_path):
+    cfg = load_config(write_config(tmp_path, dict(SINUSOID, model={"name": "pixels"})))
+    with pytest.raises(ConfigError, match="nothing to train.*'maml'.*'pixels'.*conv4_pool"):
+        Trainer(cfg, tmp_path / "run", progress=False)

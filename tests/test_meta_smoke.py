@@ -74,3 +74,16 @@ def test_non_transductive_evaluation_batches_queries_only_without_batch_statisti
         monkeypatch.setattr(predict, "uses_batch_statistics", lambda model: True)
         assert evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"] == \
             pytest.approx(one_by_one, abs=1e-12)
+
+
+def test_a_learner_that_couples_queries_is_scored_one_query_at_a_time(monkeypatch):
+    import metatl.engine.evaluator as evaluator
+
+    learner = MAML(conv4_stride(out_features=5, filters=8, image_size=12, bn_mode="running"), inner_lr=0.4)
+    learner.couples_queries = True  # e.g. attention across queries: batching would change the scores
+    calls = []
+    real = evaluator._predict
+    monkeypatch.setattr(evaluator, "_predict", lambda p, ep, transductive: calls.append(transductive) or
+                        real(p, ep, transductive))
+    evaluate(learner, blob_tasks(), episodes=2, transductive=False, progress=False)
+    assert calls == [False, False]

@@ -12,7 +12,8 @@ from metatl.engine import evaluate
 from metatl.engine.build import build_learner
 from metatl.engine.trainer import lr_at
 from metatl.meta import MatchingNet, MetaLearner, Predictor, ProtoNet, RelationNet
-from metatl.meta.metric import pairwise_distances, prototypes
+from metatl.meta.matching import attention_log_probs
+from metatl.meta.metric import full_precision, pairwise_distances, prototypes
 from metatl.nn import conv4_pool, conv4_relation
 from metatl.registry import ALGORITHMS
 
@@ -235,6 +236,38 @@ def test_protonet_bfloat16_loss_is_close_to_float32_and_learns():
     assert all(p.dtype == torch.float32 for p in learner.parameters())
     acc = evaluate(learner, test, episodes=30, progress=False)["mean"]
     assert acc > 0.65, f"protonet in bfloat16: {acc:.2f} on 5-way blobs (chance 0.2)"
+
+
+def test_matching_log_probs_stay_float32_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    cfg = from_dict({"algorithm": {"name": "matching"}, "model": {"name": "conv4_pool", "filters": 8}})
+    learner = build_learner(cfg, blob_sampler(n_classes=12, seed=0))
+    ep = episode(ways=3, shots=2, queries=2)
+    g = learner.support_embeddings(ep.support_x)
+    exact = learner.log_probs(g, ep.support_y, 3, ep.query_x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = learner.log_probs(g, ep.support_y, 3, ep.query_x)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=0.05)
+    # a probability of 0.999 is 1.0 in bfloat16 (log 0); the helper keeps log(0.999)
+    logits = torch.tensor([[0.0, -6.2]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = attention_log_probs(logits, torch.tensor([0, 1]), 2)
+    assert lp.dtype == torch.float32 and -3e-3 < lp[0, 0].item() < -1e-3
+
+
+def test_full_precision_finds_the_device_in_keyword_arguments(monkeypatch):
+    devices = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(device_type, *args, **kwargs):
+        devices.append(device_type)
+        return real_autocast("cpu", *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    f = full_precision(lambda *, x: x)
+    assert f(x=torch.ones(2, dtype=torch.bfloat16, device="meta")).dtype == torch.float32
+    assert devices == ["meta"]  # the tensor's device, not a default
 
 
 # -- learning happens -------------------------------------------------------------------------

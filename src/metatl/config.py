@@ -155,6 +155,10 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got "
                           f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "
                           f"use bfloat16).")
+    if cfg.train.precision == "bfloat16" and cfg.algorithm.get("batch_tasks"):
+        raise ConfigError("train.precision=bfloat16 cannot run with algorithm.batch_tasks=true (the vmap "
+                          "path's double backward mixes dtypes under autocast); set "
+                          "algorithm.batch_tasks=false or train.precision=float32.")
     if cfg.train.meta_batch % cfg.train.processes:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
                           f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it.")

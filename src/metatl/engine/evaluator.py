@@ -41,13 +41,16 @@ def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_step
     ``transductive=False`` classifies each query in a batch of its own with the support set, so
     that BatchNorm with batch statistics never mixes queries. A model without such layers (running
     statistics, or no BatchNorm) gives each query the same output either way, so it is scored with
-    one batch of queries: the same scores, without a forward pass per query.
+    one batch of queries: the same scores, without a forward pass per query. This assumes that
+    BatchNorm (``torch.nn.modules.batchnorm._BatchNorm``) is the only way queries of one batch can
+    affect each other; a learner whose predictor couples them otherwise (attention across queries,
+    transductive inference) sets the class attribute ``couples_queries = True``.
 
     Returns ``{"metric", "mean", "ci95", "std", "episodes", "scores"}``.
     """
-    from .predict import uses_batch_statistics
+    from .predict import queries_interact
 
-    transductive = transductive or not uses_batch_statistics(learner)
+    transductive = transductive or not queries_interact(learner)
     was_training = learner.training
     learner.eval()
     scores: List[float] = []

@@ -28,6 +28,13 @@ def uses_batch_statistics(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def queries_interact(learner: nn.Module) -> bool:
+    """Whether a query's prediction can depend on the other queries of its batch: BatchNorm with
+    batch statistics, or a learner that says so with ``couples_queries = True``. Only then does a
+    non-transductive prediction need one forward pass per query."""
+    return uses_batch_statistics(learner) or bool(getattr(learner, "couples_queries", False))
+
+
 def _check_ways(learner, support_x, n_classes: int) -> None:
     if not getattr(type(learner), "uses_head", True):
         return  # metric-based: any number of classes
@@ -63,7 +70,7 @@ def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None
     learner.eval()
     predictor = learner.adapt(support_x, support_y, **({} if steps is None else {"steps": steps}))
     with torch.no_grad():
-        if transductive or not uses_batch_statistics(learner.model):
+        if transductive or not queries_interact(learner):
             probs = torch.cat([predictor.predict_proba(chunk) for chunk in query_x.split(256)])
         else:
             probs = torch.cat([predictor(torch.cat([support_x, q[None]]))[-1:].softmax(-1) for q in query_x])

@@ -142,6 +142,11 @@ class Trainer:
         if callable(getattr(self.train_tasks, "to", None)):  # a data source that can live on the device
             self.train_tasks = self.train_tasks.to(self.device)
         self.learner = build_learner(cfg, self.train_tasks).to(self.device)
+        if not any(p.requires_grad for p in self.learner.parameters()):
+            raise ConfigError(f"nothing to train: algorithm {cfg.algorithm['name']!r} with backbone "
+                              f"{cfg.model['name']!r} has no trainable parameters (the pixels backbone has "
+                              f"none; it suits mann and snail, which learn on top of it). Choose a learned "
+                              f"backbone such as conv4_pool or conv4_stride.")
         if self.world > 1:  # one starting point for all; then each its own random stream
             for tensor in [*self.learner.parameters(), *self.learner.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)

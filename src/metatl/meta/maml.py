@@ -27,6 +27,16 @@ from .base import GradientMetaLearner, task_metric
 from .rules import SGD
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no per-device argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch 2.3
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
 @ALGORITHMS.register("maml")
 class MAML(GradientMetaLearner):
     """MAML and first-order MAML.
@@ -67,7 +77,7 @@ class MAML(GradientMetaLearner):
         theta = self.params()
         if self.batch_tasks:
             ep = stack_episodes(batch)
-            if torch.is_autocast_enabled(ep.query_x.device.type):
+            if autocast_enabled(ep.query_x.device.type):
                 raise ValueError("batch_tasks=True (vmap) cannot run under bfloat16 autocast (its double "
                                  "backward mixes dtypes); set train.precision=float32 or "
                                  "algorithm.batch_tasks=false.")

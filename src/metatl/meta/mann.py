@@ -33,8 +33,10 @@ Two ways to feed an :class:`~metatl.data.Episode` (``objective``):
   sequence; loss: cross-entropy at every step. :func:`mann_online_accuracy` reports the paper's
   accuracy at the 1st, 2nd, 5th and 10th instance of each class.
 
-Differences from the paper: the encoder is a backbone (``model.embed``), not raw 20x20 pixels; in
-the online protocol every class appears equally often (``shots + queries`` times) in random order.
+Differences from the paper: the encoder is any backbone (``model.embed``); the paper's raw 20x20
+pixels are the ``pixels`` backbone with ``size: 20`` (configs/mann_omniglot_online.yaml, which also
+sharpens reads with beta 10; the config says why). In the online protocol every class appears
+equally often (``shots + queries`` times) in random order.
 """
 from __future__ import annotations
 

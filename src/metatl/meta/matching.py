@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
 from .base import MetaLearner, Predictor, task_metric
-from .metric import cosine_similarity, embed, n_ways
+from .metric import cosine_similarity, embed, full_precision, n_ways
 
 
 class FullContextEmbedding(nn.Module):
@@ -63,6 +63,15 @@ class FullContextEmbedding(nn.Module):
             h_hat, c = self.query_lstm(f, (h + r, c))
             h = h_hat + f
         return h
+
+
+@full_precision
+def attention_log_probs(logits: Tensor, support_y: Tensor, n: int) -> Tensor:
+    """``log sum_i a(x, x_i) onehot(y_i)`` with ``a = softmax(logits)`` over the support, shape
+    ``(m, n)`` for ``logits`` ``(m, n_support)``; float32 even under bfloat16 autocast."""
+    attention = logits.softmax(dim=1)
+    probs = attention @ F.one_hot(support_y, n).to(attention.dtype)
+    return probs.clamp_min(1e-12).log()
 
 
 @ALGORITHMS.register("matching")
@@ -110,9 +119,7 @@ class MatchingNet(MetaLearner):
         f = embed(self.model, x)
         if self.fce:
             f = self.context.query(f, g)
-        attention = (self.log_scale.exp() * cosine_similarity(f, g)).softmax(dim=1)  # (m, n_support)
-        probs = attention @ F.one_hot(support_y, n).to(attention.dtype)
-        return probs.clamp_min(1e-12).log()
+        return attention_log_probs(self.log_scale.exp() * cosine_similarity(f, g), support_y, n)
 
     def meta_loss(self, batch):
         losses, scores = [], []

@@ -23,7 +23,7 @@ def full_precision(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
         with torch.autocast(device, enabled=False):
             return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
     return wrapper
