@@ -44,15 +44,18 @@ def test_maml_batch_tasks_refuses_bfloat16_autocast_with_the_fix():
         maml.meta_loss([ep, ep])
 
 
+@pytest.mark.filterwarnings("ignore:torch.is_autocast_cpu_enabled:DeprecationWarning")  # torch 2.3's API
 def test_autocast_check_works_without_the_device_argument_of_torch_2_3(monkeypatch):
     from metatl.meta.maml import autocast_enabled
 
     def no_argument():  # torch 2.3's signature
         return False
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast itself needs the real function
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "is_autocast_enabled", no_argument)
+            assert autocast_enabled("cpu") is True  # from torch.is_autocast_cpu_enabled()
     monkeypatch.setattr(torch, "is_autocast_enabled", no_argument)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert autocast_enabled("cpu") is True  # from torch.is_autocast_cpu_enabled()
     assert autocast_enabled("cpu") is False and autocast_enabled("cuda") is False
 
 
