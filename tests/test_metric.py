@@ -295,11 +295,16 @@ def test_metric_learner_learns_blobs(algo, backbone):
 BACKBONE_FOR = {"relation": "conv4_relation"}  # the rest take the conv4 nets
 
 
-@pytest.mark.parametrize("name", list(ALGORITHMS))
+EPISODIC = [name for name in ALGORITHMS
+            if isinstance(ALGORITHMS.get(name), type) and issubclass(ALGORITHMS.get(name), MetaLearner)]
+
+
+def test_the_registry_has_the_episodic_meta_learners():
+    assert {"maml", "reptile", "protonet", "matching", "relation", "mann", "snail"} <= set(EPISODIC)
+
+
+@pytest.mark.parametrize("name", EPISODIC)  # the transfer methods have their own conformance tests
 def test_every_algorithm_gives_a_finite_loss_and_a_predictor(name):
-    algo = ALGORITHMS.get(name)
-    if not (isinstance(algo, type) and issubclass(algo, MetaLearner)):
-        pytest.skip(f"{name} is not an episodic meta-learner")
     torch.manual_seed(0)
     sampler = blob_sampler(n_classes=6, per_class=4, ways=3, shots=1, queries=2)
     cfg = from_dict({"algorithm": {"name": name},
