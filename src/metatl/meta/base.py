@@ -7,6 +7,11 @@ any meta-learned state. It implements
 - ``meta_loss(batch: list[Episode]) -> (loss, metrics)``: the trainer calls ``loss.backward()``
   and steps the outer optimizer; ``metrics`` is a dict of floats;
 - ``adapt(support_x, support_y) -> Predictor``: used by the evaluator, ``metatl adapt`` and users.
+
+Two class attributes tell the engine how to treat it: ``uses_head`` (``False``: the backbone is
+built without a classification head and returns embeddings, as for the metric-based learners) and
+``couples_queries`` (``True``: a query's prediction depends on the other queries of its batch in a
+way other than BatchNorm, so a non-transductive test must classify one query per forward pass).
 """
 from __future__ import annotations
 
@@ -64,6 +69,9 @@ class Predictor:
 
 class MetaLearner(nn.Module):
     """Base class: holds ``model`` and the task type, and runs the model functionally."""
+
+    uses_head = True  # False: the backbone returns embeddings (engine.build sets out_features=0)
+    couples_queries = False  # True: queries of one batch affect each other's predictions
 
     def __init__(self, model: nn.Module, task_type: str = "classification"):
         super().__init__()
