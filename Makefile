@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/metatl train configs/maml_sinusoid_demo.yaml --out runs/demo
+	$(VENV)/bin/metatl train configs/maml_sinusoid_demo.yaml --out runs/demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q

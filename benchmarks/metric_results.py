@@ -35,7 +35,7 @@ def run_names():
 
 def train(name: str, budget: float, runs: Path, extra) -> int:
     cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml"),
-           "--out", str(runs / name), "--no-progress", "--set", f"train.time_budget_min={budget}", *extra]
+           "--out", str(runs / name), "--no-progress", "--overwrite", "--set", f"train.time_budget_min={budget}", *extra]
     print("$", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 

@@ -8,7 +8,7 @@ BUDGET=${BUDGET:-8}
 OUT=${OUT:-runs/omniglot}
 run() {  # name config [overrides...]
   local name=$1 cfg=$2; shift 2
-  metatl train "configs/$cfg.yaml" --out "$OUT/$name" --no-progress \
+  metatl train "configs/$cfg.yaml" --out "$OUT/$name" --no-progress --overwrite \
     --set train.time_budget_min=$BUDGET train.num_threads=1 train.val_every=0 "$@" > "$OUT/$name.log" 2>&1
 }
 mkdir -p "$OUT"

@@ -26,7 +26,7 @@ mkdir -p "$RUNS"
 $PY -c "from metatl.data.omniglot import load_images; load_images()" || exit 1
 start=$(date +%s)
 for c in "${configs[@]}"; do
-  $PY -m metatl.cli train "configs/$c.yaml" --out "$RUNS/$c" --no-progress --set \
+  $PY -m metatl.cli train "configs/$c.yaml" --out "$RUNS/$c" --no-progress --overwrite --set \
     train.time_budget_min="$BUDGET" train.device="$DEVICE" train.num_threads=1 train.val_every=0 \
     eval.episodes="$EPISODES" > "$RUNS/$c.log" 2>&1 &
 done

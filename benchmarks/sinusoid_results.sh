@@ -7,7 +7,7 @@ ITERS=${1:-70000}
 OUT=${OUT:-runs/sinusoid}
 for k in 5 10; do
   for cfg in maml_sinusoid pretrain_sinusoid; do
-    metatl train configs/$cfg.yaml --out "$OUT/$cfg-K$k" --no-progress \
+    metatl train configs/$cfg.yaml --out "$OUT/$cfg-K$k" --no-progress --overwrite \
       --set data.shots=$k data.train_queries=$k train.iterations=$ITERS train.val_every=0 train.num_threads=1
   done
 done

@@ -160,6 +160,44 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_run_folder_is_not_replaced_without_overwrite(tmp_path, capsys):
+    cfg, out = write_config(tmp_path, dict(SINUSOID, train={**SINUSOID["train"], "iterations": 2})), tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    before = (out / "last.pt").read_bytes()
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err and (out / "last.pt").read_bytes() == before
+    assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--overwrite",
+                 "--set", "train.iterations=3"]) == 0
+    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert iterations.count(1) == 1 and iterations == sorted(iterations) and iterations[-1] == 3  # old lines gone
+
+
+def test_config_values_are_checked_by_type_and_range(tmp_path):
+    path = write_config(tmp_path, SINUSOID)
+    assert load_config(path, ["train.lr=1e-3", "algorithm.inner_lr=5E-2"]).train.lr == 1e-3  # YAML 1.2 floats
+    for override, message in [("train.lr=abc", "train.lr must be a number, got 'abc'"),
+                              ("data.shots=2.5", "data.shots must be a whole number"),
+                              ("algorithm.first_order=1", "algorithm.first_order must be true or false"),
+                              ("algorithm.inner_lr=fast", "algorithm.inner_lr must be a number"),
+                              ("train.meta_batch=0", "train.meta_batch must be at least 1"),
+                              ("train.iterations=-5", "train.iterations must be at least 1"),
+                              ("data.queries=0", "data.queries must be at least 1"),
+                              ("eval.episodes=0", "eval.episodes must be at least 1")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [override])
+    with pytest.raises(ConfigError, match="data.ways must be at least 2"):
+        from_dict({"data": {"name": "omniglot", "ways": 1}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_training_on_cuda_without_cuda_says_what_to_set(tmp_path, capsys):
+    cfg = write_config(tmp_path, SINUSOID)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--set", "train.device=cuda"]) == 2
+    assert "--set train.device=cpu" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--set", "train.device=gpu"]) == 2
+    assert "not a device torch knows" in capsys.readouterr().err
+
+
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -113,6 +113,11 @@ def test_omniglot_reader_on_a_fake_zip(tmp_path, monkeypatch):
     assert len(cached) == 1 and str(cached[0]).startswith(os.environ["XDG_CACHE_HOME"])
     images2, names2 = omni.load_images(root, image_size=28)  # from the cache
     assert torch.equal(images, images2) and names == names2
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # a truncated cache is rebuilt, with a warning
+    with pytest.warns(UserWarning, match="unreadable.*decoding the zips again"):
+        images3, _ = omni.load_images(root, image_size=28)
+    assert torch.equal(images, images3)
+    assert torch.equal(omni.load_images(root, image_size=28)[0], images)  # the new cache reads
     classes = omni.OmniglotClasses(images, names, names[:3])
     assert len(classes) == 12  # 3 characters x 4 rotations
     x0 = classes.get(0, torch.arange(2))

@@ -42,10 +42,16 @@ def _data_overrides(args) -> list:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
 
     cfg = load_config(args.config, (args.set or []) + _data_overrides(args))
     out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and not args.overwrite and (out / "last.pt").exists():
+        raise ConfigError(f"{out} already holds a run (last.pt): continue it with --resume, replace it "
+                          f"with --overwrite, or train into another folder with --out.")
+    from .engine.trainer import check_device
+
+    check_device(cfg.train.device)
     if cfg.train.processes > 1:
         from .engine import distributed
 
@@ -139,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train a config, then evaluate it on the test episodes")
     p.add_argument("config", help="a YAML config (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that already holds a run (replaces it)")
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -172,9 +180,14 @@ def main(argv=None) -> int:
     if getattr(args, "resume", False) and not args.out:
         print("metatl: error: --resume needs --out DIR, the run folder to continue.", file=sys.stderr)
         return 2
+    from .data.files import DownloadError
+
     try:
         return args.func(args)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError, KeyError) as err:
+    except OSError as err:  # str() keeps the file name that args[0] (the errno) would drop
+        print(f"metatl: error: {err}", file=sys.stderr)
+        return 2
+    except (ConfigError, NonFiniteLossError, DownloadError, ValueError, KeyError) as err:
         print(f"metatl: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
 

@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.1 wants ``1.0e-3``; 1.2 does not)."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YAMLLoader)
 
 
 PRECISIONS = ("float32", "bfloat16")  # train.precision
@@ -109,6 +124,69 @@ def _check_keys(where: str, given, valid) -> None:
                           f"{', '.join(sorted(valid))}.")
 
 
+_DESCRIBE = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _matches(value, tp) -> bool:
+    """Whether a YAML value fits the annotation ``tp`` (scalars, Optional, List, Dict)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, List):
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    return True  # Any, or a type this check does not know
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (list, List):
+        return f"a list of {_describe(args[0]).replace('a ', '', 1)}s" if args else "a list"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return _DESCRIBE.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_type(where: str, value, tp) -> None:
+    if not _matches(value, tp):
+        raise ConfigError(f"{where} must be {_describe(tp)}, got {value!r}; fix it in the config or "
+                          f"with --set {where}=VALUE.")
+
+
+def _component_types(obj) -> Dict[str, Any]:
+    """The annotation of each keyword argument of a registered component, else its default's type."""
+    target = obj.__init__ if isinstance(obj, type) else obj
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation that does not resolve: fall back to the defaults
+        hints = {}
+    types = {}
+    for p in inspect.signature(obj).parameters.values():
+        if p.name in hints:
+            types[p.name] = hints[p.name]
+        elif isinstance(p.default, bool):
+            types[p.name] = bool
+        elif isinstance(p.default, (int, float)):
+            types[p.name] = float  # a number; an int default does not forbid 0.5
+        elif isinstance(p.default, str):
+            types[p.name] = str
+    return types
+
+
 def component_keys(obj) -> List[str]:
     """Keyword arguments a registered component accepts (its config keys besides ``name``)."""
     skip = {"self", "model", "task_type", "in_features", "in_channels", "out_features", "image_size"}
@@ -126,6 +204,9 @@ def from_dict(raw: dict) -> Config:
     for section, cls in SECTIONS.items():
         values = raw.get(section) or {}
         _check_keys(f"section {section!r}", values, [f.name for f in dataclasses.fields(cls)])
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            _check_type(f"{section}.{key}", value, hints[key])
         kwargs[section] = cls(**values)
     for section in OPEN_SECTIONS:
         values = dict(raw.get(section) or getattr(Config(), section))
@@ -147,8 +228,22 @@ def validate_components(cfg: Config) -> None:
         except KeyError as err:
             raise ConfigError(f"{section}.name: {err.args[0]}") from None
         _check_keys(f"section {section!r} ({values['name']})", set(values) - {"name"}, component_keys(obj))
+        types = _component_types(obj)
+        for key, value in values.items():
+            if key != "name" and key in types:
+                _check_type(f"{section}.{key}", value, types[key])
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}.")
+    at_least = [("train.iterations", cfg.train.iterations, 1), ("train.meta_batch", cfg.train.meta_batch, 1),
+                ("eval.episodes", cfg.eval.episodes, 1), ("data.shots", cfg.data.shots, 1),
+                ("data.queries", cfg.data.queries, 1), ("data.train_shots", cfg.data.train_shots, 1),
+                ("data.train_queries", cfg.data.train_queries, 0)]
+    if cfg.data.name in ("omniglot", "image_folder"):  # N-way classification episodes
+        at_least += [("data.ways", cfg.data.ways, 2), ("data.train_ways", cfg.data.train_ways, 2)]
+    for key, value, low in at_least:
+        if value is not None and value < low:
+            why = " (a 1-way task is always answered right)" if key.endswith("ways") else ""
+            raise ConfigError(f"{key} must be at least {low}, got {value}{why}; set it with --set {key}=...")
     if not (isinstance(cfg.train.processes, int) and cfg.train.processes >= 1):
         raise ConfigError(f"train.processes must be a whole number >= 1, got {cfg.train.processes!r}.")
     if cfg.train.precision not in PRECISIONS:
@@ -168,7 +263,7 @@ def parse_override(text: str):
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=0.01).")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), load_yaml(value)
 
 
 def apply_overrides(raw: dict, overrides: List[str]) -> dict:
@@ -187,7 +282,7 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of sections (name, algorithm, model, data, train, eval).")
     raw.setdefault("name", path.stem)

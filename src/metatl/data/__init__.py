@@ -14,6 +14,18 @@ def _episode_shape(cfg, subset: str):
     return pick(cfg.train_ways, cfg.ways), pick(cfg.train_shots, cfg.shots), pick(cfg.train_queries, cfg.queries)
 
 
+def _episodes(pool, cfg, subset: str) -> EpisodeSampler:
+    """An :class:`EpisodeSampler` whose errors name the config keys that set the episode shape."""
+    ways, shots, queries = _episode_shape(cfg, subset)
+    try:
+        return EpisodeSampler(pool, ways, shots, queries)
+    except ValueError as err:
+        train = subset == "train"
+        keys = [f"data.{'train_' if train and getattr(cfg, 'train_' + k) is not None else ''}{k}={v}"
+                for k, v in (("ways", ways), ("shots", shots), ("queries", queries))]
+        raise ValueError(f"{err.args[0]} ({subset} episodes: {', '.join(keys)})") from None
+
+
 @DATASETS.register("sinusoid")
 def sinusoid_tasks(cfg, subset: str) -> SinusoidTasks:
     """MAML sinusoid regression; ``shots`` = K support points, ``queries`` = query points."""
@@ -31,7 +43,7 @@ def omniglot_tasks(cfg, subset: str) -> EpisodeSampler:
     if subset not in SUBSETS:
         raise ValueError(f"unknown subset {subset!r}; use one of {SUBSETS}.")
     pool = omniglot_classes(subset, cfg.split, cfg.data_dir, cfg.image_size, download_missing=cfg.download)
-    sampler = EpisodeSampler(pool, *_episode_shape(cfg, subset))
+    sampler = _episodes(pool, cfg, subset)
     sampler.input_spec = {"in_channels": 1, "image_size": cfg.image_size}
     return sampler
 
@@ -45,7 +57,7 @@ def image_folder_tasks(cfg, subset: str) -> EpisodeSampler:
         raise ValueError(f"unknown subset {subset!r}; use one of {SUBSETS}.")
     ways, shots, queries = _episode_shape(cfg, subset)
     pool = image_folder_classes(cfg, subset, shots, queries, ways)
-    sampler = EpisodeSampler(pool, ways, shots, queries)
+    sampler = _episodes(pool, cfg, subset)
     sampler.input_spec = {"in_channels": cfg.in_channels, "image_size": cfg.image_size}
     return sampler
 

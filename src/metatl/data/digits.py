@@ -65,7 +65,8 @@ def _file(rel: str, data_dir, download_missing: bool, urls=()) -> Path:
         return path
     if download_missing and urls:
         return download(urls, path, CHECKSUMS[rel])
-    hint = " or pass download=True" if urls else " (it has no official download location)"
+    hint = (" or pass download=True (`--download` / data.download: true on the command line)" if urls
+            else " (it has no official download location: copy it there by hand)")
     raise FileNotFoundError(
         f"{path} not found. Set METATL_DATA_DIR (or data_dir=) to the folder holding {rel}{hint}."
     )
@@ -208,14 +209,15 @@ def _parse_direction(direction: str):
 _CACHE: dict = {}
 
 
-def _domain(name: str, split: str, size: int, data_dir):
+def _domain(name: str, split: str, size: int, data_dir, download: bool = False):
     """``(X (n, 1, size, size) float32 tensor, y (n,) int64 tensor)``, cached per process (the
     benchmark trains many runs on the same arrays)."""
     import torch
 
     key = (name, split, size, str(resolve_data_dir(data_dir)))
     if key not in _CACHE:
-        X, y = {"mnist": load_mnist, "usps": load_usps}[name](split, size=size, data_dir=data_dir)
+        X, y = {"mnist": load_mnist, "usps": load_usps}[name](split, size=size, data_dir=data_dir,
+                                                             download=download)
         _CACHE[key] = (torch.from_numpy(X).view(-1, 1, size, size), torch.from_numpy(y))
     return _CACHE[key]
 
@@ -270,14 +272,14 @@ def digits_adaptation(cfg, subset: str):
     record = {"setting": cfg.direction, "direction": cfg.direction, "ways": None, "shots": None,
               "queries": None, "target_labels_fraction": cfg.target_labels_fraction, "image_size": size}
     if subset == "train":
-        xs, ys = _subsample(*_domain(source, "train", size, cfg.data_dir), cfg.max_source, seed)
-        xt, yt = _subsample(*_domain(target, "train", size, cfg.data_dir), cfg.max_target, seed + 1)
+        xs, ys = _subsample(*_domain(source, "train", size, cfg.data_dir, cfg.download), cfg.max_source, seed)
+        xt, yt = _subsample(*_domain(target, "train", size, cfg.data_dir, cfg.download), cfg.max_target, seed + 1)
         return DomainPairSampler(xs, ys, xt, yt, labelled_subset(yt, cfg.target_labels_fraction, seed),
                                  out_features=10)
     if subset == "val":
-        x, y = _subsample(*_domain(source, "test", size, cfg.data_dir), cfg.max_source, seed + 2)
+        x, y = _subsample(*_domain(source, "test", size, cfg.data_dir, cfg.download), cfg.max_source, seed + 2)
         return LabelledSet(x, y, {**record, "eval_set": f"{source} test (source, held out)"}, out_features=10)
     if subset == "test":
-        x, y = _subsample(*_domain(target, "test", size, cfg.data_dir), cfg.max_target, seed + 3)
+        x, y = _subsample(*_domain(target, "test", size, cfg.data_dir, cfg.download), cfg.max_target, seed + 3)
         return LabelledSet(x, y, {**record, "eval_set": f"{target} test ({len(x)} images)"}, out_features=10)
     raise ValueError(f"unknown subset {subset!r}; use train, val or test.")

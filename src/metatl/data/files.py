@@ -15,6 +15,10 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded; the message says how to get it by hand."""
+
 ENV_VAR = "METATL_DATA_DIR"
 
 
@@ -96,8 +100,8 @@ def download(urls, dest: os.PathLike, accepted: Iterable[str], *, progress: bool
         except (RuntimeError, ValueError) as err:
             errors.append(str(err))
     if len(errors) == 1:
-        raise (ValueError if "checksum" in errors[0] else RuntimeError)(errors[0])
-    raise RuntimeError(f"could not download {Path(dest).name} from any mirror:\n  " + "\n  ".join(errors))
+        raise (ValueError if "checksum" in errors[0] else DownloadError)(errors[0])
+    raise DownloadError(f"could not download {Path(dest).name} from any mirror:\n  " + "\n  ".join(errors))
 
 
 def _download_one(url: str, dest: os.PathLike, accepted: Iterable[str], *, progress: bool = True) -> Path:
@@ -114,10 +118,10 @@ def _download_one(url: str, dest: os.PathLike, accepted: Iterable[str], *, progr
         if err.code == 416:  # the partial file is already complete
             response = None
         else:
-            raise RuntimeError(f"downloading {url} failed: HTTP {err.code}. Download it by hand "
+            raise DownloadError(f"downloading {url} failed: HTTP {err.code}. Download it by hand "
                                f"and put it at {dest}, or set {ENV_VAR} to a folder that has it.") from err
     except (urllib.error.URLError, OSError) as err:
-        raise RuntimeError(
+        raise DownloadError(
             f"cannot download {url} ({err}). Without network: copy the file to {dest} by hand, "
             f"or point --data-dir / {ENV_VAR} at a folder that already has it.") from err
     if response is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -89,8 +90,12 @@ def load_images(data_dir: Optional[os.PathLike] = None, image_size: int = 28, do
         keys.append(digests["sha256"][:8])
     cache = user_cache_dir() / f"omniglot_{image_size}px_{'_'.join(keys)}.pt"
     if cache.exists():
-        blob = torch.load(cache, weights_only=True)
-        return blob["images"], blob["names"]
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return blob["images"], blob["names"]
+        except Exception as err:  # a damaged cache (e.g. a full disk) is rebuilt from the zips
+            warnings.warn(f"the Omniglot cache {cache} is unreadable ({type(err).__name__}); "
+                          f"decoding the zips again and replacing it.", stacklevel=2)
     names: Dict[str, List[np.ndarray]] = {}
     for path in zips.values():
         names.update(_read_zip(path, image_size))

@@ -15,7 +15,8 @@ def learning_curve(run_dir) -> Path:
     """``learning_curve.png``: training loss per iteration and validation metric (+- 95% CI)
     against training minutes."""
     run_dir = Path(run_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    log = run_dir / "metrics.jsonl"  # absent when a run ended before its first log line
+    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_ci95" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -76,6 +76,20 @@ def hardware(device: str = "cpu") -> str:
     return cpu
 
 
+def check_device(name: str) -> torch.device:
+    """``train.device`` as a ``torch.device``, or a ConfigError that says what to set instead."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train.device={name!r} is not a device torch knows; use cpu, cuda or cuda:N "
+                          f"(--set train.device=cpu).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but this torch has no CUDA device "
+                          f"(torch.cuda.is_available() is False); train on the CPU with "
+                          f"--set train.device=cpu.")
+    return device
+
+
 def make_optimizer(cfg: Config, params):
     t = cfg.train
     if t.optimizer == "adam":
@@ -135,7 +149,7 @@ class Trainer:
         if t.num_threads or self.world > 1:
             torch.set_num_threads(t.num_threads or 1)
         torch.manual_seed(t.seed)
-        self.device = torch.device(t.device)
+        self.device = check_device(t.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.rank)
         self.train_tasks = build_sampler(cfg.data, "train")
@@ -282,6 +296,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             c.dump(self.out / "config.yaml")
+            if self.iteration == 0:  # a fresh run: no lines of a run this one replaces
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
         budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
         bar = tqdm(total=t.iterations, initial=self.iteration, desc=c.name,
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
