@@ -108,3 +108,32 @@ def test_adapt_errors_name_the_fix(trained, tmp_path, capsys):
     assert "holds no images" in capsys.readouterr().err
     assert main(["adapt", str(tmp_path / "missing.pt"), "--support", str(support), "--query", str(query)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_adapt_refuses_what_cannot_classify_new_images(tmp_path):
+    from metatl.engine.predict import classify_folder
+    from metatl.meta import MAML, MANN
+    from metatl.nn import mlp, pixels
+
+    support, query = new_task(tmp_path, n_classes=3)
+    with pytest.raises(ValueError, match="regression model.*image classification episodes"):
+        classify_folder(MAML(mlp(), task_type="regression"), support, query)
+    with pytest.raises(ValueError, match="Linear checkpoint.*cannot adapt to new classes.*metatl eval"):
+        classify_folder(torch.nn.Linear(2, 2), support, query)
+    mann = MANN(pixels(image_size=28, size=8), ways=5, hidden=8, slots=4, slot_size=4, heads=1)
+    with pytest.raises(ValueError, match="5-way head but the support folder has 3 classes"):
+        classify_folder(mann, support, query)  # the label size, not the 64 pixel features
+    mann3 = MANN(pixels(image_size=28, size=8), ways=3, hidden=8, slots=4, slot_size=4, heads=1)
+    assert len(classify_folder(mann3, support, query)["rows"]) == 10  # 9 labelled + 1 loose image
+    with pytest.raises(ValueError, match="--steps must be 0 or more"):
+        classify_folder(MAML(mlp()), support, query, steps=-3)
+    with pytest.warns(UserWarning, match="--steps 5 is ignored: MANN adapts without gradient steps"):
+        classify_folder(mann3, support, query, steps=5)
+
+
+def test_eval_refuses_overrides_that_change_the_model_or_its_input(trained, capsys):
+    _, runs = trained
+    assert main(["eval", str(runs["protonet"]), "--no-progress", "--set", "data.image_size=32"]) == 2
+    assert "trained with image_size=16" in capsys.readouterr().err
+    assert main(["eval", str(runs["maml"]), "--no-progress", "--set", "model.filters=16"]) == 2
+    assert "does not fit the model of its config" in capsys.readouterr().err

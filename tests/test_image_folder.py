@@ -45,6 +45,17 @@ def test_mixed_formats_sizes_and_modes_are_converted(tmp_path):
     torch.testing.assert_close(x_inv, 1 - x)
 
 
+def test_transparent_pixels_read_as_white_paper(tmp_path):
+    a = np.zeros((16, 16, 4), np.uint8)  # black everywhere; the stroke is only in the alpha mask
+    a[4:12, 7:9, 3] = 255
+    path = tmp_path / "stroke.png"
+    Image.fromarray(a, mode="RGBA").save(path)
+    x = load_images([path], in_channels=1, image_size=16)[0]
+    assert x.shape == (1, 16, 16)
+    assert x[0, 0, 0] == 1.0 and x[0, 8, 7] == 0.0  # white paper, black ink
+    assert (x < 0.5).float().mean() == pytest.approx(16 / 256)
+
+
 def test_unreadable_files_are_skipped_with_a_warning_naming_them(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=2, per_class=2)
     (root / "class0" / "notes.txt").write_text("not an image")

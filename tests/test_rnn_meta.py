@@ -123,8 +123,14 @@ def test_wrong_label_count_names_the_fix():
     ep = sampler(ways=3).sample(torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="2-way one-hot.*ways"):
         learner.meta_loss([ep])
-    with pytest.raises(ValueError, match="2-way one-hot"):
+    with pytest.raises(ValueError, match="3 classes but this SNAIL was built for 2-way episodes.*algorithm.ways=3"):
         SNAIL(encoder(), ways=2, seq_len=8, filters=4, attention=[[4, 4]]).adapt(ep.support_x, ep.support_y)
+    # fewer classes than the one-hot size: the labels fit, but the model could answer a missing class
+    small = sampler(ways=2).sample(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="2 classes but this MANN was built for 3-way"):
+        MANN(encoder(), ways=3, hidden=8, slots=4, slot_size=4, heads=1).meta_loss([small])
+    with pytest.raises(ValueError, match="2 classes but this SNAIL was built for 3-way"):
+        SNAIL(encoder(), ways=3, seq_len=8, filters=4, attention=[[4, 4]]).meta_loss([small])
 
 
 def test_mann_online_accuracy_on_a_tiny_model():

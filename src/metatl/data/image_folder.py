@@ -6,7 +6,8 @@
 
 Any format PIL reads. Every image is converted to ``in_channels`` (1: grayscale, 3: RGB) and
 resized to ``image_size`` x ``image_size`` (Lanczos, the aspect ratio is not kept), with pixel
-values in [0, 1]; mixed sizes, modes and formats are fine. ``invert=True`` maps ``v -> 1 - v``
+values in [0, 1]; mixed sizes, modes and formats are fine. Transparent pixels are read as white
+(paper), so a drawing kept only in its alpha mask keeps its strokes. ``invert=True`` maps ``v -> 1 - v``
 (Omniglot models expect ink = 1 on a 0 background, i.e. inverted scans of dark ink on paper).
 
 Files whose names start with ``.`` are ignored; other files PIL cannot read are skipped with one
@@ -56,6 +57,11 @@ def _read(path: Path, mode: str, image_size: int) -> Optional[np.ndarray]:
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                # transparent pixels are paper: composite on white (else a drawing whose strokes
+                # are only in the alpha mask would read as one black square)
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             im = im.convert(mode).resize((image_size, image_size), Image.LANCZOS)
             a = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):

@@ -13,6 +13,7 @@ BatchNorm) the batch does not matter and the queries go through in one batch.
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -35,11 +36,28 @@ def queries_interact(learner: nn.Module) -> bool:
     return uses_batch_statistics(learner) or bool(getattr(learner, "couples_queries", False))
 
 
+def _check_learner(learner) -> None:
+    """``metatl adapt`` needs an episodic image classifier: say so for anything else."""
+    from ..meta.base import MetaLearner
+
+    if not isinstance(learner, MetaLearner):
+        raise ValueError(f"this is a {type(learner).__name__} checkpoint (transfer learning, trained for a fixed "
+                         f"set of classes); it cannot adapt to new classes from a support folder. `metatl "
+                         f"adapt` takes meta-learning checkpoints (protonet, matching, relation, maml, reptile, "
+                         f"mann, snail, ...); score a transfer checkpoint with `metatl eval`.")
+    if learner.task_type != "classification":
+        raise ValueError(f"this {type(learner).__name__} checkpoint is a {learner.task_type} model (e.g. "
+                         f"sinusoid); `metatl adapt` classifies images: use a checkpoint trained on image "
+                         f"classification episodes (omniglot or image_folder).")
+
+
 def _check_ways(learner, support_x, n_classes: int) -> None:
     if not getattr(type(learner), "uses_head", True):
         return  # metric-based: any number of classes
-    with torch.no_grad():
-        width = learner.model(support_x[:1]).shape[-1]
+    width = getattr(learner, "ways", None)  # sequence learners: the one-hot label size
+    if not isinstance(width, int):
+        with torch.no_grad():
+            width = learner.model(support_x[:1]).shape[-1]
     if width != n_classes:
         raise ValueError(f"this {type(learner).__name__} checkpoint has a {width}-way head but the support "
                          f"folder has {n_classes} classes; give it exactly {width} class sub-folders, or use "
@@ -56,6 +74,15 @@ def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None
     Returns ``{"classes": [...], "rows": [{"file", "predicted", "confidence", "true"}], "accuracy"}``
     with ``confidence`` the predicted class's probability (``predict_proba``).
     """
+    _check_learner(learner)
+    if steps is not None and steps < 0:
+        raise ValueError(f"--steps must be 0 or more (inner-loop steps on the support set), got {steps}.")
+    from ..meta.base import GradientMetaLearner
+
+    if steps is not None and not isinstance(learner, GradientMetaLearner):
+        warnings.warn(f"--steps {steps} is ignored: {type(learner).__name__} adapts without gradient steps.",
+                      stacklevel=2)
+        steps = None
     c, s, inv = input_format(learner, invert=invert)
     support_x, support_y, classes = load_support_folder(support_dir, in_channels=c, image_size=s, invert=inv)
     _check_ways(learner, support_x, len(classes))

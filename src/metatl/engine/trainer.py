@@ -377,6 +377,12 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
 
     state = ckpt_io.load(checkpoint)
     cfg = from_dict(apply_overrides(state["config"], overrides or []))
+    trained = from_dict(state["config"]).data
+    for key in ("image_size", "in_channels"):  # the model's input: fixed by training
+        if getattr(cfg.data, key) != getattr(trained, key):
+            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key)}; "
+                              f"evaluating with {getattr(cfg.data, key)} would feed it inputs it never saw. "
+                              f"Leave data.{key} as it is (images are converted to the checkpoint's format).")
     trainer = Trainer(cfg, Path(checkpoint).parent, progress=progress)
     try:
         trainer.learner.load_state_dict(state["learner"])

@@ -53,5 +53,16 @@ def one_hot(y: Tensor, n_classes: int, where: str = "support_y") -> Tensor:
     return F.one_hot(y.long(), n_classes).float()
 
 
+def check_ways(support_y: Tensor, ways: int, learner: str) -> None:
+    """Episodes must have exactly the ``ways`` classes the one-hot labels were built for: with fewer,
+    the model can answer a label that no support example has."""
+    n = len(torch.unique(support_y))
+    if n != ways:
+        raise ValueError(f"the support set has {n} classes but this {learner} was built for {ways}-way "
+                         f"episodes (one-hot labels of size {ways}); use {ways}-way episodes (data.ways="
+                         f"{ways}, or {ways} class sub-folders for `metatl adapt`), or train a {n}-way model "
+                         f"(algorithm.ways={n}).")
+
+
 def shuffle_order(n: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
     return torch.randperm(n, generator=generator).to(device)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
-from ._sequence import encode, feature_dim, infer_ways, one_hot
+from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
 from .base import MetaLearner, Predictor
 
 State = Dict[str, Tensor]
@@ -195,6 +195,7 @@ class MANN(MetaLearner):
         qx = torch.stack([ep.query_x for ep in batch])
         qy = torch.stack([ep.query_y for ep in batch])
         one_hot(sy, self.ways, "support_y"), one_hot(qy, self.ways, "query_y")  # validate labels
+        check_ways(sy[0], self.ways, "MANN")
         b = len(batch)
         perm = torch.stack([torch.randperm(self.ways) for _ in range(b)]).to(sy.device)  # shuffle label ids
         sy, qy = perm.gather(1, sy), perm.gather(1, qy)
@@ -225,6 +226,7 @@ class MANN(MetaLearner):
         if steps is not None:
             raise ValueError("MANN adapts by reading the support sequence, not by gradient steps; "
                              "leave eval.inner_steps unset.")
+        check_ways(support_y, self.ways, "MANN")
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
         feats = encode(self.model, support_x[order])[None]
         state, last = self.support_state(feats, support_y[order][None])

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
-from ._sequence import encode, feature_dim, infer_ways, one_hot
+from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
 from .base import MetaLearner, Predictor
 
 
@@ -199,6 +199,7 @@ class SNAIL(MetaLearner):
         qx = torch.stack([ep.query_x for ep in batch])
         qy = torch.stack([ep.query_y for ep in batch])
         one_hot(qy, self.ways, "query_y")
+        check_ways(sy[0], self.ways, "SNAIL")
         b, n, q = len(batch), sy.shape[1], qy.shape[1]
         order = torch.stack([torch.randperm(n) for _ in range(b)]).to(sy.device)
         sx, sy = sx[torch.arange(b, device=sy.device)[:, None], order], sy.gather(1, order)
@@ -215,6 +216,7 @@ class SNAIL(MetaLearner):
             raise ValueError("SNAIL adapts by attending to the support sequence, not by gradient steps; "
                              "leave eval.inner_steps unset.")
         self.net.check_length(len(support_y) + 1)
+        check_ways(support_y, self.ways, "SNAIL")
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
         s_feat, s_y = encode(self.model, support_x[order])[None], support_y[order][None]
         one_hot(s_y, self.ways, "support_y")
