@@ -238,3 +238,13 @@ def test_a_backbone_without_parameters_is_refused_before_training(tmp_path):
     cfg = load_config(write_config(tmp_path, dict(SINUSOID, model={"name": "pixels"})))
     with pytest.raises(ConfigError, match="nothing to train.*'maml'.*'pixels'.*conv4_pool"):
         Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def test_results_json_is_strict_json_even_with_a_nan(tmp_path):
+    from metatl.engine.trainer import write_results
+
+    write_results({"metric": {"mean": float("nan"), "ci95": float("inf")}, "scores": [1.0, float("nan")]},
+                  tmp_path / "results.json")
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"metric": {"mean": None, "ci95": None}, "scores": [1.0, None]}

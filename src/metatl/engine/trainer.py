@@ -364,10 +364,22 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
     }
 
 
+def _json_safe(value):
+    """NaN and infinities as null: JSON has no literal for them (``json.dumps`` would write ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_results(results: dict, path) -> None:
+    """``results`` as strict JSON (a non-finite number becomes null), written atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     tmp.replace(path)
 
 
