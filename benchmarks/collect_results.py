@@ -1,6 +1,6 @@
 """Print a markdown table from results.json files: python benchmarks/collect_results.py RUN/*/results.json"""
+import argparse
 import json
-import sys
 
 
 def fmt(metric, v):
@@ -23,4 +23,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("paths", nargs="+", help="results.json files, e.g. runs/omniglot/*/results.json")
+    main(parser.parse_args().paths)
