@@ -41,10 +41,11 @@ def _check_learner(learner) -> None:
     from ..meta.base import MetaLearner
 
     if not isinstance(learner, MetaLearner):
-        raise ValueError(f"this is a {type(learner).__name__} checkpoint (transfer learning, trained for a fixed "
-                         f"set of classes); it cannot adapt to new classes from a support folder. `metatl "
-                         f"adapt` takes meta-learning checkpoints (protonet, matching, relation, maml, reptile, "
-                         f"mann, snail, ...); score a transfer checkpoint with `metatl eval`.")
+        raise ValueError(f"this {type(learner).__name__} checkpoint is not a meta-learner (a transfer learner "
+                         f"is trained for a fixed set of classes); it cannot adapt to new classes from a "
+                         f"support folder. `metatl adapt` takes meta-learning checkpoints (protonet, matching, "
+                         f"relation, maml, reptile, mann, snail, ...); score a transfer checkpoint with "
+                         f"`metatl eval`.")
     if learner.task_type != "classification":
         raise ValueError(f"this {type(learner).__name__} checkpoint is a {learner.task_type} model (e.g. "
                          f"sinusoid); `metatl adapt` classifies images: use a checkpoint trained on image "
