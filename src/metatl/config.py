@@ -143,7 +143,7 @@ def _matches(value, tp) -> bool:
     if tp is str:
         return isinstance(value, str)
     if origin in (list, List):
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
     if origin in (dict, Dict):
         return isinstance(value, dict)
     return True  # Any, or a type this check does not know

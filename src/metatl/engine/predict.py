@@ -36,9 +36,10 @@ def queries_interact(learner: nn.Module) -> bool:
     return uses_batch_statistics(learner) or bool(getattr(learner, "couples_queries", False))
 
 
-def _check_learner(learner) -> None:
-    """``metatl adapt`` needs an episodic image classifier: say so for anything else."""
-    from ..meta.base import MetaLearner
+def _check_learner(learner, steps: Optional[int]) -> Optional[int]:
+    """``metatl adapt`` needs an episodic image classifier: say so for anything else. Returns the
+    inner steps to use (``None`` for a learner that takes none, with a warning if some were asked)."""
+    from ..meta.base import GradientMetaLearner, MetaLearner
 
     if not isinstance(learner, MetaLearner):
         raise ValueError(f"this {type(learner).__name__} checkpoint is not a meta-learner (a transfer learner "
@@ -50,6 +51,13 @@ def _check_learner(learner) -> None:
         raise ValueError(f"this {type(learner).__name__} checkpoint is a {learner.task_type} model (e.g. "
                          f"sinusoid); `metatl adapt` classifies images: use a checkpoint trained on image "
                          f"classification episodes (omniglot or image_folder).")
+    if steps is not None and steps < 0:
+        raise ValueError(f"--steps must be 0 or more (inner-loop steps on the support set), got {steps}.")
+    if steps is not None and not isinstance(learner, GradientMetaLearner):
+        warnings.warn(f"--steps {steps} is ignored: {type(learner).__name__} adapts without gradient steps.",
+                      stacklevel=3)
+        return None
+    return steps
 
 
 def _check_ways(learner, support_x, n_classes: int) -> None:
@@ -75,15 +83,7 @@ def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None
     Returns ``{"classes": [...], "rows": [{"file", "predicted", "confidence", "true"}], "accuracy"}``
     with ``confidence`` the predicted class's probability (``predict_proba``).
     """
-    _check_learner(learner)
-    if steps is not None and steps < 0:
-        raise ValueError(f"--steps must be 0 or more (inner-loop steps on the support set), got {steps}.")
-    from ..meta.base import GradientMetaLearner
-
-    if steps is not None and not isinstance(learner, GradientMetaLearner):
-        warnings.warn(f"--steps {steps} is ignored: {type(learner).__name__} adapts without gradient steps.",
-                      stacklevel=2)
-        steps = None
+    steps = _check_learner(learner, steps)
     c, s, inv = input_format(learner, invert=invert)
     support_x, support_y, classes = load_support_folder(support_dir, in_channels=c, image_size=s, invert=inv)
     _check_ways(learner, support_x, len(classes))
