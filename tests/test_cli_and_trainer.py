@@ -187,6 +187,14 @@ def test_config_values_are_checked_by_type_and_range(tmp_path):
             load_config(path, [override])
     with pytest.raises(ConfigError, match="data.ways must be at least 2"):
         from_dict({"data": {"name": "omniglot", "ways": 1}})
+    with pytest.raises(ConfigError, match="data.train_subset must be 'train' or 'trainval'"):
+        from_dict({"data": {"name": "omniglot", "train_subset": "all"}})
+    with pytest.raises(ConfigError, match="trainval meta-trains on the validation classes.*train.val_every=0"):
+        from_dict({"data": {"name": "omniglot", "train_subset": "trainval"}})
+    with pytest.raises(ConfigError, match="trainval needs a dataset with validation classes"):
+        from_dict({"data": {"name": "sinusoid", "train_subset": "trainval"}, "train": {"val_every": 0}})
+    assert from_dict({"data": {"name": "omniglot", "train_subset": "trainval"},
+                      "train": {"val_every": 0}}).data.train_subset == "trainval"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

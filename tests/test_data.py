@@ -148,6 +148,7 @@ def test_vinyals_and_maml_splits_partition_the_characters():
     vin = [omni.split_characters(names, "vinyals", s) for s in ("train", "val", "test")]
     assert [len(v) for v in vin] == [1028, 172, 423]
     assert len(set(sum(vin, []))) == 1623
+    assert omni.split_characters(names, "vinyals", "trainval") == vin[0] + vin[1]  # the papers' 1200
     with pytest.raises(ValueError, match="vinyals"):
         omni.split_characters(names, "other", "train")
 

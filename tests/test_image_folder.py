@@ -122,6 +122,16 @@ def test_registered_dataset_gives_episodes_and_names_the_problem(tmp_path):
         build_sampler(from_dict({"data": {"name": "image_folder"}}).data, "train")
 
 
+def test_trainval_meta_trains_on_the_training_and_validation_classes(tmp_path):
+    root = make_folder(tmp_path / "imgs", classes=6, per_class=3)
+    data = {"name": "image_folder", "root": str(root), "ways": 2, "shots": 1, "queries": 1, "image_size": 8,
+            "classes": {"train": ["class0", "class1"], "val": ["class2", "class3"], "test": ["class4", "class5"]}}
+    for subset, classes in (("train", 2), ("trainval", 4)):
+        cfg = from_dict({"data": {**data, "train_subset": subset}, "train": {"val_every": 0}}).data
+        assert len(build_sampler(cfg, "train").pool.counts) == classes
+        assert len(build_sampler(cfg, "val").pool.counts) == 2  # val and test keep their own classes
+
+
 def test_support_folder_helper(tmp_path):
     root = make_folder(tmp_path / "support", classes=3, per_class=2)
     x, y, names = load_support_folder(root, in_channels=1, image_size=10)

@@ -48,6 +48,7 @@ class DataConfig:
     train_shots: Optional[int] = None
     train_queries: Optional[int] = None
     split: str = "vinyals"  # omniglot: vinyals (1028/172/423) or maml (1200/423)
+    train_subset: str = "train"  # classes of meta-training: train, or trainval (train + val; no validation then)
     image_size: int = 28
     root: Optional[str] = None  # image folders: the folder of class sub-folders
     in_channels: int = 1  # image folders: 1 (grayscale) or 3 (RGB); images are converted
@@ -254,6 +255,16 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError("train.precision=bfloat16 cannot run with algorithm.batch_tasks=true (the vmap "
                           "path's double backward mixes dtypes under autocast); set "
                           "algorithm.batch_tasks=false or train.precision=float32.")
+    if cfg.data.train_subset not in ("train", "trainval"):
+        raise ConfigError(f"data.train_subset must be 'train' or 'trainval' (the training and validation "
+                          f"classes together), got {cfg.data.train_subset!r}.")
+    if cfg.data.train_subset == "trainval":
+        if cfg.data.name not in ("omniglot", "image_folder"):
+            raise ConfigError(f"data.train_subset=trainval needs a dataset with validation classes "
+                              f"(omniglot, image_folder), not {cfg.data.name!r}; use data.train_subset=train.")
+        if cfg.train.val_every:
+            raise ConfigError("data.train_subset=trainval meta-trains on the validation classes, so validation "
+                              "would score trained classes; set train.val_every=0.")
     if cfg.train.meta_batch % cfg.train.processes:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
                           f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it.")

@@ -261,7 +261,7 @@ def image_folder_classes(cfg, subset: str, shots: int, queries: int, ways: int) 
                          "(e.g. --set data.root=path/to/images).")
     folder = cached_image_folder(cfg.root, cfg.in_channels, cfg.image_size)
     subsets = split_classes(folder.classes, cfg.classes, cfg.split_fractions, cfg.split_seed)
-    names = subsets[subset]
+    names = subsets["train"] + subsets["val"] if subset == "trainval" else subsets[subset]
     if len(names) < ways:
         raise ValueError(f"{ways}-way {subset} episodes need {ways} classes but the {subset} split of "
                          f"{cfg.root} has {len(names)} (of {len(folder.classes)} classes); lower data.ways / "

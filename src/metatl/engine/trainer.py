@@ -350,6 +350,7 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
     return {
         "algorithm": cfg.algorithm["name"], "algorithm_config": cfg.algorithm,
         "dataset": d.name, "split": d.split if d.name == "omniglot" else None,
+        "train_subset": d.train_subset if d.name in ("omniglot", "image_folder") else None,
         "ways": d.ways if learner.task_type == "classification" else None,
         "shots": d.shots, "queries": d.queries, "episodes": res["episodes"],
         "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
