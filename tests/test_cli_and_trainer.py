@@ -136,6 +136,38 @@ def test_resume_from_another_config_is_refused(tmp_path):
                  "--no-progress"]) == 2
 
 
+def test_checkpoints_from_before_a_new_config_key_still_resume_and_evaluate(tmp_path):
+    raw = dict(SINUSOID)
+    raw["train"] = dict(raw["train"], iterations=2, val_every=0)
+    Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "run", progress=False).fit()
+    path = tmp_path / "run" / "last.pt"
+    state = ckpt_io.load(path)
+    del state["config"]["data"]["train_subset"]  # as written before data.train_subset existed
+    ckpt_io.save_atomic(state, path)
+    t = Trainer(load_config(write_config(tmp_path, dict(raw, train=dict(raw["train"], iterations=3)))),
+                tmp_path / "run", progress=False)
+    t.resume()
+    assert t.iteration == 2
+    assert main(["eval", str(path), "--set", "eval.episodes=3", "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_evaluation_cannot_change_the_training_classes(tmp_path):
+    from test_image_folder import make_folder
+
+    root = make_folder(tmp_path / "imgs", classes=6, per_class=3)
+    raw = {"algorithm": {"name": "protonet"}, "model": {"name": "conv4_pool", "filters": 4, "bn_mode": "running"},
+           "data": {"name": "image_folder", "root": str(root), "train_subset": "trainval", "ways": 2, "queries": 2,
+                    "image_size": 16, "classes": {"train": ["class0", "class1"], "val": ["class2"],
+                                                  "test": ["class3", "class4"]}},
+           "train": {"iterations": 2, "meta_batch": 1, "val_every": 0}, "eval": {"episodes": 2}}
+    t = Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "run", progress=False)
+    t.fit()
+    res = t.test()
+    assert res["train_subset"] == "trainval"
+    assert main(["eval", str(tmp_path / "run" / "last.pt"), "--set", "data.train_subset=train",
+                 "train.val_every=0"]) == 2
+
+
 def test_unknown_config_keys_list_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown key.*lr_typo.*valid keys:.*lr"):
         load_config(write_config(tmp_path, dict(SINUSOID, train={"lr_typo": 1})))

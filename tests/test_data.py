@@ -160,3 +160,10 @@ def test_real_omniglot(omniglot_dir):
     for split, sizes in (("vinyals", (1028, 172, 423)), ("maml", (1100, 100, 423))):
         for subset, n in zip(("train", "val", "test"), sizes):
             assert len(omni.OmniglotClasses(images, names, omni.split_characters(names, split, subset))) == 4 * n
+    from metatl.config import from_dict
+    from metatl.data import build_sampler
+
+    for subset, n in (("train", 1028), ("trainval", 1200)):  # data.train_subset reaches the Omniglot pool
+        cfg = from_dict({"data": {"name": "omniglot", "data_dir": str(omniglot_dir), "train_subset": subset},
+                         "train": {"val_every": 0}}).data
+        assert len(build_sampler(cfg, "train").pool) == 4 * n

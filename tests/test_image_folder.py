@@ -127,9 +127,13 @@ def test_trainval_meta_trains_on_the_training_and_validation_classes(tmp_path):
     data = {"name": "image_folder", "root": str(root), "ways": 2, "shots": 1, "queries": 1, "image_size": 8,
             "classes": {"train": ["class0", "class1"], "val": ["class2", "class3"], "test": ["class4", "class5"]}}
     for subset, classes in (("train", 2), ("trainval", 4)):
-        cfg = from_dict({"data": {**data, "train_subset": subset}, "train": {"val_every": 0}}).data
-        assert len(build_sampler(cfg, "train").pool.counts) == classes
-        assert len(build_sampler(cfg, "val").pool.counts) == 2  # val and test keep their own classes
+        cfg = from_dict({"data": {**data, "train_subset": subset, "train_ways": 2, "train_queries": 2},
+                         "train": {"val_every": 0}}).data
+        train = build_sampler(cfg, "train")
+        assert len(train.pool.counts) == classes
+        assert (train.ways, train.queries) == (2, 2)  # the train_* episode shape applies to trainval too
+        val = build_sampler(cfg, "val")
+        assert len(val.pool.counts) == 2 and val.queries == 1  # val and test keep their own classes
 
 
 def test_support_folder_helper(tmp_path):

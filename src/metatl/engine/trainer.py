@@ -194,7 +194,7 @@ class Trainer:
     def resume(self, path=None) -> None:
         path = Path(path) if path else self.out / "last.pt"
         state = ckpt_io.load(path)
-        diffs = _same_task(state["config"], self.cfg.to_dict())
+        diffs = _same_task(from_dict(state["config"]).to_dict(), self.cfg.to_dict())  # defaults for keys added since
         if diffs:
             raise ConfigError(f"cannot resume from {path}: it was trained with another config ("
                               + "; ".join(diffs) + "). Resume with the run's own config.yaml, or "
@@ -396,6 +396,9 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
             raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key)}; "
                               f"evaluating with {getattr(cfg.data, key)} would feed it inputs it never saw. "
                               f"Leave data.{key} as it is (images are converted to the checkpoint's format).")
+    if cfg.data.train_subset != trained.train_subset:
+        raise ConfigError(f"data.train_subset: {checkpoint} was meta-trained on {trained.train_subset!r} classes; "
+                          f"an evaluation cannot change that (the test classes are the same either way).")
     trainer = Trainer(cfg, Path(checkpoint).parent, progress=progress)
     try:
         trainer.learner.load_state_dict(state["learner"])
