@@ -5,11 +5,12 @@ from ..registry import DATASETS
 from .episode import ClassPool, Episode, EpisodeSampler, TensorClassPool, fixed_episodes, stack_episodes
 from .sinusoid import SinusoidTasks
 
-SUBSETS = ("train", "val", "test", "trainval")  # trainval: meta-training on train + val classes
+TRAINING = ("train", "trainval")  # the classes meta-training may draw from (data.train_subset)
+SUBSETS = ("train", "val", "test", "trainval")
 
 
 def _episode_shape(cfg, subset: str):
-    train = subset in ("train", "trainval")
+    train = subset in TRAINING
     pick = lambda a, b: a if (train and a is not None) else b  # noqa: E731
     return pick(cfg.train_ways, cfg.ways), pick(cfg.train_shots, cfg.shots), pick(cfg.train_queries, cfg.queries)
 
@@ -20,7 +21,7 @@ def _episodes(pool, cfg, subset: str) -> EpisodeSampler:
     try:
         return EpisodeSampler(pool, ways, shots, queries)
     except ValueError as err:
-        train = subset in ("train", "trainval")
+        train = subset in TRAINING
         keys = [f"data.{'train_' if train and getattr(cfg, 'train_' + k) is not None else ''}{k}={v}"
                 for k, v in (("ways", ways), ("shots", shots), ("queries", queries))]
         raise ValueError(f"{err.args[0]} ({subset} episodes: {', '.join(keys)})") from None
@@ -74,7 +75,7 @@ def build_sampler(cfg, subset: str):
     """The episode source for ``subset`` ("train", "val" or "test") of a :class:`DataConfig`;
     "train" draws from the classes ``cfg.train_subset`` names ("train" or "trainval")."""
     if subset == "train":
-        subset = getattr(cfg, "train_subset", "train")
+        subset = cfg.train_subset
     return DATASETS.get(cfg.name)(cfg, subset)
 
 
