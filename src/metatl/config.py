@@ -32,6 +32,7 @@ def load_yaml(text: str):
 
 
 PRECISIONS = ("float32", "bfloat16")  # train.precision
+EPISODE_DATASETS = ("omniglot", "image_folder")  # N-way classification episodes over train/val/test classes
 
 
 class ConfigError(ValueError):
@@ -220,6 +221,7 @@ def from_dict(raw: dict) -> Config:
 
 
 def validate_components(cfg: Config) -> None:
+    from .data import TRAINING
     from .registry import ALGORITHMS, BACKBONES, DATASETS
 
     for section, registry in (("algorithm", ALGORITHMS), ("model", BACKBONES)):
@@ -239,7 +241,7 @@ def validate_components(cfg: Config) -> None:
                 ("eval.episodes", cfg.eval.episodes, 1), ("data.shots", cfg.data.shots, 1),
                 ("data.queries", cfg.data.queries, 1), ("data.train_shots", cfg.data.train_shots, 1),
                 ("data.train_queries", cfg.data.train_queries, 0)]
-    if cfg.data.name in ("omniglot", "image_folder"):  # N-way classification episodes
+    if cfg.data.name in EPISODE_DATASETS:
         at_least += [("data.ways", cfg.data.ways, 2), ("data.train_ways", cfg.data.train_ways, 2)]
     for key, value, low in at_least:
         if value is not None and value < low:
@@ -255,11 +257,11 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError("train.precision=bfloat16 cannot run with algorithm.batch_tasks=true (the vmap "
                           "path's double backward mixes dtypes under autocast); set "
                           "algorithm.batch_tasks=false or train.precision=float32.")
-    if cfg.data.train_subset not in ("train", "trainval"):
+    if cfg.data.train_subset not in TRAINING:
         raise ConfigError(f"data.train_subset must be 'train' or 'trainval' (the training and validation "
                           f"classes together), got {cfg.data.train_subset!r}.")
     if cfg.data.train_subset == "trainval":
-        if cfg.data.name not in ("omniglot", "image_folder"):
+        if cfg.data.name not in EPISODE_DATASETS:
             raise ConfigError(f"data.train_subset=trainval needs a dataset with validation classes "
                               f"(omniglot, image_folder), not {cfg.data.name!r}; use data.train_subset=train.")
         if cfg.train.val_every:

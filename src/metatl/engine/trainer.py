@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config, ConfigError, from_dict
+from ..config import EPISODE_DATASETS, Config, ConfigError, from_dict
 from . import checkpoint as ckpt_io
 from . import distributed as ddp
 from .build import build_learner, build_sampler, task_spec
@@ -350,7 +350,7 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
     return {
         "algorithm": cfg.algorithm["name"], "algorithm_config": cfg.algorithm,
         "dataset": d.name, "split": d.split if d.name == "omniglot" else None,
-        "train_subset": d.train_subset if d.name in ("omniglot", "image_folder") else None,
+        "train_subset": d.train_subset if d.name in EPISODE_DATASETS else None,
         "ways": d.ways if learner.task_type == "classification" else None,
         "shots": d.shots, "queries": d.queries, "episodes": res["episodes"],
         "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
@@ -391,14 +391,13 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
     state = ckpt_io.load(checkpoint)
     cfg = from_dict(apply_overrides(state["config"], overrides or []))
     trained = from_dict(state["config"]).data
-    for key in ("image_size", "in_channels"):  # the model's input: fixed by training
+    fixed = {"image_size": "would feed it inputs it never saw (images are converted to the checkpoint's format)",
+             "in_channels": "would feed it inputs it never saw (images are converted to the checkpoint's format)",
+             "train_subset": "cannot change the classes it was trained on (the test classes are the same)"}
+    for key, why in fixed.items():  # facts of the training run, not choices of the evaluation
         if getattr(cfg.data, key) != getattr(trained, key):
-            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key)}; "
-                              f"evaluating with {getattr(cfg.data, key)} would feed it inputs it never saw. "
-                              f"Leave data.{key} as it is (images are converted to the checkpoint's format).")
-    if cfg.data.train_subset != trained.train_subset:
-        raise ConfigError(f"data.train_subset: {checkpoint} was meta-trained on {trained.train_subset!r} classes; "
-                          f"an evaluation cannot change that (the test classes are the same either way).")
+            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key)!r}; "
+                              f"evaluating with {getattr(cfg.data, key)!r} {why}. Leave data.{key} as it is.")
     trainer = Trainer(cfg, Path(checkpoint).parent, progress=progress)
     try:
         trainer.learner.load_state_dict(state["learner"])
