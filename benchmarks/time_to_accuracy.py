@@ -12,7 +12,10 @@ import argparse
 import json
 import re
 import tempfile
+import time
 from pathlib import Path
+
+import yaml
 
 
 def main() -> None:
@@ -40,7 +43,13 @@ def main() -> None:
                        "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
         print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  "
               f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
-    record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(), "points": points}
+    run_results = args.run / "results.json"  # the run's own record: its config, versions, final test
+    run = json.loads(run_results.read_text()) if run_results.exists() else {}
+    record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": run.get("torch_version"),
+              "metatl": run.get("metatl_version"), "train_seconds": run.get("train_seconds"),
+              "iterations": run.get("iterations"), "config": yaml.safe_load((args.run / "config.yaml").read_text()),
+              "points": points}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

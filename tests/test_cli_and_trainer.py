@@ -1,6 +1,9 @@
 """End-to-end CLI runs for each algorithm, exact resume, NaN safety, and config errors."""
 import json
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -288,3 +291,38 @@ def test_results_json_is_strict_json_even_with_a_nan(tmp_path):
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"metric": {"mean": None, "ci95": None}, "scores": [1.0, None]}
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
+                    reason="malloc tuning applies to Linux with glibc only")
+def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
+    # a fresh process, so the measurement does not depend on what the tests before did to malloc
+    script = (
+        "import resource, torch\n"
+        "from metatl.engine.trainer import keep_freed_memory\n"
+        "def faults():\n"
+        "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(4):\n"
+        "        x = torch.ones(16 << 20)\n"  # 64 MiB, above glibc's largest mmap threshold
+        "        del x\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start\n"
+        "before = faults()\n"
+        "applied = keep_freed_memory()\n"
+        "faults()\n"  # the first allocation after the change still takes fresh pages
+        "print(applied, before, faults())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    applied, before, after = out.split()
+    assert applied == "True"
+    assert int(before) > 4 * 16000  # 4 x 16,384 pages of 4 KiB, faulted in each time
+    assert int(after) < int(before) / 10
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_trainer_tunes_malloc_only_when_asked(tmp_path, monkeypatch, keep):
+    import metatl.engine.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    raw = {**SINUSOID, "train": {**SINUSOID["train"], "keep_freed_memory": keep}}
+    Trainer(from_dict(raw), tmp_path / "run", progress=False)
+    assert calls == ([1] if keep else [])

@@ -87,6 +87,7 @@ class TrainConfig:
     num_threads: Optional[int] = None  # threads per process (default: torch's, or 1 with processes > 1)
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
     precision: str = "float32"  # or bfloat16: meta-loss under torch.autocast (parameters stay float32)
+    keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
 
 
 @dataclass

@@ -26,6 +26,7 @@ validates and checkpoints.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import platform
@@ -74,6 +75,27 @@ def hardware(device: str = "cpu") -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))} (CPU: {cpu})"
     return cpu
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's ``malloc`` to keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc serves large blocks (such as activation tensors) with fresh ``mmap`` pages and
+    unmaps them when freed, so every training step pays a page fault for each 4 KiB page it touches
+    again: about 25,000 faults per MAML step on Omniglot in the vmap path, 15-30% of its time on our
+    2-core CPU. With mmap off and trimming off, a step reuses the pages of the step before it. The
+    cost: the process keeps its peak memory until it exits, as a caching allocator does. Returns
+    whether it applied (only on Linux with glibc); set ``train.keep_freed_memory: false`` to leave
+    ``malloc`` alone.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def check_device(name: str) -> torch.device:
@@ -148,6 +170,8 @@ class Trainer:
         self.rank, self.world = ddp.rank(), ddp.world_size()
         if t.num_threads or self.world > 1:
             torch.set_num_threads(t.num_threads or 1)
+        if t.keep_freed_memory:
+            keep_freed_memory()
         torch.manual_seed(t.seed)
         self.device = check_device(t.device)
         if self.world > 1 and self.device.type == "cuda":
