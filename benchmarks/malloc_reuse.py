@@ -43,7 +43,8 @@ def measure(config: str, overrides: list, iters: int, warmup: int, threads: int)
         trainer.step()
         times.append(time.perf_counter() - start)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return {"keep_freed_memory": cfg.train.keep_freed_memory, "seconds_per_iter_median": statistics.median(times),
+    return {"keep_freed_memory": cfg.train.keep_freed_memory, "applied": trainer.keeps_freed_memory,
+            "seconds_per_iter_median": statistics.median(times),
             "seconds_per_iter_min": min(times), "minor_faults_per_iter": faults / iters,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch": torch.__version__}
 
@@ -51,7 +52,8 @@ def measure(config: str, overrides: list, iters: int, warmup: int, threads: int)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default=str(ROOT / "configs" / "maml_omniglot_5w1s.yaml"))
-    ap.add_argument("--set", nargs="*", default=["algorithm.batch_tasks=true"], dest="overrides")
+    ap.add_argument("--set", nargs="*", default=["algorithm.batch_tasks=true"], dest="overrides",
+                    help="config overrides; they replace the default algorithm.batch_tasks=true")
     ap.add_argument("--rounds", type=int, default=4, help="processes per setting")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -73,7 +75,10 @@ def main(argv=None) -> int:
         for keep in (("true", "false") if r % 2 == 0 else ("false", "true")):
             cmd = [sys.executable, __file__, args.config, "--set", *args.overrides, "--child", keep,
                    "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"the measuring process failed (keep_freed_memory={keep}):\n{proc.stderr}")
+            res = json.loads(proc.stdout.splitlines()[-1])
             print(f"keep_freed_memory={keep:5s}  {res['seconds_per_iter_median']:.3f} s/iter  "
                   f"{res['minor_faults_per_iter']:8.0f} page faults/iter", flush=True)
             runs.append(res)

@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -31,6 +29,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from metatl.config import load_yaml
     from metatl.engine.trainer import hardware, load_trainer
 
     points = []
@@ -43,12 +42,13 @@ def main() -> None:
                        "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
         print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  "
               f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
-    run_results = args.run / "results.json"  # the run's own record: its config, versions, final test
+    run_results = args.run / "results.json"  # the run's own record: versions, training length
     run = json.loads(run_results.read_text()) if run_results.exists() else {}
+    config = args.run / "config.yaml"
     record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": run.get("torch_version"),
               "metatl": run.get("metatl_version"), "train_seconds": run.get("train_seconds"),
-              "iterations": run.get("iterations"), "config": yaml.safe_load((args.run / "config.yaml").read_text()),
+              "iterations": run.get("iterations"), "config": load_yaml(config.read_text()) if config.exists() else None,
               "points": points}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))

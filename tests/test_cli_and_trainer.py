@@ -298,8 +298,9 @@ def test_results_json_is_strict_json_even_with_a_nan(tmp_path):
 def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
     # a fresh process, so the measurement does not depend on what the tests before did to malloc
     script = (
-        "import resource, torch\n"
+        "import ctypes, resource, torch\n"
         "from metatl.engine.trainer import keep_freed_memory\n"
+        "ctypes.CDLL('libc.so.6').prctl(41, 1, 0, 0, 0)\n"  # PR_SET_THP_DISABLE: count 4 KiB pages
         "def faults():\n"
         "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    for _ in range(4):\n"
@@ -324,5 +325,6 @@ def test_trainer_tunes_malloc_only_when_asked(tmp_path, monkeypatch, keep):
     calls = []
     monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
     raw = {**SINUSOID, "train": {**SINUSOID["train"], "keep_freed_memory": keep}}
-    Trainer(from_dict(raw), tmp_path / "run", progress=False)
+    trainer = Trainer(from_dict(raw), tmp_path / "run", progress=False)
     assert calls == ([1] if keep else [])
+    assert trainer.keeps_freed_memory is keep

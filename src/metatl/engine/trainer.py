@@ -82,11 +82,12 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves large blocks (such as activation tensors) with fresh ``mmap`` pages and
     unmaps them when freed, so every training step pays a page fault for each 4 KiB page it touches
-    again: about 25,000 faults per MAML step on Omniglot in the vmap path, 15-30% of its time on our
-    2-core CPU. With mmap off and trimming off, a step reuses the pages of the step before it. The
-    cost: the process keeps its peak memory until it exits, as a caching allocator does. Returns
-    whether it applied (only on Linux with glibc); set ``train.keep_freed_memory: false`` to leave
-    ``malloc`` alone.
+    again: about 30,000 faults per MAML step on Omniglot in the vmap path, 8% of its time on our
+    2-core CPU (``benchmarks/malloc_reuse.py``). With mmap and trimming off, a step reuses the pages
+    of the step before it. The cost: the process keeps the memory it has used (its peak, plus any
+    fragmentation) until it exits, as a caching allocator does, and the setting holds for the whole
+    process from then on. Returns whether it applied (only on Linux with glibc). The trainer calls it
+    for CPU runs unless ``train.keep_freed_memory: false``.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -170,10 +171,9 @@ class Trainer:
         self.rank, self.world = ddp.rank(), ddp.world_size()
         if t.num_threads or self.world > 1:
             torch.set_num_threads(t.num_threads or 1)
-        if t.keep_freed_memory:
-            keep_freed_memory()
         torch.manual_seed(t.seed)
         self.device = check_device(t.device)
+        self.keeps_freed_memory = t.keep_freed_memory and self.device.type == "cpu" and keep_freed_memory()
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.rank)
         self.train_tasks = build_sampler(cfg.data, "train")
