@@ -7,7 +7,9 @@ turns (on, off, off, on, ...) so a drift of the machine's speed falls on both.
 
 The default is the MAML time-to-accuracy step: configs/maml_omniglot_5w1s.yaml with
 ``algorithm.batch_tasks=true`` (meta-batch 32, 1 query per class, vmap over tasks). Uses the real
-Omniglot data (``METATL_DATA_DIR``).
+Omniglot data (``METATL_DATA_DIR``). Another allocator is measured by preloading it
+(``LD_PRELOAD=libjemalloc.so.2``); ``keep_freed_memory`` then has nothing to tune, and the record
+names the preloaded library.
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
             "minor_faults_per_iter_median": statistics.median(r["minor_faults_per_iter"] for r in mine)}
     record = {"benchmark": "malloc_reuse", "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides,
               "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "hardware": hardware(),
+              "ld_preload": [os.path.basename(lib) for lib in os.environ.get("LD_PRELOAD", "").split()],
               "load_average_at_start": list(start_load), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "summary": summary, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -415,8 +415,8 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
     state = ckpt_io.load(checkpoint)
     cfg = from_dict(apply_overrides(state["config"], overrides or []))
     trained = from_dict(state["config"]).data
-    fixed = {"image_size": "would feed it inputs it never saw (images are converted to the checkpoint's format)",
-             "in_channels": "would feed it inputs it never saw (images are converted to the checkpoint's format)",
+    unseen = "would feed it inputs it never saw (images are converted to the checkpoint's format)"
+    fixed = {"image_size": unseen, "in_channels": unseen,
              "train_subset": "cannot change the classes it was trained on (the test classes are the same)"}
     for key, why in fixed.items():  # facts of the training run, not choices of the evaluation
         if getattr(cfg.data, key) != getattr(trained, key):
