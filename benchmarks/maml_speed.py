@@ -7,6 +7,7 @@ found (else random images of the same shape; the speed does not depend on pixel 
 
     python benchmarks/maml_speed.py [--iters 10] [--threads 2] [--out benchmarks/results/maml_speed.json]
     python benchmarks/maml_speed.py --processes 2 --threads 1     # the meta-batch split over 2 processes
+    python benchmarks/maml_speed.py --algorithms maml --batch-tasks [--compile]   # vmap over tasks [compiled]
 
 With ``--processes N`` the trainer splits each meta-batch over N processes (``train.processes``,
 ``--threads`` threads each); the time is process 0's, and the peak memory is per process.
@@ -30,7 +31,9 @@ BACKBONES = ("conv4_stride", "conv4_pool")
 
 
 def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
-          processes: int = 1, channels_last: bool = False) -> dict:
+          processes: int = 1, options: dict = None) -> dict:
+    """``options``: ``channels_last`` (model), ``batch_tasks`` and ``compile`` (MAML), all bools."""
+    options = options or {}
     if processes > 1:
         import tempfile
 
@@ -39,21 +42,21 @@ def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, devic
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "rank0.json"
             distributed.launch(_rank_child, processes, device, algo, backbone, iters, warmup, threads,
-                               device, processes, str(result), channels_last)
+                               device, processes, str(result), options)
             return json.loads(result.read_text())
-    return _measure(algo, backbone, iters, warmup, threads, device, 1, channels_last)
+    return _measure(algo, backbone, iters, warmup, threads, device, 1, options)
 
 
-def _rank_child(algo, backbone, iters, warmup, threads, device, processes, result_path, channels_last) -> None:
+def _rank_child(algo, backbone, iters, warmup, threads, device, processes, result_path, options) -> None:
     from metatl.engine import distributed
 
-    res = _measure(algo, backbone, iters, warmup, threads, device, processes, channels_last)
+    res = _measure(algo, backbone, iters, warmup, threads, device, processes, options)
     if distributed.rank() == 0:
         Path(result_path).write_text(json.dumps(res))
 
 
 def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
-             processes: int, channels_last: bool = False) -> dict:
+             processes: int, options: dict) -> dict:
     import resource
 
     import torch
@@ -62,7 +65,11 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     from metatl.engine.trainer import Trainer
 
     torch.set_num_threads(threads)
-    raw = {"algorithm": SETTINGS[algo], "model": {"name": backbone, "channels_last": channels_last},
+    channels_last = bool(options.get("channels_last"))
+    algorithm = dict(SETTINGS[algo])
+    if algorithm["name"] == "maml":
+        algorithm.update(batch_tasks=bool(options.get("batch_tasks")), compile=bool(options.get("compile")))
+    raw = {"algorithm": algorithm, "model": {"name": backbone, "channels_last": channels_last},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
            "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
                      "num_threads": threads, "processes": processes}}
@@ -93,13 +100,16 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
         trainer.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        if i == 0:
+            first = time.perf_counter() - start  # includes the compilation with --compile
         if i >= warmup:
             times.append(time.perf_counter() - start)
     times.sort()
     out = {"algorithm": algo, "backbone": backbone, "data": data, "iters": iters,
            "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
-           "seconds_per_iter_min": times[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_loop_mb": rss0 / 1024, "processes": processes, "channels_last": channels_last}
+           "seconds_per_iter_min": times[0], "first_iter_seconds": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_before_loop_mb": rss0 / 1024, "processes": processes, "channels_last": channels_last,
+           "batch_tasks": algorithm.get("batch_tasks", False), "compile": algorithm.get("compile", False)}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -115,12 +125,16 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--channels-last", action="store_true", help="model.channels_last=true (memory layout)")
+    ap.add_argument("--batch-tasks", action="store_true", help="MAML: algorithm.batch_tasks=true (vmap over tasks)")
+    ap.add_argument("--compile", action="store_true", help="MAML: algorithm.compile=true (needs --batch-tasks; "
+                    "the warm-up iterations include the compilation)")
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    options = {"channels_last": args.channels_last, "batch_tasks": args.batch_tasks, "compile": args.compile}
     if args.child:
         print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes,
-                               args.channels_last)))
+                               options)))
         return
 
     import torch
@@ -133,14 +147,14 @@ def main() -> None:
         for backbone in args.backbones:
             cmd = [sys.executable, __file__, "--child", algo, backbone, "--iters", str(args.iters),
                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-                   "--processes", str(args.processes)] + (["--channels-last"] if args.channels_last else [])
+                   "--processes", str(args.processes)] + [f"--{k.replace('_', '-')}" for k, v in options.items() if v]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             results.append(res)
     record = {"benchmark": "maml_speed", "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, "
               "1 inner step, float32", "hardware": hardware(args.device), "device": args.device, "threads": args.threads,
-              "processes": args.processes, "channels_last": args.channels_last,
+              "processes": args.processes, **options,
               "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,35 @@ def test_pixels_backbone_flattens_and_resizes():
     torch.testing.assert_close(small(flat), torch.ones(2, 400))
     with pytest.raises(ValueError, match="image batches"):
         small(torch.rand(3, 784))
+
+
+def test_batch_stats_norm_equals_torch_batchnorm_and_keeps_its_state_dict():
+    """Outside torch.func it is the fused kernel; inside (grad, vmap) its elementary operations
+    must give the same values and gradients as torch's BatchNorm under plain autograd."""
+    from metatl.nn import BatchStatsNorm2d
+
+    torch.manual_seed(0)
+    ours, ref = BatchStatsNorm2d(3).double(), torch.nn.BatchNorm2d(3, track_running_stats=False).double()
+    torch.nn.init.uniform_(ref.weight, -1, 1)
+    torch.nn.init.uniform_(ref.bias, -1, 1)
+    ours.load_state_dict(ref.state_dict())  # same keys: checkpoints of either load into the other
+    ours.eval(), ref.eval()  # no running statistics: batch statistics in eval mode too
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    y_ref = ref(x)
+    torch.testing.assert_close(ours(x), y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(ours)(x[None])[0], y_ref, rtol=0, atol=1e-12)
+
+    def objective(x, w, b):
+        return (torch.func.functional_call(ours, {"weight": w, "bias": b}, (x,)) * wt).sum()
+
+    g_ours = torch.func.grad(objective, argnums=(0, 1, 2))(x.detach(), ours.weight.detach(), ours.bias.detach())
+    g_ref = torch.autograd.grad((y_ref * wt).sum(), [x, ref.weight, ref.bias])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    xb = x.detach().float().bfloat16()  # low precision: float32 statistics, result in the input's dtype
+    out = torch.func.vmap(BatchStatsNorm2d(3))(xb[None])[0]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.batch_norm(xb.float(), None, None, training=True), rtol=0, atol=0.02)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        ours(torch.randn(3, 5, dtype=torch.float64))

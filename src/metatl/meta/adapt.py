@@ -42,7 +42,9 @@ def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor
     fixed = {**(buffers or {}), **{k: v for k, v in params.items() if k not in names}}
     theta = {k: params[k] for k in names}
 
-    outer = any(v.requires_grad for v in theta.values())  # is an outer loop differentiating us?
+    # Is an outer loop differentiating us? Inside torch.func transforms (batched) the caller decides,
+    # and requires_grad is not reliable there under torch.compile: keep the graph.
+    outer = batched or any(v.requires_grad for v in theta.values())
 
     def inner_loss(theta, fixed, xb, yb):
         return loss_fn(forward({**fixed, **theta}, xb), yb)

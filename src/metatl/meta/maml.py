@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..data.episode import stack_episodes
+from ..nn.backbones import BatchStatsNorm2d
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import SGD
@@ -51,20 +52,41 @@ class MAML(GradientMetaLearner):
     first_order : drop the second-order term (first-order MAML).
     batch_tasks : run the meta-batch as one ``torch.func.vmap`` over tasks instead of a Python
         loop (same result; faster for small episodes and on GPUs). Needs equally shaped episodes
-        and no BatchNorm running statistics (``bn_mode`` ``batch`` or ``none``).
+        and no BatchNorm running statistics (``bn_mode`` ``batch`` or ``none``); for second order,
+        normalisation layers must be :class:`~metatl.nn.BatchStatsNorm2d` (PyTorch's fused
+        batch_norm and layer_norm differentiate wrongly twice under vmap).
+    compile : with ``batch_tasks``, compute the whole meta-gradient (inner gradients, adapted
+        parameters, query loss and its gradient) as one ``torch.func`` function compiled by
+        ``torch.compile``, which fuses the elementwise work of the double backward. The first
+        meta-iteration compiles (one to two minutes on 2 CPU cores, seconds once PyTorch's compile
+        cache holds the graph) and so does any new episode shape; CPU compilation needs a C++
+        compiler. The trainer still calls ``loss.backward()``: the returned loss carries the
+        computed gradient (:func:`with_gradient`).
     """
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
                  inner_steps: int = 1, inner_steps_test: Optional[int] = None, first_order: bool = False,
-                 batch_tasks: bool = False):
+                 batch_tasks: bool = False, compile: bool = False):
         super().__init__(model, task_type, SGD(inner_lr), inner_steps, inner_steps_test)
+        if compile and not batch_tasks:
+            raise ValueError("compile=True compiles the meta-batch's vmap over tasks; set "
+                             "algorithm.batch_tasks=true as well (or compile=false).")
         if batch_tasks and any(True for _ in model.buffers()):
             raise ValueError("batch_tasks=True cannot update BatchNorm running statistics inside vmap; "
                              "use model.bn_mode 'batch' (the MAML default) or 'none', or batch_tasks=false.")
+        unexact = [name for name, m in model.named_modules()
+                   if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and not isinstance(m, BatchStatsNorm2d)]
+        if batch_tasks and not first_order and unexact:
+            raise ValueError(f"batch_tasks=True with second-order MAML: PyTorch's fused batch_norm and layer_norm "
+                             f"give wrong second-order gradients under vmap (pytorch/functorch#534), and the model "
+                             f"has {', '.join(unexact[:3])}. Use metatl.nn.BatchStatsNorm2d for BatchNorm with batch "
+                             f"statistics (the conv nets' bn_mode 'batch'), first_order=True, or batch_tasks=false.")
         if batch_tasks and getattr(model, "channels_last", False):
             raise ValueError("batch_tasks=True (vmap) cannot run the channels-last layout; set "
                              "model.channels_last=false or algorithm.batch_tasks=false.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
+        self.compile = compile
+        self._compiled = None  # built on first use: torch.compile(self.meta_gradient)
 
     def task_loss(self, theta, support_x, support_y, query_x, query_y, batched: bool = False):
         """``L_i^query(theta'_i)`` for one task, and the query outputs."""
@@ -72,6 +94,19 @@ class MAML(GradientMetaLearner):
                                     create_graph=not self.first_order, batched=batched)
         out = self.functional(adapted, query_x)
         return self.loss_fn(out, query_y), out
+
+    def batch_loss(self, theta, support_x, support_y, query_x, query_y):
+        """The meta-objective of a stacked meta-batch (one vmap over tasks): the mean query loss,
+        and the query outputs (tasks x queries x outputs)."""
+        losses, outs = torch.func.vmap(partial(self.task_loss, batched=True), in_dims=(None, 0, 0, 0, 0))(
+            theta, support_x, support_y, query_x, query_y)
+        return losses.mean(), outs
+
+    def meta_gradient(self, theta, support_x, support_y, query_x, query_y):
+        """``(grad_theta L(theta), (L(theta), query outputs))`` as one pure function of tensors,
+        the function that ``compile=True`` compiles."""
+        return torch.func.grad_and_value(self.batch_loss, has_aux=True)(
+            theta, support_x, support_y, query_x, query_y)
 
     def meta_loss(self, batch):
         theta = self.params()
@@ -81,8 +116,14 @@ class MAML(GradientMetaLearner):
                 raise ValueError("batch_tasks=True (vmap) cannot run under bfloat16 autocast (its double "
                                  "backward mixes dtypes); set train.precision=float32 or "
                                  "algorithm.batch_tasks=false.")
-            losses, outs = torch.func.vmap(partial(self.task_loss, batched=True), in_dims=(None, 0, 0, 0, 0))(
-                theta, ep.support_x, ep.support_y, ep.query_x, ep.query_y)
+            tensors = (ep.support_x, ep.support_y, ep.query_x, ep.query_y)
+            if self.compile:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.meta_gradient, dynamic=False)
+                grads, (loss, outs) = self._compiled({k: p.detach() for k, p in theta.items()}, *tensors)
+                loss = with_gradient(loss, theta, grads)
+            else:
+                loss, outs = self.batch_loss(theta, *tensors)
             scores = [task_metric(self.task_type, o, y) for o, y in zip(outs.detach(), ep.query_y)]
         else:
             losses, scores = [], []
@@ -90,7 +131,29 @@ class MAML(GradientMetaLearner):
                 loss, out = self.task_loss(theta, *ep.support, *ep.query)
                 losses.append(loss)
                 scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
-            losses = torch.stack(losses)
-        loss = losses.mean()
+            loss = torch.stack(losses).mean()
         name = "query_acc" if self.task_type == "classification" else "query_mse"
         return loss, {"loss": loss.item(), name: sum(scores) / len(scores)}
+
+
+class KnownGradient(torch.autograd.Function):
+    """A scalar of some parameters whose gradient was computed already:
+    ``with_gradient(value, params, grads)`` returns ``value``, and its backward gives each
+    parameter ``grad_output * grads[name]``. It lets a meta-learner that computes its own
+    meta-gradient (``MAML(compile=True)``) keep the trainer's ``loss.backward()`` interface, with
+    gradient clipping and the distributed average."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *(grad_output * g for g in ctx.grads))
+
+
+def with_gradient(value, params, grads):
+    """``value`` (a scalar tensor) with ``d value / d params[k] = grads[k]`` for autograd."""
+    names = list(params)
+    return KnownGradient.apply(value, tuple(grads[k] for k in names), *(params[k] for k in names))
