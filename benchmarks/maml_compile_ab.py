@@ -72,7 +72,7 @@ def main() -> None:
         print(f"{name:9s} {r['seconds_per_iter_median']:.4f} s/iter median, first iteration {r['first_iter_seconds']:.1f} s")
     record = {"benchmark": "maml_compile_ab", "overrides": args.overrides, "threads": args.threads,
               "rounds": args.rounds, "steps": args.steps, "hardware": hardware(), "torch": torch.__version__,
-              "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+              "inductor_cache": "TORCHINDUCTOR_CACHE_DIR set" if os.environ.get("TORCHINDUCTOR_CACHE_DIR") else "default",
               "load_average_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

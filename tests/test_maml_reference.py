@@ -207,7 +207,7 @@ def maml_grads(model, eps, inner_steps=2, **kw):
 def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
     """The conv net's BatchNorm (batch statistics) differentiated twice under vmap: the gradient
     equals the per-task loop's, including the exactly zero gradient of the conv biases (BatchNorm
-    cancels them). PyTorch's fused batch_norm got these wrong by up to 10% of the gradient."""
+    cancels them). PyTorch's fused batch_norm got these wrong by 2-7% of the gradient."""
     from metatl.nn import conv4_stride
 
     torch.manual_seed(0)
