@@ -10,16 +10,13 @@ The step is the time-to-accuracy protocol's (configs/maml_omniglot_5w1s.yaml, vm
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from _step import ROOT, machine, training_step, write_json
 
 
 def plain(self, x):
@@ -46,19 +43,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batchnorm_forms.json"))
     args = ap.parse_args()
 
-    from metatl.config import load_config
-    from metatl.engine.build import build_learner, build_sampler
-    from metatl.engine.trainer import hardware, keep_freed_memory
+    from metatl.engine.trainer import keep_freed_memory
     from metatl.nn import backbones
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / "maml_omniglot_5w1s.yaml", ["algorithm.batch_tasks=true"])
-    sampler = build_sampler(cfg.data, "train")
-    learner = build_learner(cfg, sampler)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.lr)
-    generator = torch.Generator().manual_seed(0)
+    facts = machine(args.threads)
+    cfg, sampler, learner, step = training_step(overrides=["algorithm.batch_tasks=true"])
     shipped = backbones.BatchStatsNorm2d.forward
 
     def wrap(form):
@@ -78,12 +69,6 @@ def main() -> None:
         diffs[name] = max(((a - b).abs().max() / b.abs().max()).item()
                           for a, b in zip(grads[name], grads["shipped"]) if b.abs().max() > 1e-6)
 
-    def step():
-        loss, _ = learner.meta_loss(sampler.sample_batch(cfg.train.meta_batch, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
     times = {name: [] for name in forms}
     for forward in forms.values():  # warm-up
         backbones.BatchStatsNorm2d.forward = forward
@@ -102,12 +87,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:8s} {r['seconds_per_iter_median']:.4f} s/iter median, gradient difference "
               f"{r['max_relative_gradient_difference_to_shipped']:.1e}")
-    record = {"benchmark": "batchnorm_forms", "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
-              "hardware": hardware(), "torch": torch.__version__, "load_average_at_start": list(os.getloadavg()),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, {"benchmark": "batchnorm_forms", **facts, "rounds": args.rounds, "steps": args.steps,
+                          "results": results})
 
 
 if __name__ == "__main__":

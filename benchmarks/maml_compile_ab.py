@@ -11,15 +11,13 @@ benchmark's episodes. Set ``TORCHINDUCTOR_CACHE_DIR`` to an empty folder to time
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _step import ROOT, machine, training_step, write_json
 
 
 def main() -> None:
@@ -31,53 +29,36 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "maml_compile_ab.json"))
     args = ap.parse_args()
 
-    from metatl.config import load_config
-    from metatl.engine.build import build_learner, build_sampler
-    from metatl.engine.trainer import hardware, keep_freed_memory
+    from metatl.engine.trainer import keep_freed_memory
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    variants = {}
-    for name, compile_ in (("eager", False), ("compiled", True)):
-        torch.manual_seed(0)
-        cfg = load_config(ROOT / "configs" / "maml_omniglot_5w1s.yaml",
-                          ["algorithm.batch_tasks=true", f"algorithm.compile={str(compile_).lower()}", *args.overrides])
-        sampler = build_sampler(cfg.data, "train")
-        learner = build_learner(cfg, sampler)
-        variants[name] = (cfg, sampler, learner, torch.optim.Adam(learner.parameters(), lr=cfg.train.lr),
-                          torch.Generator().manual_seed(0))
-
-    def step(name):
-        cfg, sampler, learner, optimizer, generator = variants[name]
-        loss, _ = learner.meta_loss(sampler.sample_batch(cfg.train.meta_batch, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    facts = machine(args.threads)
+    steps = {name: training_step(overrides=["algorithm.batch_tasks=true", f"algorithm.compile={flag}",
+                                            *args.overrides])[3]
+             for name, flag in (("eager", "false"), ("compiled", "true"))}
 
     first = {}
-    for name in variants:
+    for name in steps:
         start = time.perf_counter()
-        step(name)
+        steps[name]()
         first[name] = time.perf_counter() - start
-    times = {name: [] for name in variants}
+    times = {name: [] for name in steps}
     for _ in range(args.rounds):
-        for name in variants:
+        for name in steps:
             for _ in range(args.steps):
                 start = time.perf_counter()
-                step(name)
+                steps[name]()
                 times[name].append(time.perf_counter() - start)
     results = {name: {"seconds_per_iter_median": statistics.median(t), "seconds_per_iter_min": min(t),
                       "steps": len(t), "first_iter_seconds": first[name]} for name, t in times.items()}
     for name, r in results.items():
         print(f"{name:9s} {r['seconds_per_iter_median']:.4f} s/iter median, first iteration {r['first_iter_seconds']:.1f} s")
-    record = {"benchmark": "maml_compile_ab", "overrides": args.overrides, "threads": args.threads,
-              "rounds": args.rounds, "steps": args.steps, "hardware": hardware(), "torch": torch.__version__,
+    record = {"benchmark": "maml_compile_ab", "overrides": args.overrides, **facts,
+              "rounds": args.rounds, "steps": args.steps,
               "inductor_cache": "TORCHINDUCTOR_CACHE_DIR set" if os.environ.get("TORCHINDUCTOR_CACHE_DIR") else "default",
-              "load_average_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, record)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,17 @@ Uses the real Omniglot data (``--data-dir`` or ``METATL_DATA_DIR``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _step import MAML_5W1S, ROOT, machine, training_step, write_json
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=str(ROOT / "configs" / "maml_omniglot_5w1s.yaml"))
+    parser.add_argument("config", nargs="?", default=str(MAML_5W1S))
     parser.add_argument("--set", nargs="*", default=["algorithm.batch_tasks=true"], dest="overrides")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (after 2 warm-up ones)")
     parser.add_argument("--profiled", type=int, default=3, help="iterations under the profiler")
@@ -39,23 +37,9 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from metatl.config import load_config
-    from metatl.engine.build import build_learner, build_sampler
-    from metatl.engine.trainer import hardware
-
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = load_config(args.config, args.overrides)
-    sampler = build_sampler(cfg.data, "train")
-    learner = build_learner(cfg, sampler)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.lr)
-    generator = torch.Generator().manual_seed(0)
-
-    def step():
-        loss, _ = learner.meta_loss(sampler.sample_batch(cfg.train.meta_batch, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    facts = machine(args.threads)
+    _, _, _, step = training_step(args.config, args.overrides)
 
     start = time.perf_counter()
     step()  # with algorithm.compile=true, this one compiles
@@ -76,9 +60,7 @@ def main(argv=None) -> int:
            for e in events[:args.top]]
     result = {
         "benchmark": "maml_profile", "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides,
-        "threads": args.threads, "torch": torch.__version__, "hardware": hardware(),
-        "load_average_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
+        **facts, "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
         "first_iter_seconds": first,
         "profiled_ms_per_iter": round(total / 1000 / args.profiled, 1), "top_ops": top,
     }
@@ -87,9 +69,7 @@ def main(argv=None) -> int:
     for row in top:
         print(f"  {row['op']:<45} {row['self_ms_per_iter']:>8.1f} ms  {100 * row['self_share']:5.1f}%  "
               f"{row['calls_per_iter']} calls")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 
