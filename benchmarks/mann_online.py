@@ -2,7 +2,10 @@
 and 10th instance of each class in sequences of 5 Omniglot classes x 10 instances, labels shuffled
 per episode, for a checkpoint trained with configs/mann_omniglot_online.yaml.
 
-    python benchmarks/mann_online.py RUN/last.pt [--episodes 1000] [--out benchmarks/results/mann_online.json]
+    python benchmarks/mann_online.py RUN/last.pt [--episodes 1000] [--split test]
+        [--out benchmarks/results/mann_online.json]
+
+``--split train`` scores sequences of training characters (to tell fitting from generalizing).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default="benchmarks/results/mann_online.json")
     args = p.parse_args(argv)
     from metatl.data import build_sampler
@@ -25,10 +29,10 @@ def main(argv=None) -> int:
     from metatl.meta.mann import mann_online_accuracy
 
     trainer = load_trainer(args.checkpoint, ["data.ways=5", "data.shots=5", "data.queries=5"], progress=False)
-    acc = mann_online_accuracy(trainer.learner, build_sampler(trainer.cfg.data, "test"), args.episodes, args.seed)
+    acc = mann_online_accuracy(trainer.learner, build_sampler(trainer.cfg.data, args.split), args.episodes, args.seed)
     result = {"checkpoint": args.checkpoint, "memory": trainer.cfg.algorithm.get("memory", True),
-              "config": trainer.cfg.name, "backbone": trainer.cfg.model.get("name"),
-              "episodes": args.episodes, "eval_seed": args.seed, "iterations": trainer.iteration,
+              "config": trainer.cfg.name, "algorithm": trainer.cfg.algorithm,
+              "backbone": trainer.cfg.model.get("name"), "split": args.split, "episodes": args.episodes, "eval_seed": args.seed, "iterations": trainer.iteration,
               "train_seconds": trainer.train_seconds,
               "accuracy_by_instance": {str(k): v for k, v in acc.items()},
               "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1

@@ -108,6 +108,45 @@ def test_mann_step_writes_then_reads_as_the_equations_say():
     assert torch.allclose(logits[0], core.out(torch.cat([h, r[None]], -1))[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("erase_slots,kept", [(None, [0.0, 1.0, 0.0]), (1, [1.0, 1.0, 0.0])],
+                         ids=["erase-one-per-head", "erase-the-least-used"])
+def test_mann_step_with_add_vectors_and_a_least_used_slot_per_head(erase_slots, kept):
+    torch.manual_seed(0)
+    core = MANNCore(input_size=3, n_classes=2, hidden=5, memory=True, slots=3, slot_size=2, heads=2,
+                    gamma=0.9, add_vector=True, lru_per_head=True, erase_slots=erase_slots)
+    s = core.initial_state(1, torch.zeros(1))
+    assert s["w_lu"].tolist() == [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]  # no usage yet: slots 0 and 1
+    M0 = torch.tensor([[0.5, -1.0], [0.2, 0.3], [-0.4, 0.8]])
+    s["M"] = M0[None].clone()
+    s["w_r"] = torch.tensor([[[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]])
+    s["w_u"] = torch.tensor([[0.1, 1.0, 0.05]])
+    s["w_lu"] = core.least_used(s["w_u"])  # head 0 -> slot 2 (least used), head 1 -> slot 0
+    assert s["w_lu"].tolist() == [[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]]
+    x, y_prev = torch.randn(1, 3), torch.tensor([[1.0, 0.0]])
+    logits, new = core.step(x, y_prev, s)
+    h, _ = core.controller(torch.cat([x, y_prev, s["r"]], -1), (s["h"], s["c"]))
+    k = torch.tanh(core.key(h))[0].view(2, 2)
+    a = torch.tanh(core.add(h))[0].view(2, 2)
+    g = torch.sigmoid(core.alpha(h))[0]
+    w_w = torch.stack([g[0] * torch.tensor([0.6, 0.3, 0.1]) + (1 - g[0]) * torch.tensor([0.0, 0.0, 1.0]),
+                       g[1] * torch.tensor([0.2, 0.2, 0.6]) + (1 - g[1]) * torch.tensor([1.0, 0.0, 0.0])])
+    kept = torch.tensor(kept)  # slots 2 and 0 (or only 2, the least used) zeroed before the write
+    M = torch.stack([kept[i] * M0[i] + w_w[0, i] * a[0] + w_w[1, i] * a[1] for i in range(3)])
+    w_r = torch.stack([torch.stack([torch.dot(k[j], M[i]) / (k[j].norm() * M[i].norm()) for i in range(3)])
+                       for j in range(2)]).softmax(-1)
+    assert torch.allclose(new["M"][0], M, atol=1e-6)
+    assert torch.allclose(new["w_r"][0], w_r, atol=1e-6)
+    w_u = 0.9 * torch.tensor([0.1, 1.0, 0.05]) + w_r.sum(0) + w_w.sum(0)
+    assert torch.allclose(new["w_u"][0], w_u, atol=1e-6)
+    assert torch.equal(new["w_lu"][0], torch.nn.functional.one_hot(torch.argsort(w_u)[:2], 3).float())
+    assert torch.allclose(logits[0], core.out(torch.cat([h[0], (w_r @ M).flatten()])), atol=1e-6)
+
+
+def test_mann_erase_slots_out_of_range_names_the_fix():
+    with pytest.raises(ValueError, match="erase_slots=5 must lie in 0..slots=4"):
+        MANNCore(input_size=3, n_classes=2, slots=4, slot_size=2, heads=2, erase_slots=5)
+
+
 def test_mann_queries_do_not_see_each_other():
     torch.manual_seed(0)
     learner = MANN(encoder(), ways=3, hidden=16, slots=8, slot_size=4, heads=2).eval()
@@ -164,10 +203,12 @@ def test_mann_online_accuracy_counts_instances_per_class():
 
 
 @pytest.mark.slow  # binding labels through the sequence takes ~300 iterations (~7 s on an idle core)
-@pytest.mark.parametrize("memory,lr,beta", [(True, 2e-2, 10.0), (False, 1e-2, 1.0)], ids=["mann", "lstm"])
-def test_mann_learns_tiny_episodes(memory, lr, beta):
+@pytest.mark.parametrize("memory,lr,beta,writes", [(True, 2e-2, 10.0, False), (True, 2e-2, 10.0, True),
+                                                    (False, 1e-2, 1.0, False)], ids=["mann", "mann-add-lru", "lstm"])
+def test_mann_learns_tiny_episodes(memory, lr, beta, writes):
     tasks = sampler(ways=3, shots=1, queries=3)
-    learner = MANN(encoder(), ways=3, memory=memory, hidden=32, slots=8, slot_size=16, heads=1, beta=beta)
+    learner = MANN(encoder(), ways=3, memory=memory, hidden=32, slots=8, slot_size=16, heads=1, beta=beta,
+                   add_vector=writes, lru_per_head=writes)
     train(learner, tasks, 300, lr=lr)
     acc = evaluate(learner, sampler(seed=7), 50, progress=False)["mean"]  # unseen classes
     assert acc > 0.5, acc  # chance is 1/3

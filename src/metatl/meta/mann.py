@@ -23,6 +23,23 @@ with ``M_0 = 1e-6``, ``r_0 = 0``, ``w^r_0 = 0``, ``w^u_0 = 0``. ``beta = 1`` is 
 larger fixed ``beta`` sharpens it (as the key strength of Neural Turing Machines does). ``memory=False`` is the paper's LSTM
 baseline: no memory, ``h_t, c_t = LSTM([e_t, onehot(y_{t-1})])`` and ``logits_t = W_o h_t + b_o``.
 
+Three options change the writes; by default they follow the equations above, the paper's read
+literally. configs/mann_omniglot_online.yaml turns all three on: with them MANN passes the paper's
+accuracies, without them it stops improving after a class's 5th instance (docs/results.md).
+
+- ``add_vector=True``: head ``h`` writes an add vector ``a_t^h = tanh(W_a^h h_t + b_a^h)`` of its
+  own instead of its read key (``M_t(i) = ... + sum_h w^w_t^h(i) a_t^h``), as Neural Turing Machines
+  do. With the key written, the read at step t always finds the slot just filled with ``k_t``
+  (cosine 1), so part of every read returns the key itself.
+- ``lru_per_head=True``: head ``h`` writes to the ``h``-th least used slot only
+  (``w^w_t^h = sigmoid(a_t^h) w^r_{t-1}^h + (1 - sigmoid(a_t^h)) onehot(lu_h)``); read literally the
+  paper's ``w^lu`` has ``H`` ones shared by all heads, so every head adds its key to all ``H``
+  freshly zeroed slots, which then hold the same sum.
+- ``erase_slots``: how many least used slots are zeroed before each write: ``H`` by default (the
+  ones written to), or ``1``, the paper's words ("the least used memory location ... is set to
+  zero"). Zeroing ``H`` slots a step wipes a 128-slot memory's oldest unread writes after about 32
+  steps.
+
 Two ways to feed an :class:`~metatl.data.Episode` (``objective``):
 
 - ``"episode"`` (the one evaluator's protocol): the support set in a shuffled order, then each query
@@ -35,8 +52,8 @@ Two ways to feed an :class:`~metatl.data.Episode` (``objective``):
 
 Differences from the paper: the encoder is any backbone (``model.embed``); the paper's raw 20x20
 pixels are the ``pixels`` backbone with ``size: 20`` (configs/mann_omniglot_online.yaml, which also
-sharpens reads with beta 10; the config says why). In the online protocol every class appears
-equally often (``shots + queries`` times) in random order.
+sharpens reads with beta 10 and turns on the write options above; the config says why). In the
+online protocol every class appears equally often (``shots + queries`` times) in random order.
 """
 from __future__ import annotations
 
@@ -66,11 +83,20 @@ def least_used(usage: Tensor, n: int) -> Tensor:
     return torch.zeros_like(usage).scatter_(-1, idx, 1.0)
 
 
+def least_used_per_head(usage: Tensor, n: int) -> Tensor:
+    """One slot per head: ``(B, N)`` usage -> ``(B, n, N)``, head ``h`` one-hot at the ``h``-th least
+    used slot (ties: lower index)."""
+    idx = torch.argsort(usage, dim=-1, stable=True)[..., :n]
+    return F.one_hot(idx, usage.shape[-1]).to(usage.dtype)
+
+
 def lru_write_weights(alpha: Tensor, prev_read: Tensor, prev_least_used: Tensor) -> Tensor:
     """``w^w = sigmoid(alpha) w^r_{t-1} + (1 - sigmoid(alpha)) w^lu_{t-1}``; alpha ``(B, H)``,
-    prev_read ``(B, H, N)``, prev_least_used ``(B, N)`` -> ``(B, H, N)``."""
+    prev_read ``(B, H, N)``, prev_least_used ``(B, N)`` (shared by the heads) or ``(B, H, N)`` (one
+    per head) -> ``(B, H, N)``."""
     g = torch.sigmoid(alpha).unsqueeze(-1)
-    return g * prev_read + (1 - g) * prev_least_used.unsqueeze(1)
+    lu = prev_least_used if prev_least_used.dim() == 3 else prev_least_used.unsqueeze(1)
+    return g * prev_read + (1 - g) * lu
 
 
 def update_usage(usage: Tensor, read: Tensor, write: Tensor, gamma: float) -> Tensor:
@@ -83,18 +109,29 @@ class MANNCore(nn.Module):
 
     def __init__(self, input_size: int, n_classes: int, hidden: int = 200, memory: bool = True,
                  slots: int = 128, slot_size: int = 40, heads: int = 4, gamma: float = 0.95,
-                 beta: float = 1.0):
+                 beta: float = 1.0, add_vector: bool = False, lru_per_head: bool = False,
+                 erase_slots: Optional[int] = None):
         super().__init__()
         if memory and heads > slots:
             raise ValueError(f"heads={heads} exceeds memory slots={slots}; use heads <= slots.")
+        self.erase_slots = heads if erase_slots is None else erase_slots
+        if memory and not 0 <= self.erase_slots <= slots:
+            raise ValueError(f"erase_slots={erase_slots} must lie in 0..slots={slots}; leave it unset to "
+                             f"zero the {heads} least used slots (one per head).")
         self.n_classes, self.hidden, self.memory = n_classes, hidden, memory
         self.slots, self.slot_size, self.heads, self.gamma, self.beta = slots, slot_size, heads, gamma, beta
+        self.lru_per_head = lru_per_head
         reads = heads * slot_size if memory else 0
         self.controller = nn.LSTMCell(input_size + n_classes + reads, hidden)
         if memory:
             self.key = nn.Linear(hidden, heads * slot_size)
             self.alpha = nn.Linear(hidden, heads)
+            self.add = nn.Linear(hidden, heads * slot_size) if add_vector else None
         self.out = nn.Linear(hidden + reads, n_classes)
+
+    def least_used(self, usage: Tensor) -> Tensor:
+        """``w^lu`` from usage: ``(B, N)`` shared by the heads, or ``(B, H, N)`` with ``lru_per_head``."""
+        return (least_used_per_head if self.lru_per_head else least_used)(usage, self.heads)
 
     def initial_state(self, batch: int, like: Tensor) -> State:
         z = lambda *s: like.new_zeros(s)  # noqa: E731
@@ -103,7 +140,7 @@ class MANNCore(nn.Module):
             n, w, heads = self.slots, self.slot_size, self.heads
             usage = z(batch, n)
             state.update(r=z(batch, heads * w), M=like.new_full((batch, n, w), 1e-6),
-                         w_r=z(batch, heads, n), w_u=usage, w_lu=least_used(usage, heads))
+                         w_r=z(batch, heads, n), w_u=usage, w_lu=self.least_used(usage))
         return state
 
     def step(self, x: Tensor, y_prev: Tensor, s: State):
@@ -113,13 +150,15 @@ class MANNCore(nn.Module):
             return self.out(h), {"h": h, "c": c}
         h, c = self.controller(torch.cat([x, y_prev, s["r"]], -1), (s["h"], s["c"]))
         keys = torch.tanh(self.key(h)).view(-1, self.heads, self.slot_size)
+        content = keys if self.add is None else torch.tanh(self.add(h)).view_as(keys)
         w_w = lru_write_weights(self.alpha(h), s["w_r"], s["w_lu"])
-        memory = s["M"] * (1 - s["w_lu"]).unsqueeze(-1) + w_w.transpose(1, 2) @ keys
+        zeroed = least_used(s["w_u"], self.erase_slots)  # w^u_{t-1}'s least used slots
+        memory = s["M"] * (1 - zeroed).unsqueeze(-1) + w_w.transpose(1, 2) @ content
         w_r = cosine_read_weights(keys, memory, self.beta)
         r = (w_r @ memory).flatten(1)
         w_u = update_usage(s["w_u"], w_r, w_w, self.gamma)
         state = {"h": h, "c": c, "r": r, "M": memory, "w_r": w_r, "w_u": w_u,
-                 "w_lu": least_used(w_u, self.heads)}
+                 "w_lu": self.least_used(w_u)}
         return self.out(torch.cat([h, r], -1)), state
 
     def forward(self, x_seq: Tensor, y_prev_seq: Tensor, state: Optional[State] = None):
@@ -151,13 +190,17 @@ class MANN(MetaLearner):
     slots, slot_size, heads : memory size N x W and read/write heads (paper: 128 x 40, 4 heads).
     gamma : usage decay.
     beta : read sharpness, ``softmax(beta * cosine)`` (paper: 1).
+    add_vector : write a separate add vector per head instead of the read key (module docstring).
+    lru_per_head : each head writes to a least used slot of its own (module docstring).
+    erase_slots : least used slots zeroed before each write (default: ``heads``; module docstring).
     objective : ``"episode"`` (loss on queries after the support) or ``"online"`` (loss at every
         step of the shuffled support + query sequence, the paper's training).
     """
 
     def __init__(self, model: nn.Module, task_type: str = "classification", ways: Optional[int] = None,
                  memory: bool = True, hidden: int = 200, slots: int = 128, slot_size: int = 40,
-                 heads: int = 4, gamma: float = 0.95, beta: float = 1.0, objective: str = "episode"):
+                 heads: int = 4, gamma: float = 0.95, beta: float = 1.0, objective: str = "episode",
+                 add_vector: bool = False, lru_per_head: bool = False, erase_slots: Optional[int] = None):
         super().__init__(model, task_type)
         if task_type != "classification":
             raise ValueError("MANN classifies; use it with classification episodes (e.g. data.name: omniglot).")
@@ -165,7 +208,8 @@ class MANN(MetaLearner):
             raise ValueError(f"unknown objective {objective!r}; use 'episode' or 'online'.")
         ways = infer_ways(model, ways)
         self.ways, self.objective = ways, objective
-        self.core = MANNCore(feature_dim(model), ways, hidden, memory, slots, slot_size, heads, gamma, beta)
+        self.core = MANNCore(feature_dim(model), ways, hidden, memory, slots, slot_size, heads, gamma, beta,
+                             add_vector, lru_per_head, erase_slots)
 
     # -- the two protocols -------------------------------------------------------------------
     def online_logits(self, x: Tensor, y: Tensor) -> Tensor:
