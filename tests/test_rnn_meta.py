@@ -350,6 +350,20 @@ def test_rnn_configs_validate(name):
     assert cfg.algorithm["name"] in ("mann", "snail", "meta_lstm")
 
 
+@pytest.mark.parametrize("shots", [1, 5])
+def test_mann_episode_configs_train_as_the_online_config(shots):
+    """The 5-way configs are the online run with other test episodes (docs/results.md scores it)."""
+    from metatl.config import load_config
+
+    online = load_config(ROOT / "configs" / "mann_omniglot_online.yaml")
+    cfg = load_config(ROOT / "configs" / f"mann_omniglot_5w{shots}s.yaml")
+    assert cfg.algorithm == online.algorithm and cfg.model == online.model and cfg.train == online.train
+    train_episodes = lambda d: (d.name, d.split, d.train_ways or d.ways, d.train_shots or d.shots,  # noqa: E731
+                                d.train_queries or d.queries)
+    assert train_episodes(cfg.data) == train_episodes(online.data)
+    assert (cfg.data.ways, cfg.data.shots, cfg.data.queries) == (5, shots, 15)
+
+
 @pytest.mark.data
 @pytest.mark.parametrize("name", CONFIGS)
 def test_rnn_configs_take_a_step_on_omniglot(name):
