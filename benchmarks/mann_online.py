@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     acc = mann_online_accuracy(trainer.learner, build_sampler(trainer.cfg.data, args.split), args.episodes, args.seed)
     result = {"checkpoint": args.checkpoint, "memory": trainer.cfg.algorithm.get("memory", True),
               "config": trainer.cfg.name, "algorithm": trainer.cfg.algorithm,
-              "backbone": trainer.cfg.model.get("name"), "split": args.split, "episodes": args.episodes, "eval_seed": args.seed, "iterations": trainer.iteration,
+              "backbone": trainer.cfg.model.get("name"), "split": args.split, "episodes": args.episodes,
+              "eval_seed": args.seed, "iterations": trainer.iteration,
               "train_seconds": trainer.train_seconds,
               "accuracy_by_instance": {str(k): v for k, v in acc.items()},
               "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
