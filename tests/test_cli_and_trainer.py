@@ -217,7 +217,10 @@ def test_config_values_are_checked_by_type_and_range(tmp_path):
                               ("train.meta_batch=0", "train.meta_batch must be at least 1"),
                               ("train.iterations=-5", "train.iterations must be at least 1"),
                               ("data.queries=0", "data.queries must be at least 1"),
-                              ("eval.episodes=0", "eval.episodes must be at least 1")]:
+                              ("eval.episodes=0", "eval.episodes must be at least 1"),
+                              ("train.ema_decay=1", "train.ema_decay must lie strictly between 0 and 1"),
+                              ("train.ema_decay=-0.5", "train.ema_decay must lie strictly between 0 and 1"),
+                              ("eval.weights=best", "eval.weights must be one of averaged, raw")]:
         with pytest.raises(ConfigError, match=message):
             load_config(path, [override])
     with pytest.raises(ConfigError, match="data.ways must be at least 2"):
@@ -328,3 +331,72 @@ def test_trainer_tunes_malloc_only_when_asked(tmp_path, monkeypatch, keep):
     trainer = Trainer(from_dict(raw), tmp_path / "run", progress=False)
     assert calls == ([1] if keep else [])
     assert trainer.keeps_freed_memory is keep
+
+
+def test_moving_average_follows_its_recursion():
+    """The average against the recursion written out: a_1 = w_1, a_(n+1) = d_n a_n + (1 - d_n) w_(n+1)
+    with d_n = min(decay, (1 + n) / (10 + n)); integer buffers are copied."""
+    from metatl.engine.trainer import moving_average
+
+    model = torch.nn.BatchNorm1d(3)  # a weight, a bias, running statistics and an integer counter
+    ema = moving_average(model, 0.5)
+    expected, counts = None, None
+    for n in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+            model.num_batches_tracked.fill_(10 * n)
+        current = {k: v.clone() for k, v in model.state_dict().items()}
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = current if expected is None else {
+            k: (d * expected[k] + (1 - d) * current[k]) if v.is_floating_point() else current[k]
+            for k, v in current.items()}
+        ema.update_parameters(model)
+        got = ema.module.state_dict()
+        assert all(torch.allclose(got[k].double(), expected[k].double(), atol=1e-6) for k in expected)
+    assert int(ema.module.num_batches_tracked) == 110
+    assert (1 + 1) / (10 + 1) < 0.5 < (1 + 11) / (10 + 11)  # the loop covered the warm-up and the plain decay
+
+
+def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, capsys):
+    raw = dict(SINUSOID)
+    raw["train"] = dict(raw["train"], iterations=8, ckpt_every=100, val_every=0, ema_decay=0.9)
+    cfg = load_config(write_config(tmp_path, raw))
+    straight = Trainer(cfg, tmp_path / "a", progress=False).fit()
+    cfg.train.iterations = 3
+    Trainer(cfg, tmp_path / "b", progress=False).fit()
+    cfg.train.iterations = 8
+    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    resumed.resume()
+    resumed.fit()
+    a, b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert int(resumed.ema.n_averaged) == 8
+    raw_weights = straight.learner.state_dict()
+    assert any(not torch.equal(a[k], raw_weights[k]) for k in a)  # the average is not the weights
+
+    state = ckpt_io.load(tmp_path / "a" / "last.pt")
+    assert all(torch.equal(state["averaged"][k], a[k]) for k in a)
+    assert ckpt_io.learner_weights(state) is state["averaged"]
+    assert ckpt_io.learner_weights(state, "raw") is state["learner"]
+    import metatl
+    loaded = metatl.load(tmp_path / "a" / "last.pt").state_dict()
+    assert all(torch.equal(loaded[k], a[k]) for k in a)
+
+    assert straight.scored is straight.ema.module
+    for weights in ("averaged", "raw"):
+        out = tmp_path / f"eval_{weights}"
+        assert main(["eval", str(tmp_path / "a" / "last.pt"), "--no-progress", "--out", str(out),
+                     "--set", f"eval.weights={weights}", "eval.episodes=5"]) == 0
+        record = json.loads((out / "results.json").read_text())
+        assert record["weights"] == weights
+        assert record["ema_decay"] == (0.9 if weights == "averaged" else None)
+    scores = [json.loads((tmp_path / f"eval_{w}" / "results.json").read_text())["metric"]["mean"]
+              for w in ("averaged", "raw")]
+    assert scores[0] != scores[1]
+
+    plain = dict(raw, train=dict(raw["train"], ema_decay=None))  # a run without an average scores its weights
+    Trainer(load_config(write_config(tmp_path, plain, "plain.yaml")), tmp_path / "c", progress=False).fit()
+    assert main(["eval", str(tmp_path / "c" / "last.pt"), "--no-progress", "--set", "eval.episodes=5",
+                 "train.ema_decay=0.9"]) == 0
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["weights"] == "raw"

@@ -82,7 +82,7 @@ def train_and_test(cfg, out: Path, progress: bool, resume: bool) -> None:
     print(f"results: {out / 'results.json'}")
     print(f"plot: {plots.learning_curve(out)}")
     if cfg.data.name == "sinusoid" and cfg.eval.plot_tasks:
-        print(f"plot: {plots.sinusoid_tasks(trainer.learner, trainer.val_tasks, out / 'sinusoid_tasks.png', cfg.eval.plot_tasks, cfg.eval.seed)}")
+        print(f"plot: {plots.sinusoid_tasks(trainer.scored, trainer.val_tasks, out / 'sinusoid_tasks.png', cfg.eval.plot_tasks, cfg.eval.seed)}")
 
 
 def cmd_eval(args) -> int:

@@ -32,6 +32,7 @@ def load_yaml(text: str):
 
 
 PRECISIONS = ("float32", "bfloat16")  # train.precision
+WEIGHTS = ("averaged", "raw")  # eval.weights
 EPISODE_DATASETS = ("omniglot", "image_folder")  # N-way classification episodes over train/val/test classes
 
 
@@ -88,6 +89,7 @@ class TrainConfig:
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
     precision: str = "float32"  # or bfloat16: meta-loss under torch.autocast (parameters stay float32)
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
+    ema_decay: Optional[float] = None  # also keep an exponential moving average of the weights (e.g. 0.999)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class EvalConfig:
     transductive: bool = True  # BatchNorm "batch" mode: normalise the query set as one batch
     extra_steps: List[int] = field(default_factory=list)  # also report these test-time inner steps
     plot_tasks: int = 3  # regression: test tasks to plot
+    weights: str = "averaged"  # with train.ema_decay: score the averaged weights, or "raw" ones
 
 
 @dataclass
@@ -258,6 +261,12 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError("train.precision=bfloat16 cannot run with algorithm.batch_tasks=true (the vmap "
                           "path's double backward mixes dtypes under autocast); set "
                           "algorithm.batch_tasks=false or train.precision=float32.")
+    decay = cfg.train.ema_decay
+    if decay is not None and not 0 < decay < 1:
+        raise ConfigError(f"train.ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; "
+                          f"or leave it null to keep no average of the weights.")
+    if cfg.eval.weights not in WEIGHTS:
+        raise ConfigError(f"eval.weights must be one of {', '.join(WEIGHTS)}, got {cfg.eval.weights!r}.")
     if cfg.data.train_subset not in TRAINING:
         raise ConfigError(f"data.train_subset must be 'train' or 'trainval' (the training and validation "
                           f"classes together), got {cfg.data.train_subset!r}.")

@@ -34,6 +34,14 @@ def load(path) -> dict:
     return ckpt
 
 
+def learner_weights(ckpt: dict, weights: str = "averaged") -> dict:
+    """The learner's state dict in a loaded checkpoint: the moving average of the weights when the
+    run kept one (``train.ema_decay``) and ``weights`` is ``"averaged"``, else the trained weights."""
+    if weights == "averaged" and ckpt.get("averaged") is not None:
+        return ckpt["averaged"]
+    return ckpt["learner"]
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 

@@ -5,6 +5,8 @@ outer optimizer. Around that: periodic validation, atomic checkpoints (every ``c
 iterations, at chosen training minutes, and at exit), exact resume (model, optimizer and every RNG
 state), ``metrics.jsonl``, a learning-curve PNG and, at the end, the test evaluation in
 ``results.json``. A non-finite loss or gradient stops the run before it can touch a checkpoint.
+With ``train.ema_decay`` the trainer also keeps a moving average of the weights
+(:func:`moving_average`); validation and testing then score the average (``eval.weights``).
 
 Beyond episodes, optional hooks let other data sources and objectives (e.g. deep domain adaptation,
 :mod:`metatl.transfer`) use this same loop:
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -97,6 +100,27 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
+def moving_average(learner, decay: float) -> AveragedModel:
+    """An exponential moving average of ``learner``'s weights and floating-point buffers
+    (``torch.optim.swa_utils.AveragedModel``; update it with ``update_parameters(learner)``).
+
+    The first update copies the weights. After ``n`` updates the next one moves the average by
+    ``1 - d`` towards the weights, with ``d = min(decay, (1 + n) / (10 + n))``: the warm-up of
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, so that early in a short run the
+    average follows the weights instead of staying near the initial ones. Integer buffers (counters)
+    are copied, not averaged.
+    """
+    def update(averaged, current, n):
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - d)
+            else:
+                a.copy_(c)
+
+    return AveragedModel(learner, multi_avg_fn=update, use_buffers=True)
 
 
 def check_device(name: str) -> torch.device:
@@ -191,6 +215,7 @@ class Trainer:
             torch.manual_seed(t.seed + 1000 * self.rank)
         groups = getattr(self.learner, "param_groups", None)
         self.optimizer = make_optimizer(cfg, groups() if callable(groups) else self.learner.parameters())
+        self.ema = moving_average(self.learner, t.ema_decay) if t.ema_decay else None
         self.generator = torch.Generator().manual_seed(t.seed)
         self.iteration, self.train_seconds, self.best = 0, 0.0, None
         self.snapshots_done: list = []
@@ -200,6 +225,8 @@ class Trainer:
     def state(self) -> dict:
         return {"config": self.cfg.to_dict(), "task": task_spec(self.train_tasks),
                 "learner": self.learner.state_dict(),
+                "averaged": self.ema.module.state_dict() if self.ema is not None else None,
+                "averaged_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                 "train_seconds": self.train_seconds, "best": self.best,
                 "snapshots_done": self.snapshots_done, "generator": self.generator.get_state(),
@@ -225,6 +252,7 @@ class Trainer:
                               "start a new run with a different --out.")
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._load_average(state)
         self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
         self.best, self.snapshots_done = state["best"], state.get("snapshots_done", [])
         self.generator.set_state(state["generator"])
@@ -236,6 +264,21 @@ class Trainer:
                 ckpt_io.set_rng_state(mine["rng"])
             else:  # e.g. a single-process checkpoint resumed in several: a fresh stream per process
                 torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + self.iteration)
+
+    def _load_average(self, state: dict) -> None:
+        """The checkpoint's moving average into ``self.ema``; none in it (a run without
+        ``train.ema_decay``) starts a fresh average at the next step."""
+        if self.ema is not None and state.get("averaged") is not None:
+            self.ema.module.load_state_dict(state["averaged"])
+            self.ema.n_averaged.fill_(state["averaged_updates"])
+
+    @property
+    def scored(self):
+        """The learner that validation and testing score: the moving average of the weights when
+        the run keeps one and ``eval.weights`` is ``averaged``, else the trained learner."""
+        if self.ema is not None and self.cfg.eval.weights == "averaged":
+            return self.ema.module
+        return self.learner
 
     # -- logging ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -253,9 +296,9 @@ class Trainer:
     def _evaluate(self, tasks, episodes: int, seed: int, inner_steps, progress: bool, desc: str) -> dict:
         """The data source's own ``evaluate`` when it has one, else the episodic evaluator."""
         if callable(getattr(tasks, "evaluate", None)):
-            return tasks.evaluate(self.learner, episodes=episodes, seed=seed, progress=progress,
+            return tasks.evaluate(self.scored, episodes=episodes, seed=seed, progress=progress,
                                   device=self.device, desc=desc)
-        return evaluate(self.learner, tasks, episodes, seed, inner_steps, self.cfg.eval.transductive,
+        return evaluate(self.scored, tasks, episodes, seed, inner_steps, self.cfg.eval.transductive,
                         progress, self.device, desc=desc)
 
     def validate(self) -> dict:
@@ -306,6 +349,8 @@ class Trainer:
         self.optimizer.step()
         if self.world > 1:
             ddp.average_buffers(self.learner)
+        if self.ema is not None:
+            self.ema.update_parameters(self.learner)
         return {**metrics, "grad_norm": float(norm)}
 
     def _nan_message(self, what: str) -> str:
@@ -359,8 +404,9 @@ class Trainer:
         c = self.cfg
         tasks = sampler or build_sampler(c.data, "test")
         res = self._evaluate(tasks, c.eval.episodes, c.eval.seed, c.eval.inner_steps, self.progress, "test")
-        results = results_record(c, self.learner, res, self.iteration, self.train_seconds,
-                                 checkpoint or str(self.out / "last.pt"))
+        results = results_record(c, self.scored, res, self.iteration, self.train_seconds,
+                                 checkpoint or str(self.out / "last.pt"),
+                                 "averaged" if self.scored is not self.learner else "raw")
         for steps in c.eval.extra_steps:
             extra = self._evaluate(tasks, c.eval.episodes, c.eval.seed, steps, False, "eval")
             results.setdefault("by_inner_steps", {})[str(steps)] = {"mean": extra["mean"], "ci95": extra["ci95"]}
@@ -369,7 +415,7 @@ class Trainer:
 
 
 def results_record(cfg: Config, learner, res: dict, iterations: int, train_seconds: float,
-                   checkpoint: str) -> dict:
+                   checkpoint: str, weights: str = "raw") -> dict:
     d = cfg.data
     return {
         "algorithm": cfg.algorithm["name"], "algorithm_config": cfg.algorithm,
@@ -380,6 +426,7 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
         "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
         "inner_steps_test": cfg.eval.inner_steps if cfg.eval.inner_steps is not None
         else getattr(learner, "inner_steps_test", None),
+        "weights": weights, "ema_decay": cfg.train.ema_decay if weights == "averaged" else None,
         "bn_mode": cfg.model.get("bn_mode", "batch"), "transductive": cfg.eval.transductive,
         "backbone": cfg.model["name"], "train_precision": cfg.train.precision,  # evaluation runs in float32
         "train_seconds": train_seconds, "iterations": iterations,
@@ -429,5 +476,9 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
         raise ConfigError(f"{checkpoint} does not fit the model of its config after overrides "
                           f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
                           f"when evaluating a checkpoint.") from err
+    if trainer.ema is not None and state.get("averaged") is not None:
+        trainer._load_average(state)
+    else:  # a checkpoint without an average (or a config that asks for none): score its weights
+        trainer.ema = None
     trainer.iteration, trainer.train_seconds = state["iteration"], state["train_seconds"]
     return trainer
