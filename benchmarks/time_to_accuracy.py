@@ -1,5 +1,7 @@
 """Time to accuracy: test accuracy (+- 95% CI, 600 fixed test episodes) of the snapshots a run
-kept at chosen training minutes (``train.snapshot_minutes``), as JSON and a plot.
+kept at chosen training minutes (``train.snapshot_minutes``), as JSON and a plot. A run that kept a
+moving average of its weights (``train.ema_decay``) is scored twice, with the average and with the
+raw weights, and both curves are plotted.
 
     metatl train configs/maml_omniglot_5w1s.yaml --out runs/maml_5w1s_tta \\
         --set train.time_budget_min=15 "train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]" \\
@@ -22,6 +24,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="output path without extension (.json and .png)")
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--reference", type=float, nargs="*", default=[0.95, 0.97])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for scoring (eval.*)")
     args = ap.parse_args()
 
     import matplotlib
@@ -35,28 +38,34 @@ def main() -> None:
     points = []
     snaps = sorted(args.run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
     for snap in snaps:
-        trainer = load_trainer(snap, [f"eval.episodes={args.episodes}"], progress=False)
-        trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
-        res = trainer.test(checkpoint=str(snap))
-        points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration,
-                       "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
-        print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  "
-              f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
+        for weights in ("averaged", "raw"):
+            trainer = load_trainer(snap, [f"eval.episodes={args.episodes}", *args.set, f"eval.weights={weights}"],
+                                   progress=False)
+            if trainer.scored is trainer.learner and weights == "averaged":
+                continue  # no average in this snapshot: its raw weights come next
+            trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
+            res = trainer.test(checkpoint=str(snap))
+            points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration, "weights": weights,
+                           "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
+            print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  {weights:8s} "
+                  f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
     run_results = args.run / "results.json"  # the run's own record: versions, training length
     run = json.loads(run_results.read_text()) if run_results.exists() else {}
     config = args.run / "config.yaml"
     record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": run.get("torch_version"),
               "metatl": run.get("metatl_version"), "train_seconds": run.get("train_seconds"),
-              "iterations": run.get("iterations"), "config": load_yaml(config.read_text()) if config.exists() else None,
+              "iterations": run.get("iterations"), "overrides": args.set, "config": load_yaml(config.read_text()) if config.exists() else None,
               "points": points}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    x = [p["minutes"] for p in points]
-    y = [100 * p["accuracy"] for p in points]
-    e = [100 * p["ci95"] for p in points]
-    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label="metatl MAML (test, 600 episodes)")
+    kinds = sorted({p["weights"] for p in points})
+    for weights in kinds:
+        curve = [p for p in points if p["weights"] == weights]
+        label = "metatl MAML" + (f", {weights} weights" if len(kinds) > 1 else "") + " (test, 600 episodes)"
+        ax.errorbar([p["minutes"] for p in curve], [100 * p["accuracy"] for p in curve],
+                    yerr=[100 * p["ci95"] for p in curve], marker="o", capsize=3, label=label)
     for r in args.reference:
         ax.axhline(100 * r, ls=":", color="gray")
     ax.set(xlabel="training minutes", ylabel="5-way 1-shot accuracy (%)", title=args.run.name)
