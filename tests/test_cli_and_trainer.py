@@ -382,6 +382,10 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
     import metatl
     loaded = metatl.load(tmp_path / "a" / "last.pt").state_dict()
     assert all(torch.equal(loaded[k], a[k]) for k in a)
+    loaded = metatl.load(tmp_path / "a" / "last.pt", weights="raw").state_dict()
+    assert all(torch.equal(loaded[k], raw_weights[k]) for k in a)
+    with pytest.raises(ValueError, match="weights='best'.*'averaged'.*'raw'"):
+        metatl.load(tmp_path / "a" / "last.pt", weights="best")
 
     assert straight.scored is straight.ema.module
     for weights in ("averaged", "raw"):

@@ -8,15 +8,17 @@ from .meta import MAML, Reptile, adapt  # noqa: E402
 from .registry import ALGORITHMS, BACKBONES, DATASETS, ESTIMATORS  # noqa: E402
 
 
-def load(checkpoint):
+def load(checkpoint, weights=None):
     """The learner stored in a checkpoint: ``metatl.load(path).adapt(support_x, support_y)``.
 
     The training data is not needed; ``learner.config`` is the run's config and
     ``learner.input_spec`` the input it takes (see :func:`metatl.engine.build.load_learner`).
+    ``weights="raw"`` gives the trained weights of a run that kept a moving average of them
+    (``train.ema_decay``), whose average is the default.
     """
     from .engine.build import load_learner
 
-    return load_learner(checkpoint)
+    return load_learner(checkpoint, weights)
 
 
 __all__ = ["ALGORITHMS", "BACKBONES", "DATASETS", "ESTIMATORS", "Config", "Episode", "EpisodeSampler",

@@ -30,12 +30,13 @@ def build_learner(cfg, sampler):
     return learner_from_spec(cfg, task_spec(sampler))
 
 
-def load_learner(checkpoint):
+def load_learner(checkpoint, weights=None):
     """The learner stored in ``checkpoint``, in eval mode, with its config as ``learner.config`` and
     its input spec as ``learner.input_spec``. The training data is not needed (older checkpoints
     without a stored task spec fall back to building the training sampler). A run that kept a moving
-    average of its weights (``train.ema_decay``) gives the average, unless its ``eval.weights`` is raw. Image models check
-    their input: a wrong channel count or size raises a ValueError that says what to pass."""
+    average of its weights (``train.ema_decay``) gives the average; ``weights="raw"`` (or the run's
+    ``eval.weights: raw``) gives the trained weights. Image models check their input: a wrong channel
+    count or size raises a ValueError that says what to pass."""
     from ..config import from_dict
     from . import checkpoint as ckpt_io
 
@@ -43,7 +44,10 @@ def load_learner(checkpoint):
     cfg = from_dict(state["config"])
     spec = state.get("task") or task_spec(build_sampler(cfg.data, "train"))
     learner = learner_from_spec(cfg, spec)
-    learner.load_state_dict(ckpt_io.learner_weights(state, cfg.eval.weights))
+    if weights not in (None, "averaged", "raw"):
+        raise ValueError(f"weights={weights!r}: use 'averaged' (the moving average of a run with "
+                         f"train.ema_decay, the default) or 'raw' (the trained weights).")
+    learner.load_state_dict(ckpt_io.learner_weights(state, weights or cfg.eval.weights))
     learner.eval()
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
