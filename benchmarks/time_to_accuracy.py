@@ -38,12 +38,10 @@ def main() -> None:
     points = []
     snaps = sorted(args.run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
     for snap in snaps:
-        for weights in ("averaged", "raw"):
-            trainer = load_trainer(snap, [f"eval.episodes={args.episodes}", *args.set, f"eval.weights={weights}"],
-                                   progress=False)
-            if trainer.scored is trainer.learner and weights == "averaged":
-                continue  # no average in this snapshot: its raw weights come next
-            trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
+        trainer = load_trainer(snap, [f"eval.episodes={args.episodes}", *args.set], progress=False)
+        trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
+        for weights in ("averaged", "raw") if trainer.ema is not None else ("raw",):
+            trainer.cfg.eval.weights = weights  # what trainer.scored (and so test) uses
             res = trainer.test(checkpoint=str(snap))
             points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration, "weights": weights,
                            "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
@@ -55,8 +53,8 @@ def main() -> None:
     record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": run.get("torch_version"),
               "metatl": run.get("metatl_version"), "train_seconds": run.get("train_seconds"),
-              "iterations": run.get("iterations"), "overrides": args.set, "config": load_yaml(config.read_text()) if config.exists() else None,
-              "points": points}
+              "iterations": run.get("iterations"), "overrides": args.set,
+              "config": load_yaml(config.read_text()) if config.exists() else None, "points": points}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

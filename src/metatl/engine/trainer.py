@@ -476,9 +476,8 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
         raise ConfigError(f"{checkpoint} does not fit the model of its config after overrides "
                           f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
                           f"when evaluating a checkpoint.") from err
-    if trainer.ema is not None and state.get("averaged") is not None:
-        trainer._load_average(state)
-    else:  # a checkpoint without an average (or a config that asks for none): score its weights
+    if state.get("averaged") is None:  # a checkpoint without an average: score its own weights
         trainer.ema = None
+    trainer._load_average(state)
     trainer.iteration, trainer.train_seconds = state["iteration"], state["train_seconds"]
     return trainer
