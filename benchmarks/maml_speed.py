@@ -8,6 +8,7 @@ found (else random images of the same shape; the speed does not depend on pixel 
     python benchmarks/maml_speed.py [--iters 10] [--threads 2] [--out benchmarks/results/maml_speed.json]
     python benchmarks/maml_speed.py --processes 2 --threads 1     # the meta-batch split over 2 processes
     python benchmarks/maml_speed.py --algorithms maml --batch-tasks [--compile]   # vmap over tasks [compiled]
+    python benchmarks/maml_speed.py --algorithms maml --batch-tasks inner    # vmap over the inner loops only
 
 With ``--processes N`` the trainer splits each meta-batch over N processes (``train.processes``,
 ``--threads`` threads each); the time is process 0's, and the peak memory is per process.
@@ -32,7 +33,8 @@ BACKBONES = ("conv4_stride", "conv4_pool")
 
 def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
           processes: int = 1, options: dict = None) -> dict:
-    """``options``: ``channels_last`` (model), ``batch_tasks`` and ``compile`` (MAML), all bools."""
+    """``options``: ``channels_last`` (model) and ``compile`` (MAML), bools; ``batch_tasks`` (MAML):
+    false, true or "inner"."""
     options = options or {}
     if processes > 1:
         import tempfile
@@ -68,7 +70,7 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     channels_last = bool(options.get("channels_last"))
     algorithm = dict(SETTINGS[algo])
     if algorithm["name"] == "maml":
-        algorithm.update(batch_tasks=bool(options.get("batch_tasks")), compile=bool(options.get("compile")))
+        algorithm.update(batch_tasks=options.get("batch_tasks") or False, compile=bool(options.get("compile")))
     raw = {"algorithm": algorithm, "model": {"name": backbone, "channels_last": channels_last},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
            "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
@@ -125,7 +127,9 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--channels-last", action="store_true", help="model.channels_last=true (memory layout)")
-    ap.add_argument("--batch-tasks", action="store_true", help="MAML: algorithm.batch_tasks=true (vmap over tasks)")
+    ap.add_argument("--batch-tasks", nargs="?", const=True, default=False, choices=[True, "inner"],
+                    help="MAML: algorithm.batch_tasks=true (vmap over tasks), or =inner (vmap over the inner "
+                         "loops, the query losses task by task)")
     ap.add_argument("--compile", action="store_true", help="MAML: algorithm.compile=true (needs --batch-tasks; "
                     "the warm-up iterations include the compilation)")
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
@@ -147,7 +151,10 @@ def main() -> None:
         for backbone in args.backbones:
             cmd = [sys.executable, __file__, "--child", algo, backbone, "--iters", str(args.iters),
                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-                   "--processes", str(args.processes)] + [f"--{k.replace('_', '-')}" for k, v in options.items() if v]
+                   "--processes", str(args.processes)]
+            for key, value in options.items():
+                if value:
+                    cmd += [f"--{key.replace('_', '-')}"] + ([value] if isinstance(value, str) else [])
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)

@@ -44,7 +44,7 @@ def unrolled_objective(flat, shapes, ep, alpha, steps):
     return F.mse_loss(mlp_apply(theta, shapes, ep.query_x), ep.query_y)
 
 
-@pytest.mark.parametrize("batch_tasks", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("batch_tasks", [False, True, "inner"], ids=["loop", "vmap", "inner_vmap"])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_maml_meta_gradient_matches_finite_differences(steps, batch_tasks):
     model, ep, alpha = tiny_mlp(), episode(), 0.3
@@ -99,11 +99,12 @@ def test_meta_batch_loss_is_the_mean_over_tasks_and_vmap_agrees(first_order):
     one = [learner.meta_loss([e])[0] for e in eps]
     assert torch.allclose(both, sum(one) / 3)
     g_loop = torch.autograd.grad(both, list(model.parameters()))
-    learner.batch_tasks = True
-    batched, _ = learner.meta_loss(eps)
-    g_vmap = torch.autograd.grad(batched, list(model.parameters()))
-    assert torch.allclose(batched, both)
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_loop, g_vmap))
+    for batch_tasks in (True, "inner"):
+        learner.batch_tasks = batch_tasks
+        batched, _ = learner.meta_loss(eps)
+        g_vmap = torch.autograd.grad(batched, list(model.parameters()))
+        assert torch.allclose(batched, both)
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_loop, g_vmap))
 
 
 def test_vmap_refuses_batchnorm_running_statistics():
@@ -214,11 +215,31 @@ def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
     model = conv4_stride(out_features=3, filters=4, image_size=12).double()
     eps = small_conv_episodes()
     _, loop, _ = maml_grads(model, eps)
-    _, vmapped, _ = maml_grads(model, eps, batch_tasks=True)
-    for (name, _), a, b in zip(model.named_parameters(), vmapped, loop):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
-    assert all(g.abs().max() < 1e-12 for (name, _), g in zip(model.named_parameters(), vmapped)
-               if name.startswith("features.") and name.endswith(".bias") and int(name.split(".")[1]) % 3 == 0)
+    for batch_tasks in (True, "inner"):  # all of the meta-batch in vmap; only the inner loops
+        _, vmapped, _ = maml_grads(model, eps, batch_tasks=batch_tasks)
+        for (name, _), a, b in zip(model.named_parameters(), vmapped, loop):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (batch_tasks, name)
+        assert all(g.abs().max() < 1e-12 for (name, _), g in zip(model.named_parameters(), vmapped)
+                   if name.startswith("features.") and name.endswith(".bias") and int(name.split(".")[1]) % 3 == 0)
+
+
+def test_inner_vmap_runs_the_query_sets_through_the_fused_batchnorm(monkeypatch):
+    """``batch_tasks="inner"``: the support sets go through the exact elementary BatchNorm under
+    vmap, each query set through PyTorch's fused kernel (the fast one outside transforms)."""
+    from metatl.nn import conv4_stride
+
+    calls = []
+    fused = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda x, *a, **k: calls.append(x.shape[0]) or fused(x, *a, **k))
+    eps = small_conv_episodes()
+    maml_grads(conv4_stride(out_features=3, filters=4, image_size=12).double(), eps, batch_tasks="inner")
+    assert calls == [len(eps[0].query_y)] * (4 * len(eps))  # 4 BatchNorm layers, one query set each
+
+
+@pytest.mark.parametrize("value", ["yes", "all", 2])
+def test_batch_tasks_takes_false_true_or_inner(value):
+    with pytest.raises(ValueError, match="false, true or 'inner'"):
+        MAML(tiny_mlp(), "regression", batch_tasks=value)
 
 
 @pytest.mark.parametrize("norm", [nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm([4, 10, 10])],
@@ -265,9 +286,10 @@ def test_compiled_meta_gradient_equals_the_eager_one_with_batchnorm(first_order)
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(compiled, other))
 
 
-def test_compile_needs_batch_tasks():
+@pytest.mark.parametrize("batch_tasks", [False, "inner"])
+def test_compile_needs_batch_tasks(batch_tasks):
     with pytest.raises(ValueError, match="batch_tasks=true"):
-        MAML(tiny_mlp(), "regression", compile=True)
+        MAML(tiny_mlp(), "regression", compile=True, batch_tasks=batch_tasks)
 
 
 def test_known_gradient_scales_with_the_upstream_gradient():

@@ -258,7 +258,8 @@ def validate_components(cfg: Config) -> None:
                           f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "
                           f"use bfloat16).")
     if cfg.train.precision == "bfloat16" and cfg.algorithm.get("batch_tasks"):
-        raise ConfigError("train.precision=bfloat16 cannot run with algorithm.batch_tasks=true (the vmap "
+        raise ConfigError(f"train.precision=bfloat16 cannot run with algorithm.batch_tasks="
+                          f"{str(cfg.algorithm['batch_tasks']).lower()} (the vmap "
                           "path's double backward mixes dtypes under autocast); set "
                           "algorithm.batch_tasks=false or train.precision=float32.")
     decay = cfg.train.ema_decay

@@ -16,7 +16,7 @@ Outer objective on the query sets, minimised by the trainer's optimizer (Adam in
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ from ..nn.backbones import BatchStatsNorm2d
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import SGD
+
+BATCH_TASKS = (False, True, "inner")
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -50,9 +52,13 @@ class MAML(GradientMetaLearner):
     inner_steps : k, inner steps during meta-training.
     inner_steps_test : inner steps when adapting at test time (default ``inner_steps``).
     first_order : drop the second-order term (first-order MAML).
-    batch_tasks : run the meta-batch as one ``torch.func.vmap`` over tasks instead of a Python
-        loop (same result; faster for small episodes and on GPUs). Needs equally shaped episodes
-        and no BatchNorm running statistics (``bn_mode`` ``batch`` or ``none``); for second order,
+    batch_tasks : ``False`` (a Python loop over the tasks), ``True`` (the meta-batch as one
+        ``torch.func.vmap`` over tasks: faster for small episodes and on GPUs) or ``"inner"``
+        (the inner loops as one vmap over tasks, then the query losses task by task: faster on
+        CPUs for large query sets, where each task's query batch is big enough for the plain
+        convolutions, and the small support sets would leave the loop bound by per-operation
+        overhead). The same meta-gradient either way. Batching needs equally shaped episodes and
+        no BatchNorm running statistics (``bn_mode`` ``batch`` or ``none``); for second order,
         normalisation layers must be :class:`~metatl.nn.BatchStatsNorm2d` (PyTorch's fused
         batch_norm and layer_norm differentiate wrongly twice under vmap).
     compile : with ``batch_tasks``, compute the whole meta-gradient (inner gradients, adapted
@@ -66,9 +72,11 @@ class MAML(GradientMetaLearner):
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
                  inner_steps: int = 1, inner_steps_test: Optional[int] = None, first_order: bool = False,
-                 batch_tasks: bool = False, compile: bool = False):
+                 batch_tasks: Union[bool, str] = False, compile: bool = False):
         super().__init__(model, task_type, SGD(inner_lr), inner_steps, inner_steps_test)
-        if compile and not batch_tasks:
+        if not any(batch_tasks is choice or batch_tasks == choice == "inner" for choice in BATCH_TASKS):
+            raise ValueError(f"batch_tasks must be false, true or 'inner', got {batch_tasks!r}.")
+        if compile and batch_tasks is not True:
             raise ValueError("compile=True compiles the meta-batch's vmap over tasks; set "
                              "algorithm.batch_tasks=true as well (or compile=false).")
         if batch_tasks and any(True for _ in model.buffers()):
@@ -88,12 +96,22 @@ class MAML(GradientMetaLearner):
         self.compile = compile
         self._compiled = None  # built on first use: torch.compile(self.meta_gradient)
 
+    def adapted(self, theta, support_x, support_y, batched: bool = False):
+        """``theta'_i``: the inner loop on one task's support set."""
+        return self.adapt_params(theta, support_x, support_y, self.inner_steps,
+                                 create_graph=not self.first_order, batched=batched)
+
     def task_loss(self, theta, support_x, support_y, query_x, query_y, batched: bool = False):
         """``L_i^query(theta'_i)`` for one task, and the query outputs."""
-        adapted = self.adapt_params(theta, support_x, support_y, self.inner_steps,
-                                    create_graph=not self.first_order, batched=batched)
-        out = self.functional(adapted, query_x)
+        out = self.functional(self.adapted(theta, support_x, support_y, batched), query_x)
         return self.loss_fn(out, query_y), out
+
+    def batch_adapted(self, theta, support_x, support_y):
+        """Every task's ``theta'_i`` from one vmap over the stacked support sets, as one dict of
+        parameters per task (``batch_tasks="inner"``)."""
+        stacked = torch.func.vmap(partial(self.adapted, theta, batched=True))(support_x, support_y)
+        per_task = zip(*(v.unbind(0) for v in stacked.values()))  # unbind: one backward node for all tasks
+        return [dict(zip(stacked, values)) for values in per_task]
 
     def batch_loss(self, theta, support_x, support_y, query_x, query_y):
         """The meta-objective of a stacked meta-batch (one vmap over tasks): the mean query loss,
@@ -110,12 +128,8 @@ class MAML(GradientMetaLearner):
 
     def meta_loss(self, batch):
         theta = self.params()
-        if self.batch_tasks:
-            ep = stack_episodes(batch)
-            if autocast_enabled(ep.query_x.device.type):
-                raise ValueError("batch_tasks=True (vmap) cannot run under bfloat16 autocast (its double "
-                                 "backward mixes dtypes); set train.precision=float32 or "
-                                 "algorithm.batch_tasks=false.")
+        if self.batch_tasks is True:
+            ep = self._stacked(batch)
             tensors = (ep.support_x, ep.support_y, ep.query_x, ep.query_y)
             if self.compile:
                 if self._compiled is None:
@@ -126,14 +140,29 @@ class MAML(GradientMetaLearner):
                 loss, outs = self.batch_loss(theta, *tensors)
             scores = [task_metric(self.task_type, o, y) for o, y in zip(outs.detach(), ep.query_y)]
         else:
+            if self.batch_tasks == "inner":
+                ep = self._stacked(batch)
+                adapted = self.batch_adapted(theta, ep.support_x, ep.support_y)
+            else:
+                adapted = [self.adapted(theta, *ep.support) for ep in batch]
             losses, scores = [], []
-            for ep in batch:
-                loss, out = self.task_loss(theta, *ep.support, *ep.query)
-                losses.append(loss)
+            for params, ep in zip(adapted, batch):
+                out = self.functional(params, ep.query_x)
+                losses.append(self.loss_fn(out, ep.query_y))
                 scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
             loss = torch.stack(losses).mean()
         name = "query_acc" if self.task_type == "classification" else "query_mse"
         return loss, {"loss": loss.item(), name: sum(scores) / len(scores)}
+
+    @staticmethod
+    def _stacked(batch):
+        """The meta-batch stacked for vmap; bfloat16 autocast is refused there."""
+        ep = stack_episodes(batch)
+        if autocast_enabled(ep.query_x.device.type):
+            raise ValueError("batch_tasks (vmap) cannot run under bfloat16 autocast (its double "
+                             "backward mixes dtypes); set train.precision=float32 or "
+                             "algorithm.batch_tasks=false.")
+        return ep
 
 
 class KnownGradient(torch.autograd.Function):
