@@ -92,6 +92,42 @@ def test_relu_after_the_pool_equals_the_papers_order(net):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [28, 7, 5])
+def test_max_pool_equals_torchs_with_ties_and_second_derivatives(size):
+    """metatl's MaxPool2d (channels-last kernel, max_unpool2d backward) against F.max_pool2d: the
+    same outputs, the same gradient where a window's maximum is tied (binary images, as Omniglot's;
+    the first maximum gets it), the same second derivatives, odd sizes included."""
+    from metatl.nn import MaxPool2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (3, 4, size, size), generator=g).double().requires_grad_()
+    ours, ref = MaxPool2d(2)(x), F.max_pool2d(x, 2)
+    assert "MaxPoolChannelsLast" in type(ours.grad_fn).__name__  # the fast path ran
+    assert torch.equal(ours, ref)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    (grad_ours,) = torch.autograd.grad((ours * w).sum(), x, create_graph=True)
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), x, create_graph=True)
+    assert torch.equal(grad_ours, grad_ref)
+    assert (grad_ref.flatten(1).ne(0).sum(1) == ref[0].numel()).all()  # one entry per window, ties or not
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    (second_ours,) = torch.autograd.grad((grad_ours * v).sum(), w)
+    (second_ref,) = torch.autograd.grad((grad_ref * v).sum(), w)
+    assert torch.equal(second_ours, second_ref)
+    assert torch.autograd.gradgradcheck(MaxPool2d(2), (torch.randn(2, 3, size, size, dtype=torch.float64,
+                                                                   generator=g, requires_grad=True),))
+
+
+def test_max_pool_keeps_channels_last_and_is_plain_under_vmap():
+    from metatl.nn import MaxPool2d
+
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = MaxPool2d(2)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, F.max_pool2d(x, 2))
+    assert MaxPool2d(2)(x.contiguous()).is_contiguous()
+    tasks = torch.randn(3, 2, 8, 6, 6)
+    torch.testing.assert_close(torch.func.vmap(MaxPool2d(2))(tasks), F.max_pool2d(tasks.flatten(0, 1), 2).view(3, 2, 8, 3, 3))
+
+
 def test_pixels_backbone_flattens_and_resizes():
     from metatl.nn import pixels
 
@@ -137,3 +173,32 @@ def test_batch_stats_norm_equals_torch_batchnorm_and_keeps_its_state_dict():
     torch.testing.assert_close(out.float(), F.batch_norm(xb.float(), None, None, training=True), rtol=0, atol=0.02)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         ours(torch.randn(3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batch_tasks", [False, "inner"])
+def test_second_order_maml_through_the_max_pool_net_equals_torchs_pool(batch_tasks):
+    """The meta-gradient of second-order MAML on conv4_pool (support sets differentiated twice
+    through the pools) is the same with metatl's MaxPool2d as with torch.nn.MaxPool2d."""
+    import copy
+
+    from metatl.data.episode import Episode
+    from metatl.meta import MAML
+    from metatl.nn import MaxPool2d
+
+    torch.manual_seed(0)
+    ours = conv4_pool(out_features=3, filters=4, image_size=16).double()
+    theirs = copy.deepcopy(ours)
+    swapped = [i for i, m in enumerate(theirs.features) if isinstance(m, MaxPool2d)]
+    for i in swapped:
+        theirs.features[i] = torch.nn.MaxPool2d(2)
+    assert len(swapped) == 4
+    g = torch.Generator().manual_seed(0)
+    eps = [Episode(torch.randint(0, 2, (3, 1, 16, 16), generator=g).double(), torch.arange(3),
+                   torch.randint(0, 2, (6, 1, 16, 16), generator=g).double(), torch.arange(3).repeat(2))
+           for _ in range(2)]
+    grads = []
+    for model in (ours, theirs):
+        loss, _ = MAML(model, inner_lr=0.5, inner_steps=2, batch_tasks=batch_tasks).meta_loss(eps)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for (name, _), a, b in zip(ours.named_parameters(), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)

@@ -68,6 +68,43 @@ class BatchStatsNorm2d(nn.BatchNorm2d):
         return y.to(dtype)
 
 
+class _MaxPoolChannelsLast(torch.autograd.Function):
+    """Max-pooling over non-overlapping windows through PyTorch's channels-last CPU kernel
+    (vectorised over channels); the backward scatters with ``max_unpool2d``, which is itself
+    differentiable, so the result can be differentiated twice (second-order MAML)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size):
+        y, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, return_indices=True)
+        ctx.save_for_backward(indices.contiguous())
+        ctx.kernel_size, ctx.input_size = kernel_size, x.shape[-2:]
+        # the output in the input's layout (the conv nets' channels_last option keeps it)
+        keep = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y.contiguous(memory_format=torch.channels_last if keep else torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (indices,) = ctx.saved_tensors
+        return F.max_unpool2d(grad_y, indices, ctx.kernel_size, output_size=ctx.input_size), None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d(k)`` (stride k, no padding) that is faster on CPUs: the same outputs and
+    gradients (on ties, the first maximum of a window gets the gradient, as PyTorch's), computed
+    through the channels-last kernel and ``max_unpool2d``. PyTorch's default kernel for the usual
+    (N, C, H, W) layout is not vectorised: for a 2x2 pool of (75, 64, 28, 28), forward and backward
+    took 19 ms against 5.8 ms this way (2 CPU threads). Inside ``torch.func`` transforms, under
+    ``torch.compile`` and off the CPU it is plain ``F.max_pool2d``."""
+
+    def __init__(self, kernel_size: int):
+        super().__init__(kernel_size)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.device.type != "cpu" or _in_func_transform(x):
+            return super().forward(x)
+        return _MaxPoolChannelsLast.apply(x, self.kernel_size)
+
+
 def _norm(channels: int, bn_mode: str) -> nn.Module:
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}.")
@@ -114,7 +151,7 @@ class ConvNet(nn.Module):
             else:
                 # ReLU after the pool: max and ReLU commute (ReLU is monotone), so the outputs and
                 # gradients are those of conv-BN-ReLU-pool, with the ReLU on a quarter of the values
-                blocks += [nn.Conv2d(c, filters, 3, padding=1), _norm(filters, bn_mode), nn.MaxPool2d(2),
+                blocks += [nn.Conv2d(c, filters, 3, padding=1), _norm(filters, bn_mode), MaxPool2d(2),
                            nn.ReLU()]
                 size = size // 2
             c = filters

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import BACKBONES
-from .backbones import _norm
+from .backbones import MaxPool2d, _norm
 
 
 class RelationEmbedding(nn.Module):
@@ -28,7 +28,7 @@ class RelationEmbedding(nn.Module):
             pad = 0 if i < 2 else 1
             blocks += [nn.Conv2d(c, filters, 3, padding=pad), _norm(filters, bn_mode)]
             # pool before ReLU: they commute, and the ReLU then runs on a quarter of the values
-            blocks += [nn.MaxPool2d(2), nn.ReLU()] if i < 2 else [nn.ReLU()]
+            blocks += [MaxPool2d(2), nn.ReLU()] if i < 2 else [nn.ReLU()]
             c = filters
         self.features = nn.Sequential(*blocks)
         s = ((image_size - 2) // 2 - 2) // 2
@@ -56,8 +56,8 @@ class RelationModule(nn.Module):
         super().__init__()
         c, h, w = map_shape
         self.convs = nn.Sequential(
-            nn.Conv2d(2 * c, filters, 3, padding=1), _norm(filters, bn_mode), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(filters, filters, 3, padding=1), _norm(filters, bn_mode), nn.MaxPool2d(2), nn.ReLU())
+            nn.Conv2d(2 * c, filters, 3, padding=1), _norm(filters, bn_mode), MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(filters, filters, 3, padding=1), _norm(filters, bn_mode), MaxPool2d(2), nn.ReLU())
         flat = filters * (h // 4) * (w // 4)
         if flat == 0:
             raise ValueError(f"feature maps of {h}x{w} are too small for the relation module's two "
