@@ -34,14 +34,28 @@ def test_maml_batch_tasks_refuses_channels_last_with_the_fix():
     MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True))  # the per-task loop runs it
 
 
-def test_maml_batch_tasks_refuses_bfloat16_autocast_with_the_fix():
+@pytest.mark.parametrize("batch_tasks", [True, "inner"])
+def test_maml_batch_tasks_refuses_bfloat16_autocast_with_the_fix(batch_tasks):
     from metatl.data import Episode
     from metatl.meta import MAML
 
     ep = Episode(torch.rand(3, 1, 28, 28), torch.arange(3), torch.rand(3, 1, 28, 28), torch.arange(3))
-    maml = MAML(conv4_stride(out_features=3, bn_mode="batch", filters=8), batch_tasks=True)
+    maml = MAML(conv4_stride(out_features=3, bn_mode="batch", filters=8), batch_tasks=batch_tasks)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="precision=float32"):
         maml.meta_loss([ep, ep])
+
+
+def test_inner_vmap_takes_query_sets_of_different_sizes():
+    """``batch_tasks="inner"`` stacks the support sets only; the query losses run task by task."""
+    from metatl.data import Episode
+    from metatl.meta import MAML
+
+    torch.manual_seed(0)
+    eps = [Episode(torch.rand(3, 1, 12, 12), torch.arange(3), torch.rand(3 * q, 1, 12, 12), torch.arange(3).repeat(q))
+           for q in (1, 2)]
+    model = conv4_stride(out_features=3, bn_mode="batch", filters=4, image_size=12)
+    loop, inner = (MAML(model, batch_tasks=b).meta_loss(eps)[0] for b in (False, "inner"))
+    torch.testing.assert_close(inner, loop)
 
 
 @pytest.mark.filterwarnings("ignore:torch.is_autocast_cpu_enabled:DeprecationWarning")  # torch 2.3's API
@@ -115,6 +129,23 @@ def test_max_pool_equals_torchs_with_ties_and_second_derivatives(size):
     assert torch.equal(second_ours, second_ref)
     assert torch.autograd.gradgradcheck(MaxPool2d(2), (torch.randn(2, 3, size, size, dtype=torch.float64,
                                                                    generator=g, requires_grad=True),))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_max_pool_gradient_for_other_layouts_and_bfloat16(layout):
+    from metatl.nn import MaxPool2d
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 3, (2, 8, 7, 7), generator=g).double()
+    x = base.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else base.transpose(2, 3)
+    for dtype in (torch.float64, torch.bfloat16):
+        xd = x.to(dtype).detach().requires_grad_()  # a leaf in the layout of x
+        ref = xd.detach().clone().requires_grad_()
+        assert xd.stride() == x.stride() and ref.stride() == x.stride()
+        w = torch.randn(2, 8, 3, 3, generator=g).to(dtype)
+        (MaxPool2d(2)(xd) * w).sum().backward()
+        (F.max_pool2d(ref, 2) * w).sum().backward()
+        assert xd.grad.dtype == dtype and torch.equal(xd.grad, ref.grad), (layout, dtype)
 
 
 def test_max_pool_keeps_channels_last_and_is_plain_under_vmap():

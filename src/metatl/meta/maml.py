@@ -80,17 +80,17 @@ class MAML(GradientMetaLearner):
             raise ValueError("compile=True compiles the meta-batch's vmap over tasks; set "
                              "algorithm.batch_tasks=true as well (or compile=false).")
         if batch_tasks and any(True for _ in model.buffers()):
-            raise ValueError("batch_tasks=True cannot update BatchNorm running statistics inside vmap; "
+            raise ValueError(f"batch_tasks={batch_tasks!r} cannot update BatchNorm running statistics inside vmap; "
                              "use model.bn_mode 'batch' (the MAML default) or 'none', or batch_tasks=false.")
         unexact = [name for name, m in model.named_modules()
                    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and not isinstance(m, BatchStatsNorm2d)]
         if batch_tasks and not first_order and unexact:
-            raise ValueError(f"batch_tasks=True with second-order MAML: PyTorch's fused batch_norm and layer_norm "
+            raise ValueError(f"batch_tasks={batch_tasks!r} with second-order MAML: PyTorch's fused batch_norm and layer_norm "
                              f"give wrong second-order gradients under vmap (pytorch/functorch#534), and the model "
                              f"has {', '.join(unexact[:3])}. Use metatl.nn.BatchStatsNorm2d for BatchNorm with batch "
                              f"statistics (the conv nets' bn_mode 'batch'), first_order=True, or batch_tasks=false.")
         if batch_tasks and getattr(model, "channels_last", False):
-            raise ValueError("batch_tasks=True (vmap) cannot run the channels-last layout; set "
+            raise ValueError(f"batch_tasks={batch_tasks!r} (vmap) cannot run the channels-last layout; set "
                              "model.channels_last=false or algorithm.batch_tasks=false.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
         self.compile = compile
@@ -140,9 +140,10 @@ class MAML(GradientMetaLearner):
                 loss, outs = self.batch_loss(theta, *tensors)
             scores = [task_metric(self.task_type, o, y) for o, y in zip(outs.detach(), ep.query_y)]
         else:
-            if self.batch_tasks == "inner":
-                ep = self._stacked(batch)
-                adapted = self.batch_adapted(theta, ep.support_x, ep.support_y)
+            if self.batch_tasks == "inner":  # only the support sets are stacked
+                self._refuse_autocast(batch[0].support_x.device.type)
+                adapted = self.batch_adapted(theta, torch.stack([ep.support_x for ep in batch]),
+                                             torch.stack([ep.support_y for ep in batch]))
             else:
                 adapted = [self.adapted(theta, *ep.support) for ep in batch]
             losses, scores = [], []
@@ -154,15 +155,16 @@ class MAML(GradientMetaLearner):
         name = "query_acc" if self.task_type == "classification" else "query_mse"
         return loss, {"loss": loss.item(), name: sum(scores) / len(scores)}
 
-    @staticmethod
-    def _stacked(batch):
-        """The meta-batch stacked for vmap; bfloat16 autocast is refused there."""
-        ep = stack_episodes(batch)
-        if autocast_enabled(ep.query_x.device.type):
-            raise ValueError("batch_tasks (vmap) cannot run under bfloat16 autocast (its double "
-                             "backward mixes dtypes); set train.precision=float32 or "
+    def _stacked(self, batch):
+        """The meta-batch stacked for vmap."""
+        self._refuse_autocast(batch[0].query_x.device.type)
+        return stack_episodes(batch)
+
+    def _refuse_autocast(self, device_type: str) -> None:
+        if autocast_enabled(device_type):
+            raise ValueError(f"batch_tasks={self.batch_tasks!r} (vmap) cannot run under bfloat16 autocast (its "
+                             "double backward mixes dtypes); set train.precision=float32 or "
                              "algorithm.batch_tasks=false.")
-        return ep
 
 
 class KnownGradient(torch.autograd.Function):
