@@ -40,6 +40,23 @@ def training_step(config=MAML_5W1S, overrides: Sequence[str] = (), seed: int = 0
     return cfg, sampler, learner, step
 
 
+def interleaved(variants: dict, rounds: int, calls: int, warmup: bool = True) -> dict:
+    """Seconds of each call of each variant (``name -> callable``), the variants taking turns,
+    ``calls`` calls each per round, so that the machine's drift hits all alike. With ``warmup``,
+    each variant runs once first, untimed."""
+    if warmup:
+        for run in variants.values():
+            run()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            for _ in range(calls):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def machine(threads: int) -> dict:
     """Hardware, torch version, threads, the load average and the date; call it before timing."""
     from metatl.engine.trainer import hardware

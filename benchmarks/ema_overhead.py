@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from _step import ROOT, machine, training_step, write_json
+from _step import ROOT, interleaved, machine, training_step, write_json
 
 
 def main() -> None:
@@ -41,15 +41,7 @@ def main() -> None:
         average.update_parameters(learner)
 
     variants = {"without": step, "with": step_and_average}
-    for run in variants.values():  # warm-up
-        run()
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+    times = interleaved(variants, args.rounds, args.steps)
     updates = []
     for _ in range(200):
         start = time.perf_counter()

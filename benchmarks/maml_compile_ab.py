@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _step import ROOT, machine, training_step, write_json
+from _step import ROOT, interleaved, machine, training_step, write_json
 
 
 def main() -> None:
@@ -43,13 +43,7 @@ def main() -> None:
         start = time.perf_counter()
         steps[name]()
         first[name] = time.perf_counter() - start
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name in steps:
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
+    times = interleaved(steps, args.rounds, args.steps, warmup=False)  # the first calls ran above
     results = {name: {"seconds_per_iter_median": statistics.median(t), "seconds_per_iter_min": min(t),
                       "steps": len(t), "first_iter_seconds": first[name]} for name, t in times.items()}
     for name, r in results.items():

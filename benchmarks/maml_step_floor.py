@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _step import ROOT, machine, training_step, write_json
+from _step import ROOT, interleaved, machine, training_step, write_json
 
 BACKBONES = ("conv4_stride", "conv4_pool")
 
@@ -78,15 +78,7 @@ def main() -> None:
             variants["plain_query_compiled"] = plain_pass(torch.compile(model), [(ep.query_x, ep.query_y) for ep in batch])
             variants["plain_query_compiled"]()
             compile_seconds = time.perf_counter() - start
-        for run in variants.values():  # warm-up
-            run()
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                for _ in range(args.steps):
-                    start = time.perf_counter()
-                    run()
-                    times[name].append(time.perf_counter() - start)
+        times = interleaved(variants, args.rounds, args.steps)
         res = {name: {"seconds_median": statistics.median(t), "seconds_min": min(t), "calls": len(t)}
                for name, t in times.items()}
         if compile_seconds is not None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _step import ROOT, machine, training_step, write_json
+from _step import ROOT, interleaved, machine, training_step, write_json
 
 SHAPES = ((75, 64, 28, 28), (75, 64, 14, 14), (75, 64, 7, 7), (5, 64, 28, 28))
 
@@ -25,15 +24,6 @@ def use_pool(model: nn.Module, make) -> None:
         for name, child in module.named_children():
             if isinstance(child, nn.MaxPool2d):
                 setattr(module, name, make())
-
-
-def timed(fn, calls: int) -> list:
-    out = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def main() -> None:
@@ -55,10 +45,7 @@ def main() -> None:
         x = torch.randn(shape, requires_grad=True)
         grad = torch.randn(F.max_pool2d(x, 2).shape)
         runs = {name: (lambda pool=make(): pool(x).backward(grad)) for name, make in pools.items()}
-        times = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, run in runs.items():
-                times[name] += timed(run, 10)
+        times = interleaved(runs, args.rounds, 10)
         record["op_ms"][str(list(shape))] = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         print(shape, "  ".join(f"{n} {1e3 * statistics.median(t):.2f} ms" for n, t in times.items()), flush=True)
 
@@ -70,10 +57,7 @@ def main() -> None:
             use_pool(learner.model, make)
             step()
             steps[name] = step
-        times = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                times[name] += timed(step, 2)
+        times = interleaved(steps, args.rounds, 2, warmup=False)  # each ran once above
         key = f"maml_conv4_pool_batch_tasks_{batch_tasks}"
         record["step_s"][key] = {name: statistics.median(t) for name, t in times.items()}
         print(key, "  ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times.items()), flush=True)
