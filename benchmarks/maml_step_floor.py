@@ -11,13 +11,18 @@ For each conv net, one process times, interleaved in rounds (so the machine's dr
 - ``maml_step``: the trainer's real second-order step (per-task loop, 15 queries per class,
   episode sampling and Adam included), as ``benchmarks/maml_speed.py`` times it;
 - ``maml_step_inner_vmap``: the same step with ``algorithm.batch_tasks=inner`` (the inner loops as
-  one vmap over tasks, the query losses task by task).
+  one vmap over tasks, the query losses task by task);
+- ``maml_step_vmap``, with ``--vmap``: the same step with ``algorithm.batch_tasks=true`` (all of it
+  as one vmap over tasks).
+
+``--queries Q`` sets the query examples per class (default 15, the speed targets' episodes; 1 is
+MAML's training protocol), ``--backbones`` the nets.
 
 ``--compile`` adds ``plain_query_compiled``: the same plain pass through ``torch.compile(model)``
 (compiled before timing; the compile time is recorded).
 
-    python benchmarks/maml_step_floor.py [--rounds 4] [--compile]
-        [--out benchmarks/results/maml_step_floor.json]
+    python benchmarks/maml_step_floor.py [--rounds 4] [--compile] [--vmap] [--queries 15]
+        [--backbones conv4_stride conv4_pool] [--out benchmarks/results/maml_step_floor.json]
 """
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="calls per variant per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time the plain pass compiled")
+    ap.add_argument("--vmap", action="store_true", help="also time the step with batch_tasks=true")
+    ap.add_argument("--queries", type=int, default=15, help="query examples per class")
+    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "maml_step_floor.json"))
     args = ap.parse_args()
 
@@ -57,21 +65,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     facts = machine(args.threads)
     record = {"benchmark": "maml_step_floor", **facts, "rounds": args.rounds, "steps": args.steps,
-              "meta_batch": 32, "queries_per_class": 15, "results": {}}
-    for backbone in BACKBONES:
-        cfg, sampler, learner, maml_step = training_step(overrides=[
-            f"model.name={backbone}", "data.train_queries=15", "algorithm.batch_tasks=false"])
-        inner_vmap_step = training_step(overrides=[
-            f"model.name={backbone}", "data.train_queries=15", "algorithm.batch_tasks=inner"])[3]
+              "meta_batch": 32, "queries_per_class": args.queries, "results": {}}
+    for backbone in args.backbones:
+        def step(batch_tasks: str):
+            return training_step(overrides=[f"model.name={backbone}", f"data.train_queries={args.queries}",
+                                            f"algorithm.batch_tasks={batch_tasks}"])
+
+        cfg, sampler, learner, maml_step = step("false")
         batch = sampler.sample_batch(cfg.train.meta_batch, torch.Generator().manual_seed(1))
         model = learner.model  # the step's own net: same weights, layout and BatchNorm layer
         variants = {
             "maml_step": maml_step,
-            "maml_step_inner_vmap": inner_vmap_step,
+            "maml_step_inner_vmap": step("inner")[3],
             "plain_query": plain_pass(model, [(ep.query_x, ep.query_y) for ep in batch]),
             "plain_support_query": plain_pass(model, [(torch.cat([ep.support_x, ep.query_x]),
                                                        torch.cat([ep.support_y, ep.query_y])) for ep in batch]),
         }
+        if args.vmap:
+            variants["maml_step_vmap"] = step("true")[3]
         compile_seconds = None
         if args.compile:
             start = time.perf_counter()
