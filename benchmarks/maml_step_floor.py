@@ -13,7 +13,10 @@ For each conv net, one process times, interleaved in rounds (so the machine's dr
 - ``maml_step_inner_vmap``: the same step with ``algorithm.batch_tasks=inner`` (the inner loops as
   one vmap over tasks, the query losses task by task);
 - ``maml_step_vmap``, with ``--vmap``: the same step with ``algorithm.batch_tasks=true`` (all of it
-  as one vmap over tasks).
+  as one vmap over tasks);
+- ``plain_query_channels_last`` and ``maml_step_inner_vmap_channels_last``: ``plain_query`` and
+  ``maml_step_inner_vmap`` with ``model.channels_last=true`` (the layers outside vmap run in the
+  channels-last layout).
 
 ``--queries Q`` sets the query examples per class (default 15, the speed targets' episodes; 1 is
 MAML's training protocol), ``--backbones`` the nets.
@@ -67,17 +70,21 @@ def main() -> None:
     record = {"benchmark": "maml_step_floor", **facts, "rounds": args.rounds, "steps": args.steps,
               "meta_batch": 32, "queries_per_class": args.queries, "results": {}}
     for backbone in args.backbones:
-        def step(batch_tasks: str):
+        def step(batch_tasks: str, channels_last: bool = False):
             return training_step(overrides=[f"model.name={backbone}", f"data.train_queries={args.queries}",
-                                            f"algorithm.batch_tasks={batch_tasks}"])
+                                            f"algorithm.batch_tasks={batch_tasks}",
+                                            f"model.channels_last={str(channels_last).lower()}"])
 
         cfg, sampler, learner, maml_step = step("false")
         batch = sampler.sample_batch(cfg.train.meta_batch, torch.Generator().manual_seed(1))
         model = learner.model  # the step's own net: same weights, layout and BatchNorm layer
+        _, _, learner_cl, inner_cl = step("inner", channels_last=True)
         variants = {
             "maml_step": maml_step,
             "maml_step_inner_vmap": step("inner")[3],
+            "maml_step_inner_vmap_channels_last": inner_cl,
             "plain_query": plain_pass(model, [(ep.query_x, ep.query_y) for ep in batch]),
+            "plain_query_channels_last": plain_pass(learner_cl.model, [(ep.query_x, ep.query_y) for ep in batch]),
             "plain_support_query": plain_pass(model, [(torch.cat([ep.support_x, ep.query_x]),
                                                        torch.cat([ep.support_y, ep.query_y])) for ep in batch]),
         }

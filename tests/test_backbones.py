@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metatl.nn.backbones import conv4_pool, conv4_stride
+from metatl.nn.backbones import conv4_pool, conv4_stride, to_channels_last
 from metatl.nn.relation import RelationEmbedding
 
 
@@ -15,9 +15,12 @@ def test_channels_last_gives_the_same_outputs_and_gradients(factory, bn_mode):
     plain = factory(out_features=5, bn_mode=bn_mode, filters=16)
     fast = factory(out_features=5, bn_mode=bn_mode, filters=16, channels_last=True)
     fast.load_state_dict(plain.state_dict())
-    assert fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    layouts = []
+    for block in fast.features:  # every layer's output in the channels-last layout
+        block.register_forward_hook(lambda m, i, out: layouts.append(out.stride(1) == 1 and out.shape[1] > 1))
     x = torch.rand(12, 1, 28, 28)
     out_plain, out_fast = plain(x), fast(x)
+    assert all(layouts) and len(layouts) == len(fast.features)
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
     out_plain.square().sum().backward()
     out_fast.square().sum().backward()
@@ -26,12 +29,18 @@ def test_channels_last_gives_the_same_outputs_and_gradients(factory, bn_mode):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_maml_batch_tasks_refuses_channels_last_with_the_fix():
-    from metatl.meta import MAML
-
-    with pytest.raises(ValueError, match="channels_last=false"):
-        MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True), batch_tasks=True)
-    MAML(conv4_stride(bn_mode="batch", filters=8, channels_last=True))  # the per-task loop runs it
+def test_to_channels_last_restrides_one_channel_images_and_keeps_values_and_gradients():
+    """``x.contiguous(memory_format=torch.channels_last)`` leaves a one-channel batch as it is (it
+    counts as channels-last already), and oneDNN then runs every layer in the standard layout."""
+    x = torch.rand(4, 1, 5, 5, requires_grad=True)
+    assert x.contiguous(memory_format=torch.channels_last).stride(1) != 1  # why the helper exists
+    y = to_channels_last(x)
+    assert y.stride() == (25, 1, 5, 1) and torch.equal(y, x)
+    (y * torch.arange(100.0).view(4, 1, 5, 5)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(100.0).view(4, 1, 5, 5))
+    z = torch.rand(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert to_channels_last(z) is z and to_channels_last(y) is y
+    assert to_channels_last(torch.rand(2, 3)).shape == (2, 3)  # not an image batch: unchanged
 
 
 @pytest.mark.parametrize("batch_tasks", [True, "inner"])

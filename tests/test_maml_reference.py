@@ -223,6 +223,23 @@ def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
                    if name.startswith("features.") and name.endswith(".bias") and int(name.split(".")[1]) % 3 == 0)
 
 
+@pytest.mark.parametrize("batch_tasks", [False, True, "inner"])
+def test_channels_last_gives_the_same_meta_gradient(batch_tasks):
+    """``model.channels_last`` (outside vmap the layers run channels-last; inside, as they are):
+    the second-order meta-gradient of the standard layout, for every ``batch_tasks``."""
+    from metatl.nn import conv4_stride
+
+    torch.manual_seed(0)
+    model = conv4_stride(out_features=3, filters=4, image_size=12).double()
+    fast = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
+    fast.load_state_dict(model.state_dict())
+    eps = small_conv_episodes()
+    _, reference, _ = maml_grads(model, eps)
+    _, grads, _ = maml_grads(fast, eps, batch_tasks=batch_tasks)
+    for (name, _), a, b in zip(model.named_parameters(), grads, reference):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
+
+
 def test_inner_vmap_runs_the_query_sets_through_the_fused_batchnorm(monkeypatch):
     """``batch_tasks="inner"``: the support sets go through the exact elementary BatchNorm under
     vmap, each query set through PyTorch's fused kernel (the fast one outside transforms)."""

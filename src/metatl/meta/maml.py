@@ -57,7 +57,9 @@ class MAML(GradientMetaLearner):
         (the inner loops as one vmap over tasks, then the query losses task by task: faster on
         CPUs for large query sets, where each task's query batch is big enough for the plain
         convolutions, and the small support sets would leave the loop bound by per-operation
-        overhead). The same meta-gradient either way. Batching needs equally shaped episodes and
+        overhead). With ``"inner"``, a conv net's ``channels_last`` option makes the query
+        losses run in the channels-last layout, which oneDNN's CPU convolutions are faster on
+        (the vmapped inner loops are not affected). The same meta-gradient either way. Batching needs equally shaped episodes and
         no BatchNorm running statistics (``bn_mode`` ``batch`` or ``none``); for second order,
         normalisation layers must be :class:`~metatl.nn.BatchStatsNorm2d` (PyTorch's fused
         batch_norm and layer_norm differentiate wrongly twice under vmap).
@@ -89,9 +91,6 @@ class MAML(GradientMetaLearner):
                              f"give wrong second-order gradients under vmap (pytorch/functorch#534), and the model "
                              f"has {', '.join(unexact[:3])}. Use metatl.nn.BatchStatsNorm2d for BatchNorm with batch "
                              f"statistics (the conv nets' bn_mode 'batch'), first_order=True, or batch_tasks=false.")
-        if batch_tasks and getattr(model, "channels_last", False):
-            raise ValueError(f"batch_tasks={batch_tasks!r} (vmap) cannot run the channels-last layout; set "
-                             "model.channels_last=false or algorithm.batch_tasks=false.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
         self.compile = compile
         self._compiled = None  # built on first use: torch.compile(self.meta_gradient)
