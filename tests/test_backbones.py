@@ -38,9 +38,15 @@ def test_to_channels_last_restrides_one_channel_images_and_keeps_values_and_grad
     assert y.stride() == (25, 1, 5, 1) and torch.equal(y, x)
     (y * torch.arange(100.0).view(4, 1, 5, 5)).sum().backward()
     assert torch.equal(x.grad, torch.arange(100.0).view(4, 1, 5, 5))
-    z = torch.rand(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    z = torch.rand(2, 3, 4, 4)
+    assert to_channels_last(z).stride() == (48, 1, 12, 3) and torch.equal(to_channels_last(z), z)
+    z = z.contiguous(memory_format=torch.channels_last)
     assert to_channels_last(z) is z and to_channels_last(y) is y
-    assert to_channels_last(torch.rand(2, 3)).shape == (2, 3)  # not an image batch: unchanged
+    flat = torch.rand(2, 3)
+    assert to_channels_last(flat) is flat  # not an image batch: unchanged
+    # inside vmap the layout is vmap's business: unchanged, and no error (vmap cannot query it)
+    out = torch.func.vmap(to_channels_last)(torch.rand(3, 2, 1, 4, 4))
+    assert out.shape == (3, 2, 1, 4, 4)
 
 
 @pytest.mark.parametrize("batch_tasks", [True, "inner"])

@@ -240,6 +240,23 @@ def test_channels_last_gives_the_same_meta_gradient(batch_tasks):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
 
 
+@pytest.mark.parametrize("batch_tasks", [False, "inner"])
+def test_channels_last_runs_the_query_passes_channels_last(batch_tasks):
+    """With the option, every query set reaches the first convolution channels-last (one-channel
+    images included); inside vmap the input is left as it is."""
+    from metatl.nn import conv4_stride
+    from metatl.nn.backbones import _in_func_transform
+
+    model = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
+    seen = []
+    model.features[0].register_forward_pre_hook(
+        lambda m, args: seen.append(None if _in_func_transform(args[0]) else (len(args[0]), args[0].stride(1) == 1)))
+    eps = small_conv_episodes()
+    maml_grads(model, eps, batch_tasks=batch_tasks)
+    queries = [entry for entry in seen if entry is not None and entry[0] == len(eps[0].query_y)]
+    assert len(queries) == len(eps) and all(channels_last for _, channels_last in queries)
+
+
 def test_inner_vmap_runs_the_query_sets_through_the_fused_batchnorm(monkeypatch):
     """``batch_tasks="inner"``: the support sets go through the exact elementary BatchNorm under
     vmap, each query set through PyTorch's fused kernel (the fast one outside transforms)."""

@@ -46,8 +46,11 @@ def to_channels_last(x):
     ``x.contiguous(memory_format=torch.channels_last)`` this also restrides one-channel tensors,
     which count as channels-last contiguous already: oneDNN picks a convolution's layout from the
     strides, so a grey-scale image batch left as it is keeps every layer in the slower (N, C, H, W)
-    layout."""
-    if x.dim() != 4 or (x.is_contiguous(memory_format=torch.channels_last) and (x.shape[1] > 1 or x.stride(1) == 1)):
+    layout. Tensors that are not 4-D, and any tensor inside ``torch.func`` transforms or
+    ``torch.compile`` (where layouts are the transform's business), come back unchanged."""
+    if x.dim() != 4 or _in_func_transform(x):
+        return x
+    if x.is_contiguous(memory_format=torch.channels_last) and (x.shape[1] > 1 or x.stride(1) == 1):
         return x
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
@@ -186,8 +189,8 @@ class ConvNet(nn.Module):
         self.channels_last = channels_last
 
     def embed(self, x):
-        if self.channels_last and not _in_func_transform(x):  # vmap keeps its own layout
-            x = to_channels_last(x)
+        if self.channels_last:
+            x = to_channels_last(x)  # not inside vmap, which keeps its own layout
         h = self.features(x)
         return h.mean(dim=(2, 3)) if self.variant == "stride" else h.flatten(1)
 
