@@ -57,9 +57,10 @@ class MAML(GradientMetaLearner):
         (the inner loops as one vmap over tasks, then the query losses task by task: faster on
         CPUs for large query sets, where each task's query batch is big enough for the plain
         convolutions, and the small support sets would leave the loop bound by per-operation
-        overhead). With ``False`` or ``"inner"``, a conv net's ``channels_last`` option runs the
-        query losses in the channels-last layout, which oneDNN's CPU convolutions are faster on;
-        under vmap (the inner loops, all of ``True``, and ``compile``) the option has no effect.
+        overhead). A conv net's ``channels_last`` option runs what is outside vmap in the
+        channels-last layout, which oneDNN's CPU convolutions are faster on: the query losses with
+        ``"inner"``, everything with ``False``; under vmap (the inner loops with ``"inner"``, all
+        of ``True``, and ``compile``) it has no effect.
         The same meta-gradient either way. Batching needs equally shaped episodes and
         no BatchNorm running statistics (``bn_mode`` ``batch`` or ``none``); for second order,
         normalisation layers must be :class:`~metatl.nn.BatchStatsNorm2d` (PyTorch's fused
