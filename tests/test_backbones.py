@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metatl.nn.backbones import conv4_pool, conv4_stride, to_channels_last
+from metatl.nn.backbones import BatchStatsNorm2d, conv4_pool, conv4_stride, conv_batch_stats_norm, to_channels_last
 from metatl.nn.relation import RelationEmbedding
 
 
@@ -20,7 +20,7 @@ def test_channels_last_gives_the_same_outputs_and_gradients(factory, bn_mode):
         block.register_forward_hook(lambda m, i, out: layouts.append(out.stride(1) == 1 and out.shape[1] > 1))
     x = torch.rand(12, 1, 28, 28)
     out_plain, out_fast = plain(x), fast(x)
-    assert all(layouts) and len(layouts) == len(fast.features)
+    assert all(layouts) and len(layouts) == len(fast.features)  # hooked: no layer folded
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
     out_plain.square().sum().backward()
     out_fast.square().sum().backward()
@@ -75,7 +75,7 @@ def test_inner_vmap_takes_query_sets_of_different_sizes():
 
 @pytest.mark.filterwarnings("ignore:torch.is_autocast_cpu_enabled:DeprecationWarning")  # torch 2.3's API
 def test_autocast_check_works_without_the_device_argument_of_torch_2_3(monkeypatch):
-    from metatl.meta.maml import autocast_enabled
+    from metatl.nn.backbones import autocast_enabled
 
     def no_argument():  # torch 2.3's signature
         return False
@@ -248,3 +248,69 @@ def test_second_order_maml_through_the_max_pool_net_equals_torchs_pool(batch_tas
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for (name, _), a, b in zip(ours.named_parameters(), *grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv_batch_stats_norm_equals_the_conv_and_batchnorm_layers(stride, channels):
+    """BatchNorm of a convolution folded into the convolution (the moments of the input patches):
+    the outputs and every gradient of ``norm(conv(x))`` in float64, the input's included, and the
+    conv bias's exactly zero (BatchNorm cancels it)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 6, 3, stride=stride, padding=1).double()
+    norm = BatchStatsNorm2d(6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.normal_()
+    x = (torch.rand(5, channels, 9, 9, dtype=torch.float64) + 3.0).requires_grad_()  # a mean far from 0
+    target = torch.randn(5, 6, (9 + stride - 1) // stride, (9 + stride - 1) // stride, dtype=torch.float64)
+    params = [x, conv.weight, norm.weight, norm.bias]
+    reference = norm(conv(x))
+    grads_ref = torch.autograd.grad((reference * target).sum().square(), params)
+    folded = conv_batch_stats_norm(x, conv, norm)
+    torch.testing.assert_close(folded, reference, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((folded * target).sum().square(), params + [conv.bias])
+    for name, a, b in zip(["x", "conv.weight", "norm.weight", "norm.bias"], grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+    assert torch.equal(grads[-1], torch.zeros(6, dtype=torch.float64))
+
+
+def test_conv_batch_stats_norm_refuses_grouped_convolutions():
+    with pytest.raises(ValueError, match="groups=1"):
+        conv_batch_stats_norm(torch.rand(2, 2, 5, 5), torch.nn.Conv2d(2, 4, 3, groups=2), BatchStatsNorm2d(4))
+
+
+@pytest.mark.parametrize("factory", [conv4_stride, conv4_pool])
+def test_conv_nets_fold_the_first_batchnorm_for_grey_scale_float_input_only(factory, monkeypatch):
+    """The fold runs for one-channel float32/float64 input with ``bn_mode`` batch; not for three
+    channels, other modes, ``fold_first_norm=False``, under autocast, or when a hook watches the
+    first conv or BatchNorm (which must then be called). Same outputs either way."""
+    calls = []
+    fused = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda x, *a, **k: calls.append(1) or fused(x, *a, **k))
+
+    def count(model, x):
+        calls.clear()
+        out = model(x)
+        return len(calls), out
+
+    torch.manual_seed(0)
+    grey = torch.rand(6, 1, 28, 28)
+    folding = factory(filters=8)
+    plain = factory(filters=8, fold_first_norm=False)
+    plain.load_state_dict(folding.state_dict())
+    n, out = count(folding, grey)
+    assert n == 3 and folding.fold_first_norm  # the 3 BatchNorm layers after the first
+    n, out_plain = count(plain, grey)
+    assert n == 4
+    torch.testing.assert_close(out, out_plain, rtol=1e-4, atol=1e-5)
+    assert count(factory(filters=8, in_channels=3), torch.rand(6, 3, 28, 28))[0] == 4
+    assert count(factory(filters=8, bn_mode="running"), grey)[0] == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert count(folding, grey)[0] == 4
+    seen = []
+    handle = folding.features[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    assert count(folding, grey)[0] == 4 and seen == [grey.shape]
+    handle.remove()
+    assert count(folding, grey)[0] == 3
+    assert count(folding.double(), grey.double())[0] == 3
+    assert count(folding.bfloat16(), grey.bfloat16())[0] == 4

@@ -224,6 +224,26 @@ def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
 
 
 @pytest.mark.parametrize("batch_tasks", [False, True, "inner"])
+def test_folding_the_first_batchnorm_gives_the_same_meta_gradient(batch_tasks):
+    """The conv nets' first BatchNorm folded into its convolution (``fold_first_norm``, the
+    default): the second-order meta-gradient of the two layers run as they are, for every
+    ``batch_tasks`` (so also differentiated twice under vmap)."""
+    from metatl.nn import conv4_stride
+
+    torch.manual_seed(0)
+    model = conv4_stride(out_features=3, filters=4, image_size=12, fold_first_norm=False).double()
+    folding = conv4_stride(out_features=3, filters=4, image_size=12).double()
+    folding.load_state_dict(model.state_dict())
+    assert folding.fold_first_norm and not model.fold_first_norm
+    eps = small_conv_episodes()
+    loss_ref, reference, _ = maml_grads(model, eps)
+    loss, grads, _ = maml_grads(folding, eps, batch_tasks=batch_tasks)
+    assert torch.allclose(loss, loss_ref, rtol=1e-12)
+    for (name, _), a, b in zip(model.named_parameters(), grads, reference):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
+
+
+@pytest.mark.parametrize("batch_tasks", [False, True, "inner"])
 def test_channels_last_gives_the_same_meta_gradient(batch_tasks):
     """``model.channels_last`` (outside vmap the layers run channels-last; inside, as they are):
     the second-order meta-gradient of the standard layout, for every ``batch_tasks``."""
@@ -248,8 +268,8 @@ def test_channels_last_runs_the_query_passes_channels_last(batch_tasks):
     from metatl.nn.backbones import _in_func_transform
 
     model = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
-    seen = []
-    model.features[0].register_forward_pre_hook(
+    seen = []  # the first block's output (its conv and BatchNorm run as one convolution)
+    model.features[2].register_forward_pre_hook(
         lambda m, args: seen.append(None if _in_func_transform(args[0]) else (len(args[0]), args[0].stride(1) == 1)))
     eps = small_conv_episodes()
     maml_grads(model, eps, batch_tasks=batch_tasks)
@@ -267,7 +287,8 @@ def test_inner_vmap_runs_the_query_sets_through_the_fused_batchnorm(monkeypatch)
     monkeypatch.setattr(F, "batch_norm", lambda x, *a, **k: calls.append(x.shape[0]) or fused(x, *a, **k))
     eps = small_conv_episodes()
     maml_grads(conv4_stride(out_features=3, filters=4, image_size=12).double(), eps, batch_tasks="inner")
-    assert calls == [len(eps[0].query_y)] * (4 * len(eps))  # 4 BatchNorm layers, one query set each
+    # the 3 BatchNorm layers after the first (folded into its conv), one query set each
+    assert calls == [len(eps[0].query_y)] * (3 * len(eps))
 
 
 @pytest.mark.parametrize("value", ["yes", "all", 2])
@@ -318,6 +339,35 @@ def test_compiled_meta_gradient_equals_the_eager_one_with_batchnorm(first_order)
     assert metrics_c["query_acc"] == metrics_ref["query_acc"]
     assert all(torch.allclose(a, b, rtol=1e-7, atol=1e-10) for a, b in zip(compiled, ref))
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(compiled, other))
+
+
+class _FoldedBlockNet(nn.Module):
+    """One conv block whose BatchNorm is folded into the convolution, and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        from metatl.nn import BatchStatsNorm2d
+
+        self.conv, self.norm = nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        from metatl.nn.backbones import conv_batch_stats_norm
+
+        return self.head(torch.relu(conv_batch_stats_norm(x, self.conv, self.norm)).flatten(1))
+
+
+@needs_compiler
+def test_compiled_meta_gradient_through_the_folded_batchnorm_equals_the_eager_one():
+    """The fold's moments (unfold, small matrix products) under ``torch.compile`` and vmap,
+    differentiated twice: the gradient of the eager per-task loop."""
+    torch.manual_seed(0)
+    model = _FoldedBlockNet().double()
+    eps = small_conv_episodes()
+    loss_ref, ref, _ = maml_grads(model, eps, inner_steps=1)
+    loss_c, compiled, _ = maml_grads(model, eps, inner_steps=1, batch_tasks=True, compile=True)
+    assert torch.allclose(loss_c, loss_ref, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-7, atol=1e-10) for a, b in zip(compiled, ref))
 
 
 @pytest.mark.parametrize("batch_tasks", [False, "inner"])

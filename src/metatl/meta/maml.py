@@ -22,22 +22,12 @@ import torch
 from torch import nn
 
 from ..data.episode import stack_episodes
-from ..nn.backbones import BatchStatsNorm2d
+from ..nn.backbones import BatchStatsNorm2d, autocast_enabled
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import SGD
 
 BATCH_TASKS = (False, True, "inner")
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (torch < 2.4 has no per-device argument)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch 2.3
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
 
 
 @ALGORITHMS.register("maml")
