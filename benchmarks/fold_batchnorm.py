@@ -48,8 +48,8 @@ def main() -> None:
         cfg, sampler, _, _ = inner["true"]
         batch = sampler.sample_batch(cfg.train.meta_batch, torch.Generator().manual_seed(1))
         query_sets = [(ep.query_x, ep.query_y) for ep in batch]
-        cases = {"plain_query": {fold: plain_pass(learner.model, query_sets) for fold, (_, _, learner, _) in inner.items()},
-                 "maml_step_inner": {fold: step for fold, (_, _, _, step) in inner.items()}}
+        cases = {"plain_query": {fold: plain_pass(built[2].model, query_sets) for fold, built in inner.items()},
+                 "maml_step_inner": {fold: built[3] for fold, built in inner.items()}}
         if backbone == "conv4_stride" and not args.no_compile:
             vmap = steps([f"model.name={backbone}", "algorithm.batch_tasks=true", "algorithm.compile=true"])
             cases["maml_step_vmap_compiled"] = {fold: step for fold, (_, _, _, step) in vmap.items()}
@@ -59,8 +59,8 @@ def main() -> None:
                    for name, t in times.items()}
             res["speed_up"] = res["fold_false"]["seconds_median"] / res["fold_true"]["seconds_median"]
             record["results"][f"{backbone}/{case}"] = res
-            print(backbone, case, "  ".join(f"{n} {r['seconds_median']:.3f} s" for n, r in res.items() if n != "speed_up"),
-                  f"speed-up {res['speed_up']:.3f}", flush=True)
+            medians = "  ".join(f"{n} {r['seconds_median']:.3f} s" for n, r in res.items() if n != "speed_up")
+            print(backbone, case, medians, f"speed-up {res['speed_up']:.3f}", flush=True)
     write_json(args.out, record)
 
 

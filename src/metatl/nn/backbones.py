@@ -140,7 +140,8 @@ def conv_batch_stats_norm(x, conv: nn.Conv2d, norm: BatchStatsNorm2d):
     windows = torch.eye(size, dtype=x.dtype, device=x.device).view(size, *conv.weight.shape[1:])
     # each output position's input window, by a convolution with one-hot kernels (faster than
     # unfold), as the rows of a (N H' W', C_in k k) matrix
-    patches = F.conv2d(x, windows, None, conv.stride, conv.padding, conv.dilation).permute(0, 2, 3, 1).reshape(-1, size)
+    patches = F.conv2d(x, windows, None, conv.stride, conv.padding, conv.dilation)
+    patches = patches.permute(0, 2, 3, 1).reshape(-1, size)
     inv_n = 1.0 / patches.shape[0]
     mu = patches.sum(dim=0) * inv_n
     centred = patches - mu
@@ -286,7 +287,7 @@ def conv4_stride(in_channels: int = 1, out_features: int = 5, bn_mode: str = "ba
 @BACKBONES.register("conv4_pool")
 def conv4_pool(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
                image_size: int = 28, filters: int = 64, channels_last: bool = False,
-                 fold_first_norm: bool = True, **_) -> nn.Module:
+               fold_first_norm: bool = True, **_) -> nn.Module:
     """The Prototypical Networks net: 4 x (3x3 conv, BN, ReLU, 2x2 max-pool), linear head."""
     return ConvNet(in_channels, out_features, filters, "pool", bn_mode, image_size, channels_last,
                    fold_first_norm)
