@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from ..registry import BACKBONES
 
@@ -108,9 +109,7 @@ _CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 def _observed(*modules: nn.Module) -> bool:
     """Whether a forward or backward hook would see these modules called (their own hooks or
     global ones): then they must run as modules."""
-    from torch.nn.modules import module as registry
-
-    return any(getattr(registry, "_global" + name, None) for name in _CALL_HOOKS) or any(
+    return any(getattr(_module_hooks, "_global" + name, None) for name in _CALL_HOOKS) or any(
         getattr(m, name, None) for m in modules for name in _CALL_HOOKS)
 
 
