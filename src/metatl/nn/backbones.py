@@ -129,9 +129,8 @@ def conv_batch_stats_norm(x, conv: nn.Conv2d, norm: BatchStatsNorm2d):
     convolution, and the full-size passes of BatchNorm's forward and backward (and, for
     second-order MAML, of their derivatives) go away: second-order MAML's 15-query step 10% faster
     with the strided net and 23% with the max-pool net (``benchmarks/fold_batchnorm.py``). The
-    same function as the two layers (tests in float64), and in float32 closer to it than PyTorch's
-    fused kernel: the first layers' gradients within 7e-6 of float64's against up to 2e-3 (scratch
-    check, one batch). The conv bias cancels, and gets a zero gradient."""
+    same function as the two layers (tests in float64). The conv bias cancels, and gets a zero
+    gradient."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(f"conv_batch_stats_norm needs a convolution with groups=1 and zero padding, got "
                          f"groups={conv.groups}, padding_mode={conv.padding_mode!r}; run the two layers instead.")
