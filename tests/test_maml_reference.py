@@ -384,3 +384,131 @@ def test_known_gradient_scales_with_the_upstream_gradient():
     assert value.item() == 5.0
     (2 * value).backward()
     assert torch.equal(p["a"].grad, torch.tensor([2.0, 4.0])) and torch.equal(p["b"].grad, torch.tensor([6.0, 0.0, -2.0]))
+
+
+@pytest.mark.parametrize("batch_tasks", [False, "inner"], ids=["loop", "inner_vmap"])
+def test_threaded_meta_gradient_matches_finite_differences(batch_tasks):
+    """``task_threads=2``: three tasks shared between two threads; the meta-gradient of the mean
+    query loss against finite differences of the hand-unrolled objective."""
+    model, alpha = tiny_mlp(), 0.3
+    eps = [episode(s) for s in (1, 2, 3)]
+    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=2, batch_tasks=batch_tasks, task_threads=2)
+    loss, _ = learner.meta_loss(eps)
+    analytic = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    objective = lambda f: sum(unrolled_objective(f.requires_grad_(True), shapes, ep, alpha, 2) for ep in eps) / 3
+    assert torch.allclose(loss, objective(flat.clone()).detach(), rtol=1e-12)
+    numeric = torch.zeros_like(flat)
+    for i in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[i] = 1e-6
+        numeric[i] = (objective(flat + e) - objective(flat - e)).detach() / 2e-6
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-8), (analytic - numeric).abs().max()
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("batch_tasks", [False, "inner"], ids=["loop", "inner_vmap"])
+def test_task_threads_give_the_one_thread_meta_gradient(batch_tasks, first_order):
+    """The conv net (folded first BatchNorm, channels-last queries) over five tasks: 2 and 3 threads
+    give the loss, the metrics and the meta-gradient of the tasks run one after another, and the
+    tasks do run in the worker threads."""
+    import threading
+
+    from metatl.nn import conv4_stride
+
+    before = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
+    threads_seen = set()
+    model.head.register_forward_pre_hook(lambda m, args: threads_seen.add(threading.current_thread().name))
+    eps = small_conv_episodes(n=5)
+    loss_ref, reference, metrics_ref = maml_grads(model, eps, batch_tasks=batch_tasks, first_order=first_order,
+                                                  task_threads=1)
+    assert threads_seen == {threading.current_thread().name}
+    for threads in (2, 3):
+        threads_seen.clear()
+        loss, grads, metrics = maml_grads(model, eps, batch_tasks=batch_tasks, first_order=first_order,
+                                          task_threads=threads)
+        assert len(threads_seen) == threads
+        assert torch.allclose(loss, loss_ref, rtol=1e-12) and metrics == pytest.approx(metrics_ref, rel=1e-12)
+        for (name, _), a, b in zip(model.named_parameters(), grads, reference):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13), (threads, name)
+    assert torch.get_num_threads() == before
+
+
+def test_task_threads_refuse_models_that_are_not_thread_safe():
+    """Running BatchNorm statistics (updated in place) and dropout (random draws) would make the
+    result depend on the threads' order: 'auto' runs one thread, an explicit count is refused."""
+    from metatl.meta.threads import resolve_threads
+    from metatl.nn import conv4_stride
+
+    running = conv4_stride(out_features=3, filters=4, image_size=12, bn_mode="running")
+    dropout = nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))
+    x = torch.zeros(3, 1)
+    assert resolve_threads(2, tiny_mlp(), 4, x) == 2 and resolve_threads(8, tiny_mlp(), 3, x) == 3
+    for model, reason in ((running, "buffers"), (dropout, "dropout")):
+        assert resolve_threads("auto", model, 4, x) == resolve_threads(2, model, 4, x) == 1
+        MAML(model, task_threads="auto")
+        with pytest.raises(ValueError, match=reason):
+            MAML(model, task_threads=2)
+        with pytest.raises(ValueError, match=reason):
+            Reptile(model, task_threads=2)
+    with torch.no_grad():
+        assert resolve_threads(2, tiny_mlp(), 4, x) == 1
+    with pytest.raises(ValueError, match="one vmap"):
+        MAML(tiny_mlp(), "regression", batch_tasks=True, task_threads=2)
+    for bad in (0, -1, "many", True, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            MAML(tiny_mlp(), "regression", task_threads=bad)
+
+
+def test_an_error_in_a_task_thread_reaches_the_caller():
+    from metatl.nn import conv4_stride
+
+    before = torch.get_num_threads()
+    eps = small_conv_episodes(n=4)
+    eps[3] = Episode(eps[3].support_x, eps[3].support_y, eps[3].query_x, eps[3].query_y + 7)  # labels 7-9 of 3 classes
+    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12).double(), task_threads=2)
+    with pytest.raises(IndexError, match="out of bounds"):
+        learner.meta_loss(eps)
+    assert torch.get_num_threads() == before
+
+
+def test_map_shards_splits_the_items_and_the_intra_op_threads():
+    """Each thread gets every n-th item and an equal share of the intra-op threads (at least one);
+    CPU autocast is carried into the threads; the caller's thread count comes back."""
+    from metatl.meta.threads import map_shards
+    from metatl.nn.backbones import autocast_enabled
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        seen = map_shards(tiny_mlp(), lambda items: (items, torch.get_num_threads(), autocast_enabled("cpu")),
+                          list(range(7)), 3)
+        assert [items for items, _, _ in seen] == [[0, 3, 6], [1, 4], [2, 5]]
+        assert [n for _, n, _ in seen] == [1, 1, 1] and torch.get_num_threads() == 4
+        assert [n for _, n, _ in map_shards(tiny_mlp(), lambda items: (items, torch.get_num_threads(), False),
+                                            list(range(7)), 2)] == [2, 2]
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(on for _, _, on in map_shards(tiny_mlp(), lambda items: (items, 0, autocast_enabled("cpu")),
+                                                  [1, 2], 2))
+
+
+@pytest.mark.parametrize("inner_batch", [None, 2])
+def test_reptile_task_threads_give_the_one_thread_update(inner_batch):
+    """Reptile's tasks in two threads, with minibatches drawn in the inner loop: the same update
+    as one thread, since each task has its own generator seeded before the threads start."""
+    results = []
+    for threads in (1, 2):
+        model = tiny_mlp()
+        learner = Reptile(model, "regression", inner_lr=0.05, inner_steps=3, inner_optimizer="sgd",
+                          inner_batch=inner_batch, task_threads=threads)
+        torch.manual_seed(3)
+        loss, _ = learner.meta_loss([episode(s) for s in range(5)])
+        results.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(*results))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .adapt import adapt
+from .threads import thread_model
 
 Params = Dict[str, Tensor]
 
@@ -85,8 +86,9 @@ class MetaLearner(nn.Module):
 
     def functional(self, params: Params, x: Tensor) -> Tensor:
         """``f(x; params)``. ``params`` may also carry buffers (BatchNorm running statistics);
-        buffers it lacks come from the model."""
-        return functional_call(self.model, params, (x,), strict=False)
+        buffers it lacks come from the model. Inside :func:`metatl.meta.threads.map_shards` it runs
+        the calling thread's replica of the model."""
+        return functional_call(thread_model(self.model), params, (x,), strict=False)
 
     def meta_loss(self, batch):  # pragma: no cover - interface
         raise NotImplementedError
@@ -115,13 +117,15 @@ class GradientMetaLearner(MetaLearner):
 
     def adapt_params(self, params: Params, x: Tensor, y: Tensor, steps: int, *,
                      create_graph: bool = False, batch_size: Optional[int] = None,
-                     buffers: Optional[Params] = None, batched: bool = False) -> Params:
+                     buffers: Optional[Params] = None, batched: bool = False,
+                     generator: Optional[torch.Generator] = None) -> Params:
         """:func:`metatl.meta.adapt.adapt` with this learner's model, loss and rule. ``buffers``
-        defaults to the model's own (BatchNorm running statistics are updated in training)."""
+        defaults to the model's own (BatchNorm running statistics are updated in training);
+        ``generator`` draws the minibatches (default: the global generator)."""
         if buffers is None:
             buffers = dict(self.model.named_buffers())
-        return adapt(self.functional, params, x, y, self.loss_fn, self.rule, steps,
-                     create_graph=create_graph, batch_size=batch_size, buffers=buffers, batched=batched)
+        return adapt(self.functional, params, x, y, self.loss_fn, self.rule, steps, create_graph=create_graph,
+                     batch_size=batch_size, buffers=buffers, batched=batched, generator=generator)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """Adapt a copy of the meta-learned parameters to a support set (no meta-gradient)."""

@@ -26,6 +26,7 @@ from ..nn.backbones import BatchStatsNorm2d, autocast_enabled
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import SGD
+from .threads import check_task_threads, map_shards, resolve_threads, threads_unsafe
 
 BATCH_TASKS = (False, True, "inner")
 
@@ -62,11 +63,21 @@ class MAML(GradientMetaLearner):
         cache holds the graph) and so does any new episode shape; CPU compilation needs a C++
         compiler. The trainer still calls ``loss.backward()``: the returned loss carries the
         computed gradient (:func:`with_gradient`).
+    task_threads : with ``batch_tasks`` ``False`` or ``"inner"``, on CPU tensors: run the
+        meta-batch's tasks in this many threads, each with its share of the tasks and of the
+        intra-op threads (:mod:`metatl.meta.threads`); each thread computes its tasks' losses and
+        their meta-gradient, and the returned loss carries the sum (:func:`with_gradient`).
+        ``"auto"`` (default): ``torch.get_num_threads()`` threads where that is safe (no
+        buffers, no dropout), else 1. 1 runs the tasks one after another. The same meta-gradient
+        up to floating-point rounding; faster on multi-core CPUs (0.39 instead of 0.46 s for the
+        15-query Omniglot step on 2 cores). With ``batch_tasks=True`` the meta-batch is one vmap,
+        and this setting must stay ``"auto"`` or 1.
     """
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
                  inner_steps: int = 1, inner_steps_test: Optional[int] = None, first_order: bool = False,
-                 batch_tasks: Union[bool, str] = False, compile: bool = False):
+                 batch_tasks: Union[bool, str] = False, compile: bool = False,
+                 task_threads: Union[int, str] = "auto"):
         super().__init__(model, task_type, SGD(inner_lr), inner_steps, inner_steps_test)
         if not any(batch_tasks is choice or batch_tasks == choice == "inner" for choice in BATCH_TASKS):
             raise ValueError(f"batch_tasks must be false, true or 'inner', got {batch_tasks!r}.")
@@ -83,7 +94,17 @@ class MAML(GradientMetaLearner):
                              f"give wrong second-order gradients under vmap (pytorch/functorch#534), and the model "
                              f"has {', '.join(unexact[:3])}. Use metatl.nn.BatchStatsNorm2d for BatchNorm with batch "
                              f"statistics (the conv nets' bn_mode 'batch'), first_order=True, or batch_tasks=false.")
+        check_task_threads(task_threads)
+        if task_threads not in ("auto", 1):
+            if batch_tasks is True:
+                raise ValueError(f"task_threads={task_threads} runs tasks in threads, but batch_tasks=true runs the "
+                                 "meta-batch as one vmap; set task_threads to 'auto' or 1, or batch_tasks to "
+                                 "false or 'inner'.")
+            if threads_unsafe(model):
+                raise ValueError(f"task_threads={task_threads}: the model cannot run in several threads at once, "
+                                 f"because {threads_unsafe(model)}; set task_threads to 'auto' or 1.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
+        self.task_threads = task_threads
         self.compile = compile
         self._compiled = None  # built on first use: torch.compile(self.meta_gradient)
 
@@ -99,10 +120,8 @@ class MAML(GradientMetaLearner):
 
     def batch_adapted(self, theta, support_x, support_y):
         """Every task's ``theta'_i`` from one vmap over the stacked support sets, as one dict of
-        parameters per task (``batch_tasks="inner"``)."""
-        stacked = torch.func.vmap(partial(self.adapted, theta, batched=True))(support_x, support_y)
-        per_task = zip(*(v.unbind(0) for v in stacked.values()))  # unbind: one backward node for all tasks
-        return [dict(zip(stacked, values)) for values in per_task]
+        stacked parameters (tasks first; ``batch_tasks="inner"``)."""
+        return torch.func.vmap(partial(self.adapted, theta, batched=True))(support_x, support_y)
 
     def batch_loss(self, theta, support_x, support_y, query_x, query_y):
         """The meta-objective of a stacked meta-batch (one vmap over tasks): the mean query loss,
@@ -131,20 +150,61 @@ class MAML(GradientMetaLearner):
                 loss, outs = self.batch_loss(theta, *tensors)
             scores = [task_metric(self.task_type, o, y) for o, y in zip(outs.detach(), ep.query_y)]
         else:
-            if self.batch_tasks == "inner":  # only the support sets are stacked
-                self._refuse_autocast(batch[0].support_x.device.type)
-                adapted = self.batch_adapted(theta, torch.stack([ep.support_x for ep in batch]),
-                                             torch.stack([ep.support_y for ep in batch]))
-            else:
-                adapted = [self.adapted(theta, *ep.support) for ep in batch]
-            losses, scores = [], []
-            for params, ep in zip(adapted, batch):
-                out = self.functional(params, ep.query_x)
-                losses.append(self.loss_fn(out, ep.query_y))
-                scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
-            loss = torch.stack(losses).mean()
+            loss, scores = self._meta_loss_by_task(theta, batch)
         name = "query_acc" if self.task_type == "classification" else "query_mse"
         return loss, {"loss": loss.item(), name: sum(scores) / len(scores)}
+
+    def task_gradients(self, theta, wrt, tasks, scale: float):
+        """For ``batch_tasks`` ``False`` or ``"inner"``: the summed query loss of ``tasks`` (a list
+        of episodes), each task's query metric, and ``scale`` times the meta-gradient of the summed
+        loss with respect to each tensor of ``wrt`` (``None`` where unused): the parameters of
+        ``theta`` that require grad, and any others the inner loop uses (a learned update rule's).
+
+        Each task's query loss is differentiated as soon as it is computed, with respect to its
+        adapted parameters, while its activations are still in the CPU's caches (and then freed);
+        one backward pass through the inner loops then carries these gradients to ``theta``."""
+        names = [k for k, p in theta.items() if p.requires_grad]
+        if self.batch_tasks == "inner":  # only the support sets are stacked
+            self._refuse_autocast(tasks[0].support_x.device.type)
+            stacked = self.batch_adapted(theta, torch.stack([ep.support_x for ep in tasks]),
+                                         torch.stack([ep.support_y for ep in tasks]))
+            tracked = [k for k in names if stacked[k].requires_grad]
+            adapted = [{k: v.detach()[i] for k, v in stacked.items()} for i in range(len(tasks))]
+        else:
+            adapted = [self.adapted(theta, *ep.support) for ep in tasks]
+            tracked = [k for k in names if adapted[0][k].requires_grad]
+        total, scores, query_grads = 0.0, [], []
+        for params, ep in zip(adapted, tasks):
+            leaves = {k: v.detach().requires_grad_(k in tracked) for k, v in params.items()}
+            out = self.functional(leaves, ep.query_x)
+            loss = self.loss_fn(out, ep.query_y)
+            grads = torch.autograd.grad(loss * scale, [leaves[k] for k in tracked], allow_unused=True)
+            query_grads.append([torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(tracked, grads)])
+            total = total + loss.detach()
+            scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
+        if self.batch_tasks == "inner":  # one output per parameter, the tasks stacked
+            outputs = [stacked[k] for k in tracked]
+            cotangents = [torch.stack(g) for g in zip(*query_grads)]
+        else:
+            outputs = [params[k] for params in adapted for k in tracked]
+            cotangents = [g for grads in query_grads for g in grads]
+        grads = torch.autograd.grad(outputs, list(wrt.values()), cotangents, allow_unused=True)
+        return total, scores, grads
+
+    def _meta_loss_by_task(self, theta, batch):
+        """The meta-batch's mean query loss, carrying its meta-gradient (:func:`with_gradient`), and
+        the tasks' metrics; the tasks shared among ``task_threads`` threads
+        (:func:`~metatl.meta.threads.map_shards`)."""
+        wrt = {k: p for k, p in theta.items() if p.requires_grad}
+        seen = {id(p) for p in wrt.values()}
+        wrt.update((k, p) for k, p in self.named_parameters() if p.requires_grad and id(p) not in seen)
+        threads = resolve_threads(self.task_threads, self.model, len(batch), batch[0].support_x)
+        task_gradients = partial(self.task_gradients, theta, wrt, scale=1 / len(batch))
+        parts = map_shards(self.model, task_gradients, batch, threads)
+        grads = {k: sum(g[j] if g[j] is not None else torch.zeros_like(p) for _, _, g in parts)
+                 for j, (k, p) in enumerate(wrt.items())}
+        value = sum(total for total, _, _ in parts) / len(batch)
+        return with_gradient(value, wrt, grads), [s for _, sc, _ in parts for s in sc]
 
     def _stacked(self, batch):
         """The meta-batch stacked for vmap."""

@@ -14,7 +14,7 @@ larger meta-batch the batched version (Algorithm 2).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torch import nn
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import make_rule
+from .threads import check_task_threads, map_shards, resolve_threads, threads_unsafe
 
 
 @ALGORITHMS.register("reptile")
@@ -34,30 +35,50 @@ class Reptile(GradientMetaLearner):
     inner_lr : the inner optimizer's step size.
     inner_steps, inner_batch : inner iterations and minibatch size during meta-training.
     inner_steps_test, inner_batch_test : the same when adapting at test time.
+    task_threads : run the meta-batch's tasks in this many CPU threads, as for
+        :class:`~metatl.meta.MAML` (``"auto"``: ``torch.get_num_threads()`` where the model is
+        thread-safe). Each task draws its minibatches from its own generator, seeded from the
+        global one before the tasks start, so the result does not depend on the threads.
     """
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 1e-3,
                  inner_steps: int = 5, inner_steps_test: Optional[int] = 50,
                  inner_optimizer: str = "adam", inner_betas: Sequence[float] = (0.0, 0.999),
-                 inner_batch: Optional[int] = 10, inner_batch_test: Optional[int] = None):
+                 inner_batch: Optional[int] = 10, inner_batch_test: Optional[int] = None,
+                 task_threads: Union[int, str] = "auto"):
         kwargs = {"betas": tuple(inner_betas)} if inner_optimizer == "adam" else {}
         rule = make_rule(inner_optimizer, lr=inner_lr, **kwargs)
         super().__init__(model, task_type, rule, inner_steps, inner_steps_test, inner_batch, inner_batch_test)
-        self.inner_lr, self.inner_optimizer = inner_lr, inner_optimizer
+        check_task_threads(task_threads)
+        if task_threads not in ("auto", 1) and threads_unsafe(model):
+            raise ValueError(f"task_threads={task_threads}: the model cannot run in several threads at once, "
+                             f"because {threads_unsafe(model)}; set task_threads to 'auto' or 1.")
+        self.inner_lr, self.inner_optimizer, self.task_threads = inner_lr, inner_optimizer, task_threads
 
     def meta_loss(self, batch):
         theta = self.params()
         start = {k: p.detach() for k, p in theta.items()}
-        mean = {k: torch.zeros_like(p) for k, p in start.items()}
-        scores = []
-        for ep in batch:
-            adapted = self.adapt_params(start, ep.support_x, ep.support_y, self.inner_steps,
-                                        batch_size=self.inner_batch)
-            for k in mean:
-                mean[k] += adapted[k].detach() / len(batch)
-            if len(ep.query_x):
-                with torch.no_grad():
-                    scores.append(task_metric(self.task_type, self.functional(adapted, ep.query_x), ep.query_y))
+        # each task's minibatch order, whichever thread runs it
+        seeds = torch.randint(0, 2 ** 62, (len(batch),)).tolist()
+
+        def shard(tasks):
+            total = {k: torch.zeros_like(p) for k, p in start.items()}
+            scores = []
+            for ep, seed in tasks:
+                adapted = self.adapt_params(start, ep.support_x, ep.support_y, self.inner_steps,
+                                            batch_size=self.inner_batch,
+                                            generator=torch.Generator().manual_seed(seed))
+                for k in total:
+                    total[k] += adapted[k].detach()
+                if len(ep.query_x):
+                    with torch.no_grad():
+                        scores.append(task_metric(self.task_type, self.functional(adapted, ep.query_x), ep.query_y))
+            return total, scores
+
+        threads = resolve_threads(self.task_threads, self.model, len(batch), batch[0].support_x)
+        parts = map_shards(self.model, shard, list(zip(batch, seeds)), threads)
+        mean = {k: sum(total[k] for total, _ in parts) / len(batch) for k in start}
+        scores = [s for _, sc in parts for s in sc]
         loss = 0.5 * sum(((theta[k] - mean[k]) ** 2).sum() for k in theta)
         name = "query_acc" if self.task_type == "classification" else "query_mse"
         metrics = {"loss": loss.detach().item()}
