@@ -45,6 +45,35 @@ def test_same_seed_same_episodes_other_seed_other_episodes():
     assert not all(torch.equal(u.support_x, v.support_x) for u, v in zip(a, c))
 
 
+def episode_one_class_at_a_time(pool, ways, shots, queries, generator):
+    """The sampler's episode written out plainly: the classes, then per class its examples from
+    ``pool.get`` (support first), as many draws from ``generator`` and in the same order."""
+    classes = torch.randperm(len(pool), generator=generator)[:ways].tolist()
+    xs = [pool.get(c, torch.randperm(pool.counts[c], generator=generator)[:shots + queries]) for c in classes]
+    labels = torch.arange(ways)
+    return (torch.cat([x[:shots] for x in xs]), labels.repeat_interleave(shots),
+            torch.cat([x[shots:] for x in xs]), labels.repeat_interleave(queries))
+
+
+@pytest.mark.parametrize("queries", [0, 3])
+def test_a_batch_of_episodes_gathered_at_once_equals_one_class_at_a_time(queries):
+    """``sample_batch`` gathers a meta-batch's examples in one call (Omniglot's rotated classes:
+    one gather and one rotation per angle); the episodes are those of the plain per-class loop,
+    rotations included, and each is its own slice."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, 6, 5, 5), dtype=torch.uint8, generator=g)
+    names = [f"a/c{i}" for i in range(7)]
+    for p in (omni.OmniglotClasses(images, names, names[1:6]), pool(n_classes=9, per_class=6)[0]):
+        batch = EpisodeSampler(p, ways=4, shots=2, queries=queries).sample_batch(5, torch.Generator().manual_seed(3))
+        reference = torch.Generator().manual_seed(3)
+        for ep in batch:
+            expected = episode_one_class_at_a_time(p, 4, 2, queries, reference)
+            assert all(torch.equal(a, b) for a, b in zip((ep.support_x, ep.support_y, ep.query_x, ep.query_y), expected))
+    x = omni.OmniglotClasses(images, names, names[1:6]).get_many([(6, torch.tensor([4, 0])), (3, torch.tensor([2]))])
+    assert torch.equal(x[:2, 0], torch.rot90(images[2, [4, 0]], 2, dims=(1, 2)).float() / 255)
+    assert torch.equal(x[2:, 0], torch.rot90(images[1, [2]], 3, dims=(1, 2)).float() / 255)
+
+
 def test_sampler_rejects_impossible_episodes_with_a_fix():
     p, _, _ = pool(n_classes=4, per_class=5)
     with pytest.raises(ValueError, match="only 4.*lower `ways`"):

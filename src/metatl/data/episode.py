@@ -7,7 +7,7 @@ turns one into a single :class:`Episode` with a leading task dimension (for ``to
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -64,6 +64,11 @@ class ClassPool:
     def get(self, c: int, idx: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def get_many(self, requests: Sequence[Tuple[int, Tensor]]) -> Tensor:
+        """``torch.cat([self.get(c, idx) for c, idx in requests])``; pools override it to gather
+        all at once (a meta-batch's episodes are one call)."""
+        return torch.cat([self.get(c, idx) for c, idx in requests if len(idx)])
+
 
 class TensorClassPool(ClassPool):
     """A :class:`ClassPool` over tensors ``x`` of shape ``(n, *x_shape)`` and integer labels ``y``."""
@@ -85,6 +90,9 @@ class TensorClassPool(ClassPool):
 
     def get(self, c: int, idx: Tensor) -> Tensor:
         return self.x[self._members[c][idx]]
+
+    def get_many(self, requests: Sequence[Tuple[int, Tensor]]) -> Tensor:
+        return self.x[torch.cat([self._members[c][idx] for c, idx in requests])]
 
 
 class EpisodeSampler:
@@ -114,22 +122,29 @@ class EpisodeSampler:
         self.out_features = ways
 
     def sample(self, generator: torch.Generator) -> Episode:
-        n, k, q = self.ways, self.shots, self.queries
-        classes = torch.randperm(len(self.pool), generator=generator)[:n].tolist()
-        sx, qx = [], []
-        for c in classes:
-            idx = torch.randperm(self.pool.counts[c], generator=generator)[: k + q]
-            x = self.pool.get(c, idx)
-            sx.append(x[:k])
-            qx.append(x[k:])
-        labels = torch.arange(n)
-        support_x, query_x = torch.cat(sx), torch.cat(qx)
-        if self.transform is not None:
-            support_x, query_x = self.transform(support_x), self.transform(query_x)
-        return Episode(support_x, labels.repeat_interleave(k), query_x, labels.repeat_interleave(q))
+        return self.sample_batch(1, generator)[0]
 
     def sample_batch(self, size: int, generator: torch.Generator) -> List[Episode]:
-        return [self.sample(generator) for _ in range(size)]
+        """``size`` episodes, the same as ``size`` calls of :meth:`sample`. The random draws come
+        first, episode by episode (the classes, then each class's examples); then all the
+        examples are gathered in one :meth:`ClassPool.get_many` call, each episode's support
+        examples before its queries, so that its support and query sets are slices of one tensor."""
+        n, k, q = self.ways, self.shots, self.queries
+        requests = []
+        for _ in range(size):
+            classes = torch.randperm(len(self.pool), generator=generator)[:n].tolist()
+            picks = [torch.randperm(self.pool.counts[c], generator=generator)[: k + q] for c in classes]
+            requests += [(c, idx[:k]) for c, idx in zip(classes, picks)]
+            requests += [(c, idx[k:]) for c, idx in zip(classes, picks)]
+        x = self.pool.get_many(requests)
+        episodes, labels = [], torch.arange(n)
+        for e in range(size):
+            start = e * n * (k + q)
+            support_x, query_x = x[start:start + n * k], x[start + n * k:start + n * (k + q)]
+            if self.transform is not None:
+                support_x, query_x = self.transform(support_x), self.transform(query_x)
+            episodes.append(Episode(support_x, labels.repeat_interleave(k), query_x, labels.repeat_interleave(q)))
+        return episodes
 
 
 def fixed_episodes(sampler, n: int, seed: int) -> Iterator[Episode]:

@@ -207,6 +207,9 @@ class ImageFolderClasses(ClassPool):
     def get(self, c: int, idx: Tensor) -> Tensor:
         return to_float(self.images[self._members[c][idx]])
 
+    def get_many(self, requests) -> Tensor:
+        return to_float(self.images[torch.cat([self._members[c][idx] for c, idx in requests])])
+
 
 def split_classes(names: Sequence[str], classes: Optional[Dict[str, List[str]]] = None,
                   fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> Dict[str, List[str]]:

@@ -149,6 +149,19 @@ class OmniglotClasses(ClassPool):
         x = self.images[self.chars[char], idx].float().div_(255.0).unsqueeze(1)
         return torch.rot90(x, self.rotations[rot], dims=(2, 3))
 
+    def get_many(self, requests) -> torch.Tensor:
+        """The examples of each ``(class, indices)`` request, one gather for all of them, then one
+        rotation per rotation angle."""
+        r, per_char = len(self.rotations), self.images.shape[1]
+        sizes = torch.tensor([len(idx) for _, idx in requests])
+        first = torch.tensor([self.chars[c // r] * per_char for c, _ in requests]).repeat_interleave(sizes)
+        x = self.images.flatten(0, 1).index_select(0, first + torch.cat([idx for _, idx in requests]))
+        turns = [self.rotations[c % r] for c, _ in requests]
+        for k in set(turns) - {0}:
+            rows = torch.tensor([t == k for t in turns]).repeat_interleave(sizes).nonzero().squeeze(1)
+            x.index_copy_(0, rows, torch.rot90(x.index_select(0, rows), k, dims=(1, 2)))
+        return x.float().div_(255.0).unsqueeze(1)
+
 
 def omniglot_classes(subset: str, split: str = "vinyals", data_dir=None, image_size: int = 28,
                      rotations=(0, 1, 2, 3), download_missing: bool = False) -> OmniglotClasses:
