@@ -180,12 +180,28 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
         load_config(write_config(tmp_path, dict(SINUSOID, algorithm={"name": "mamll"})))
     with pytest.raises(ConfigError, match="unknown key.*bogus"):
         load_config(write_config(tmp_path, SINUSOID), ["bogus.x=1"])
-    with pytest.raises(ConfigError, match="train.precision.*float32, bfloat16.*'float16'"):
+    with pytest.raises(ConfigError, match="train.precision.*float32, tf32, bfloat16.*'float16'"):
         load_config(write_config(tmp_path, SINUSOID), ["train.precision=float16"])
     with pytest.raises(ConfigError, match="bfloat16.*batch_tasks=true.*batch_tasks=false"):
         load_config(write_config(tmp_path, SINUSOID), ["train.precision=bfloat16", "algorithm.batch_tasks=true"])
     cfg = load_config(write_config(tmp_path, SINUSOID), ["train.lr=0.5", "algorithm.first_order=true"])
     assert cfg.train.lr == 0.5 and cfg.algorithm["first_order"] is True
+    assert load_config(write_config(tmp_path, SINUSOID), ["train.precision=tf32"]).train.precision == "tf32"
+
+
+def test_allow_tf32_sets_cudnn_and_matmul_together():
+    """``train.precision: float32`` on a GPU turns TF32 off for cuDNN convolutions (on by PyTorch's
+    default) and matrix products; ``tf32`` turns both on."""
+    from metatl.engine.trainer import allow_tf32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        allow_tf32(False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        allow_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

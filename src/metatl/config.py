@@ -31,7 +31,7 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=YAMLLoader)
 
 
-PRECISIONS = ("float32", "bfloat16")  # train.precision
+PRECISIONS = ("float32", "tf32", "bfloat16")  # train.precision
 WEIGHTS = ("averaged", "raw")  # eval.weights
 EPISODE_DATASETS = ("omniglot", "image_folder")  # N-way classification episodes over train/val/test classes
 
@@ -87,7 +87,9 @@ class TrainConfig:
     device: str = "cpu"
     num_threads: Optional[int] = None  # threads per process (default: torch's, or 1 with processes > 1)
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
-    precision: str = "float32"  # or bfloat16: meta-loss under torch.autocast (parameters stay float32)
+    # float32: full float32, also on GPUs (TF32 off); tf32: CUDA convolutions and matrix products in TF32;
+    # bfloat16: meta-loss under torch.autocast (parameters stay float32)
+    precision: str = "float32"
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
     ema_decay: Optional[float] = None  # also keep an exponential moving average of the weights (e.g. 0.999)
 
