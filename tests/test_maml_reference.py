@@ -464,6 +464,23 @@ def test_task_threads_refuse_models_that_are_not_thread_safe():
             MAML(tiny_mlp(), "regression", task_threads=bad)
 
 
+@pytest.mark.parametrize("batch_tasks", [False, "inner"], ids=["loop", "inner_vmap"])
+def test_meta_loss_under_no_grad_gives_the_loss_and_metrics(batch_tasks):
+    """Under ``torch.no_grad()`` the per-task path computes the same loss and metrics, and no
+    meta-gradient (the inner loops still take their gradients)."""
+    from metatl.nn import conv4_stride
+
+    torch.manual_seed(0)
+    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12).double(), inner_lr=0.5,
+                   batch_tasks=batch_tasks)
+    eps = small_conv_episodes(n=3)
+    loss, metrics = learner.meta_loss(eps)
+    with torch.no_grad():
+        quiet, quiet_metrics = learner.meta_loss(eps)
+    assert not quiet.requires_grad and torch.allclose(quiet, loss.detach(), rtol=1e-12)
+    assert quiet_metrics == pytest.approx(metrics, rel=1e-12)
+
+
 def test_an_error_in_a_task_thread_reaches_the_caller():
     from metatl.nn import conv4_stride
 

@@ -159,6 +159,7 @@ class MAML(GradientMetaLearner):
         of episodes), each task's query metric, and ``scale`` times the meta-gradient of the summed
         loss with respect to each tensor of ``wrt`` (``None`` where unused): the parameters of
         ``theta`` that require grad, and any others the inner loop uses (a learned update rule's).
+        With gradients disabled, no gradients (``None``).
 
         Each task's query loss is differentiated as soon as it is computed, with respect to its
         adapted parameters, while its activations are still in the CPU's caches (and then freed);
@@ -173,15 +174,19 @@ class MAML(GradientMetaLearner):
         else:
             adapted = [self.adapted(theta, *ep.support) for ep in tasks]
             tracked = [k for k in names if adapted[0][k].requires_grad]
+        differentiate = torch.is_grad_enabled()  # under no_grad: the losses and metrics only
         total, scores, query_grads = 0.0, [], []
         for params, ep in zip(adapted, tasks):
-            leaves = {k: v.detach().requires_grad_(k in tracked) for k, v in params.items()}
+            leaves = {k: v.detach().requires_grad_(differentiate and k in tracked) for k, v in params.items()}
             out = self.functional(leaves, ep.query_x)
             loss = self.loss_fn(out, ep.query_y)
-            grads = torch.autograd.grad(loss * scale, [leaves[k] for k in tracked], allow_unused=True)
-            query_grads.append([torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(tracked, grads)])
+            if differentiate:
+                grads = torch.autograd.grad(loss * scale, [leaves[k] for k in tracked], allow_unused=True)
+                query_grads.append([torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(tracked, grads)])
             total = total + loss.detach()
             scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
+        if not differentiate:
+            return total, scores, None
         if self.batch_tasks == "inner":  # one output per parameter, the tasks stacked
             outputs = [stacked[k] for k in tracked]
             cotangents = [torch.stack(g) for g in zip(*query_grads)]
@@ -201,10 +206,13 @@ class MAML(GradientMetaLearner):
         threads = resolve_threads(self.task_threads, self.model, len(batch), batch[0].support_x)
         task_gradients = partial(self.task_gradients, theta, wrt, scale=1 / len(batch))
         parts = map_shards(self.model, task_gradients, batch, threads)
+        value = sum(total for total, _, _ in parts) / len(batch)
+        scores = [s for _, sc, _ in parts for s in sc]
+        if parts[0][2] is None:  # gradients disabled
+            return value, scores
         grads = {k: sum(g[j] if g[j] is not None else torch.zeros_like(p) for _, _, g in parts)
                  for j, (k, p) in enumerate(wrt.items())}
-        value = sum(total for total, _, _ in parts) / len(batch)
-        return with_gradient(value, wrt, grads), [s for _, sc, _ in parts for s in sc]
+        return with_gradient(value, wrt, grads), scores
 
     def _stacked(self, batch):
         """The meta-batch stacked for vmap."""
