@@ -481,6 +481,17 @@ def test_meta_loss_under_no_grad_gives_the_loss_and_metrics(batch_tasks):
     assert quiet_metrics == pytest.approx(metrics, rel=1e-12)
 
 
+def test_a_model_that_cannot_be_copied_for_a_thread_says_what_to_set():
+    import threading
+
+    model = tiny_mlp()
+    model.lock = threading.Lock()  # deepcopy cannot copy a lock
+    learner = MAML(model, "regression", task_threads=2)
+    with pytest.raises(RuntimeError, match="cannot copy the Sequential.*task_threads=1"):
+        learner.meta_loss([episode(1), episode(2)])
+    MAML(model, "regression", task_threads=1).meta_loss([episode(1), episode(2)])[0].backward()
+
+
 def test_an_error_in_a_task_thread_reaches_the_caller():
     from metatl.nn import conv4_stride
 

@@ -72,7 +72,12 @@ def thread_model(model: nn.Module) -> nn.Module:
 def replicate(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module objects that shares its parameters and buffers."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:  # e.g. a module holding a lock or an open file
+        raise RuntimeError(f"task_threads: cannot copy the {type(model).__name__} for a second thread "
+                           f"({type(error).__name__}: {error}); set algorithm.task_threads=1 (task_threads=1 "
+                           f"in Python) to run the tasks one after another.") from error
 
 
 def map_shards(model: nn.Module, fn: Callable[[Sequence[T]], R], items: Sequence[T], threads: int) -> List[R]:
