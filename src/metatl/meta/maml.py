@@ -26,7 +26,7 @@ from ..nn.backbones import BatchStatsNorm2d, autocast_enabled
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import SGD
-from .threads import check_task_threads, map_shards, resolve_threads, threads_unsafe
+from .threads import check_task_threads, map_shards, resolve_threads
 
 BATCH_TASKS = (False, True, "inner")
 
@@ -94,15 +94,10 @@ class MAML(GradientMetaLearner):
                              f"give wrong second-order gradients under vmap (pytorch/functorch#534), and the model "
                              f"has {', '.join(unexact[:3])}. Use metatl.nn.BatchStatsNorm2d for BatchNorm with batch "
                              f"statistics (the conv nets' bn_mode 'batch'), first_order=True, or batch_tasks=false.")
-        check_task_threads(task_threads)
-        if task_threads not in ("auto", 1):
-            if batch_tasks is True:
-                raise ValueError(f"task_threads={task_threads} runs tasks in threads, but batch_tasks=true runs the "
-                                 "meta-batch as one vmap; set task_threads to 'auto' or 1, or batch_tasks to "
-                                 "false or 'inner'.")
-            if threads_unsafe(model):
-                raise ValueError(f"task_threads={task_threads}: the model cannot run in several threads at once, "
-                                 f"because {threads_unsafe(model)}; set task_threads to 'auto' or 1.")
+        if check_task_threads(task_threads, model) not in ("auto", 1) and batch_tasks is True:
+            raise ValueError(f"task_threads={task_threads} runs tasks in threads, but batch_tasks=true runs the "
+                             "meta-batch as one vmap; set task_threads to 'auto' or 1, or batch_tasks to "
+                             "false or 'inner'.")
         self.inner_lr, self.first_order, self.batch_tasks = inner_lr, first_order, batch_tasks
         self.task_threads = task_threads
         self.compile = compile

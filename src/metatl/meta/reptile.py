@@ -22,7 +22,7 @@ from torch import nn
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, task_metric
 from .rules import make_rule
-from .threads import check_task_threads, map_shards, resolve_threads, threads_unsafe
+from .threads import check_task_threads, map_shards, resolve_threads
 
 
 @ALGORITHMS.register("reptile")
@@ -49,10 +49,7 @@ class Reptile(GradientMetaLearner):
         kwargs = {"betas": tuple(inner_betas)} if inner_optimizer == "adam" else {}
         rule = make_rule(inner_optimizer, lr=inner_lr, **kwargs)
         super().__init__(model, task_type, rule, inner_steps, inner_steps_test, inner_batch, inner_batch_test)
-        check_task_threads(task_threads)
-        if task_threads not in ("auto", 1) and threads_unsafe(model):
-            raise ValueError(f"task_threads={task_threads}: the model cannot run in several threads at once, "
-                             f"because {threads_unsafe(model)}; set task_threads to 'auto' or 1.")
+        check_task_threads(task_threads, model)
         self.inner_lr, self.inner_optimizer, self.task_threads = inner_lr, inner_optimizer, task_threads
 
     def meta_loss(self, batch):

@@ -36,11 +36,15 @@ R = TypeVar("R")
 _REPLICAS: ContextVar[dict] = ContextVar("metatl_task_thread_replicas", default={})
 
 
-def check_task_threads(setting: Union[int, str]) -> Union[int, str]:
-    """Validate a ``task_threads`` setting: ``"auto"`` or a positive integer."""
-    if setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1):
-        return setting
-    raise ValueError(f"task_threads must be 'auto' or a positive integer, got {setting!r}.")
+def check_task_threads(setting: Union[int, str], model: nn.Module) -> Union[int, str]:
+    """Validate a ``task_threads`` setting for ``model``: ``"auto"`` or a positive integer, and
+    more than 1 only for a model that can run in several threads at once."""
+    if not (setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1)):
+        raise ValueError(f"task_threads must be 'auto' or a positive integer, got {setting!r}.")
+    if setting not in ("auto", 1) and threads_unsafe(model):
+        raise ValueError(f"task_threads={setting}: the model cannot run in several threads at once, "
+                         f"because {threads_unsafe(model)}; set task_threads to 'auto' or 1.")
+    return setting
 
 
 def threads_unsafe(model: nn.Module) -> str:
