@@ -20,8 +20,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
-
+from ..nn.stateless import functional_call
 from .adapt import adapt
 from .threads import thread_model
 
@@ -86,9 +85,9 @@ class MetaLearner(nn.Module):
 
     def functional(self, params: Params, x: Tensor) -> Tensor:
         """``f(x; params)``. ``params`` may also carry buffers (BatchNorm running statistics);
-        buffers it lacks come from the model. Inside :func:`metatl.meta.threads.map_shards` it runs
-        the calling thread's replica of the model."""
-        return functional_call(thread_model(self.model), params, (x,), strict=False)
+        buffers it lacks come from the model (:func:`metatl.nn.stateless.functional_call`). Inside
+        :func:`metatl.meta.threads.map_shards` it runs the calling thread's replica of the model."""
+        return functional_call(thread_model(self.model), params, (x,))
 
     def meta_loss(self, batch):  # pragma: no cover - interface
         raise NotImplementedError
