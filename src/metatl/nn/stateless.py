@@ -33,9 +33,8 @@ def _structure(module: nn.Module) -> List:
         m = stack.pop()
         out.append(id(m))
         for store in (m._parameters, m._buffers):
-            for name, t in store.items():
-                out.append(name)
-                out.append(id(t))
+            out.extend(store)  # the names, then the tensors' identities
+            out.extend(map(id, store.values()))
         stack.extend(sub for sub in m._modules.values() if sub is not None)
     return out
 
