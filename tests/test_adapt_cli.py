@@ -3,6 +3,8 @@
 import csv
 
 import numpy as np
+from unittest import mock
+
 import pytest
 import torch
 import yaml
@@ -91,6 +93,11 @@ def test_python_api_and_no_training_data_needed(trained, tmp_path):
             learner.adapt(sx.expand(-1, 3, -1, -1), sy)
         with pytest.raises(ValueError, match=r"takes images of shape \(n, 1, 16, 16\).*got \(2, 1, 28, 28\)"):
             predictor.predict(torch.rand(2, 1, 28, 28))
+        # the check leaves the conv net's folded first layer on (a hook on that layer would turn it off)
+        first = learner.model.features[0]
+        assert not first._forward_pre_hooks
+        with mock.patch.object(first, "forward", side_effect=AssertionError("first conv called")):
+            assert predictor.predict(sx).shape == (6,)
     finally:
         (tmp / "moved").rename(tmp / "train_imgs")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..data import build_sampler
+from ..nn.backbones import ConvNet
 from ..registry import ALGORITHMS, BACKBONES
 
 
@@ -51,17 +52,19 @@ def load_learner(checkpoint, weights=None):
     learner.eval()
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
-        # on the first conv layer: every path to the features (forward, embed, feature maps) passes it
-        first = next((m for m in learner.model.modules() if isinstance(m, nn.Conv2d)), learner.model)
-        first.register_forward_pre_hook(_image_guard(learner.input_spec, cfg.data.name, checkpoint))
+        check = _image_guard(learner.input_spec, cfg.data.name, checkpoint)
+        if isinstance(learner.model, ConvNet):  # its own check: a hook would turn off the folded first layer
+            learner.model.input_check = check
+        else:  # on the first conv layer: every path to the features (forward, embed, feature maps) passes it
+            first = next((m for m in learner.model.modules() if isinstance(m, nn.Conv2d)), learner.model)
+            first.register_forward_pre_hook(lambda module, args: check(args[0]))
     return learner
 
 
 def _image_guard(input_spec: dict, dataset: str, checkpoint):
     expected = (input_spec["in_channels"], input_spec["image_size"], input_spec["image_size"])
 
-    def check(module, args):
-        x = args[0]
+    def check(x):
         if x.dim() < 3 or tuple(x.shape[-3:]) != expected:
             c, s, _ = expected
             raise ValueError(

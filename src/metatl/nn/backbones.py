@@ -228,6 +228,9 @@ class ConvNet(nn.Module):
     and float32 or float64 outside autocast) computes the first conv and BatchNorm as one
     convolution (:func:`conv_batch_stats_norm`): the same function, faster. Those two modules are
     then not called, so while a hook watches either of them they run as they are.
+    ``input_check`` (default ``None``): a callable run on each input batch before anything else
+    (:func:`metatl.engine.build.load_learner` sets one that checks the image shape); unlike a hook
+    on the first convolution, it leaves the fold on.
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, filters: int = 64,
@@ -256,8 +259,11 @@ class ConvNet(nn.Module):
         # the first block's BatchNorm folded into its convolution (conv_batch_stats_norm) when
         # the input patches are small: grey-scale images
         self.fold_first_norm = fold_first_norm and bn_mode == "batch" and in_channels * 9 <= FOLD_MAX_PATCH
+        self.input_check = None
 
     def embed(self, x):
+        if self.input_check is not None:
+            self.input_check(x)
         if self.channels_last:
             x = to_channels_last(x)  # not inside vmap, which keeps its own layout
         if (self.fold_first_norm and x.dtype in (torch.float32, torch.float64) and not autocast_enabled(x.device.type)
