@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..data import build_sampler
-from ..nn.backbones import ConvNet
 from ..registry import ALGORITHMS, BACKBONES
 
 
@@ -53,7 +52,7 @@ def load_learner(checkpoint, weights=None):
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
         check = _image_guard(learner.input_spec, cfg.data.name, checkpoint)
-        if isinstance(learner.model, ConvNet):  # its own check: a hook would turn off the folded first layer
+        if hasattr(learner.model, "input_check"):  # the conv nets: a hook would turn off their folded first layer
             learner.model.input_check = check
         else:  # on the first conv layer: every path to the features (forward, embed, feature maps) passes it
             first = next((m for m in learner.model.modules() if isinstance(m, nn.Conv2d)), learner.model)
