@@ -370,6 +370,28 @@ def test_compiled_meta_gradient_through_the_folded_batchnorm_equals_the_eager_on
     assert all(torch.allclose(a, b, rtol=1e-7, atol=1e-10) for a, b in zip(compiled, ref))
 
 
+@needs_compiler
+def test_compiled_meta_gradient_is_one_graph_compiled_once():
+    """``compile=True`` traces the meta-gradient as one graph (a graph break runs the rest eagerly:
+    the task threads' replica lookup once did that to all of it) and the next steps reuse it (the
+    lighter ``functional_call``'s bookkeeping, traced, once made every step recompile)."""
+    from torch._dynamo.utils import counters
+
+    from metatl.nn import BatchStatsNorm2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    eps = small_conv_episodes()
+    learner = MAML(model, inner_lr=0.5, inner_steps=1, batch_tasks=True, compile=True)
+    torch._dynamo.reset()  # no graph cached by earlier tests
+    counters.clear()
+    for _ in range(3):
+        learner.meta_loss(eps)[0].backward()
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("batch_tasks", [False, "inner"])
 def test_compile_needs_batch_tasks(batch_tasks):
     with pytest.raises(ValueError, match="batch_tasks=true"):

@@ -27,7 +27,7 @@ from typing import Callable, List, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
-from ..nn.backbones import _transforms_active, autocast_enabled
+from ..nn.backbones import _compiling, _transforms_active, autocast_enabled
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -69,7 +69,11 @@ def resolve_threads(setting: Union[int, str], model: nn.Module, tasks: int, exam
 
 
 def thread_model(model: nn.Module) -> nn.Module:
-    """The calling thread's replica of ``model`` inside :func:`map_shards`, else ``model``."""
+    """The calling thread's replica of ``model`` inside :func:`map_shards`, else ``model``. Under
+    ``torch.compile`` (which cannot trace a ``ContextVar`` and would run the whole compiled function
+    eagerly) ``model``: compiled functions run in the caller's thread."""
+    if _compiling():
+        return model
     return _REPLICAS.get().get(id(model), model)
 
 

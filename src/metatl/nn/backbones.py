@@ -26,11 +26,16 @@ BN_MODES = ("batch", "running", "none")
 FOLD_MAX_PATCH = 9  # input patch size up to which ConvNet folds its first BatchNorm (1 channel, 3 x 3)
 
 
+def _compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return is_compiling is not None and is_compiling()
+
+
 def _in_func_transform(x) -> bool:
     """Whether ``x`` is wrapped by a ``torch.func`` transform (grad, vmap) or traced by
     ``torch.compile``. Without the private check (a future torch), answer True: the exact path."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    if is_compiling is not None and is_compiling():
+    if _compiling():
         return True
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return True if check is None else bool(check(x))

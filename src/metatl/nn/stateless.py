@@ -21,6 +21,8 @@ from typing import Dict, List, Tuple
 from torch import Tensor, nn
 from torch.func import functional_call as _torch_functional_call
 
+from .backbones import _compiling
+
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, _Plan]" = weakref.WeakKeyDictionary()
 
 
@@ -68,6 +70,8 @@ def functional_call(module: nn.Module, params: Dict[str, Tensor], args, kwargs=N
     (written back to ``params``)."""
     if not isinstance(args, tuple):
         args = (args,)
+    if _compiling():  # traced, the plans would become guards that fail at the next call: a recompile each time
+        return _torch_functional_call(module, params, args, kwargs, strict=False)
     structure = _structure(module)
     plan = _PLANS.get(module)
     if plan is None or plan.structure != structure:
