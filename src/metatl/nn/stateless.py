@@ -44,7 +44,8 @@ def _structure(module: nn.Module) -> List:
 class _Plan:
     """Where each parameter and buffer of a module tree lives: dotted name -> (the dictionary,
     its key); ``tied``: some tensor is reachable under two names (tied weights, a shared
-    submodule)."""
+    submodule). Holding the dictionaries keeps their tensors alive, so while the plan exists no new
+    tensor can take an old one's identity and leave the structure looking unchanged."""
 
     def __init__(self, module: nn.Module, structure: List):
         self.structure = structure
