@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from ..nn.stateless import functional_call
 from .adapt import adapt
 from .threads import thread_model
