@@ -57,12 +57,31 @@ def interleaved(variants: dict, rounds: int, calls: int, warmup: bool = True) ->
     return times
 
 
+def matmul_gflops(threads: int, size: int = 1024, calls: int = 30) -> float:
+    """GFLOP/s of a ``size`` x ``size`` float32 matrix product on ``threads`` threads: how fast the
+    machine runs at the moment (on our shared 2-core machines it moves by 20-40% within minutes)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        return 2 * size ** 3 * calls / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
 def machine(threads: int) -> dict:
-    """Hardware, torch version, threads, the load average and the date; call it before timing."""
+    """Hardware, torch version, threads, the load average, the date and the machine's speed at the
+    moment (:func:`matmul_gflops`); call it before timing."""
     from metatl.engine.trainer import hardware
 
     return {"hardware": hardware(), "torch": torch.__version__, "threads": threads,
-            "load_average_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "load_average_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "matmul_gflops_at_start": matmul_gflops(threads)}
 
 
 def write_json(path, record: dict) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from _step import MAML_5W1S, ROOT, interleaved, machine, training_step, write_json
+from _step import MAML_5W1S, ROOT, interleaved, machine, matmul_gflops, training_step, write_json
 
 TARGETS = {"conv4_stride": (0.40, 0.65), "conv4_pool": (1.25, 1.9)}  # issue #2: metatl, learn2learn 0.2.0
 
@@ -166,6 +166,7 @@ def main() -> None:
         print(f"{backbone}: metatl {ours:.3f} s, learn2learn {theirs:.3f} s, ratio {ours / theirs:.3f} "
               f"(target {target} / {l2l_then} = {target / l2l_then:.3f}); float64 meta-gradients differ by "
               f"{check:.1e}", flush=True)
+    record["matmul_gflops_at_end"] = matmul_gflops(args.threads)
     write_json(args.out, record)
 
 

@@ -163,9 +163,11 @@ def main() -> None:
 
     import torch
 
+    from _step import matmul_gflops
     from metatl.engine.trainer import hardware
 
     torch.set_num_threads(args.threads)
+    speed_at_start = matmul_gflops(args.threads) if args.device == "cpu" else None
     results = []
     for algo in args.algorithms:
         for backbone in args.backbones:
@@ -184,6 +186,8 @@ def main() -> None:
               "processes": args.processes, **options,
               "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+    if args.device == "cpu":  # how fast the machine ran around the measurement (GFLOP/s of a matrix product)
+        record.update(matmul_gflops_at_start=speed_at_start, matmul_gflops_at_end=matmul_gflops(args.threads))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
