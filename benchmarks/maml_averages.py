@@ -63,6 +63,7 @@ def train(out: Path, overrides) -> None:
 
 
 def score(run: Path, episodes: int = 600) -> list:
+    from metatl.engine import checkpoint as ckpt_io
     from metatl.engine.build import build_sampler
     from metatl.engine.evaluator import evaluate
     from metatl.engine.trainer import load_trainer
@@ -70,9 +71,8 @@ def score(run: Path, episodes: int = 600) -> list:
     rows = []
     snaps = sorted(run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
     for snap in snaps:
-        state = torch.load(snap, weights_only=False)
-        weights = {"raw": state["learner"], "ema0.999": state["averaged"],
-                   **torch.load(run / f"averages_{snap.name}", weights_only=False)}
+        state = ckpt_io.load(snap)
+        weights = {"raw": state["learner"], "ema0.999": state["averaged"], **ckpt_io.read(run / f"averages_{snap.name}")}
         trainer = load_trainer(snap, [], progress=False)
         for split in ("val", "test"):
             tasks = build_sampler(trainer.cfg.data, split)

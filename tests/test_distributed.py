@@ -4,6 +4,7 @@ import torch
 
 from metatl.cli import main
 from metatl.config import ConfigError, from_dict
+from metatl.engine import checkpoint as ckpt_io
 
 from test_cli_and_trainer import SINUSOID, write_config
 
@@ -14,8 +15,8 @@ def test_two_processes_train_the_same_parameters_as_one(tmp_path):
     for procs in (1, 2):
         assert main(["train", str(cfg), "--out", str(tmp_path / f"p{procs}"), "--no-progress",
                      "--set", f"train.processes={procs}"]) == 0
-    one = torch.load(tmp_path / "p1" / "last.pt", weights_only=False)
-    two = torch.load(tmp_path / "p2" / "last.pt", weights_only=False)
+    one = ckpt_io.load(tmp_path / "p1" / "last.pt")
+    two = ckpt_io.load(tmp_path / "p2" / "last.pt")
     assert two["iteration"] == one["iteration"] == 8
     for name, value in one["learner"].items():
         torch.testing.assert_close(two["learner"][name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -40,8 +41,8 @@ def test_a_split_run_resumes_exactly(tmp_path):
     assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--set", "train.iterations=3"]) == 0
     assert (tmp_path / "halves" / "last.pt.rng1").exists()  # process 1's own random state
     assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--resume"]) == 0
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "halves" / "last.pt", weights_only=False)
+    a = ckpt_io.load(tmp_path / "straight" / "last.pt")
+    b = ckpt_io.load(tmp_path / "halves" / "last.pt")
     assert a["iteration"] == b["iteration"] == 6
     for name, value in a["learner"].items():
         torch.testing.assert_close(b["learner"][name], value, rtol=0, atol=0, msg=name)

@@ -3,6 +3,7 @@
     metatl train CONFIG [--set key=value ...] [--out DIR] [--resume]
     metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
     metatl adapt CHECKPOINT --support DIR --query DIR [--out predictions.csv]
+    metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt] [--trust]
     metatl list
 """
 from __future__ import annotations
@@ -118,6 +119,13 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    from .engine.checkpoint import upgrade
+
+    print(f"upgraded: {upgrade(args.checkpoint, args.out, trust=args.trust)}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from . import registry
     import metatl  # noqa: F401  (registers everything)
@@ -166,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transductive", action="store_true",
                    help="classify all query images in one batch (BatchNorm statistics shared across them)")
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("upgrade-checkpoint", help="rewrite a checkpoint of an older metatl in the safe format")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="write the upgraded checkpoint here (default: in place)")
+    p.add_argument("--trust", action="store_true",
+                   help="read a file that the safe loader refuses, running its code: only for a file you made")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("list", help="list algorithms, datasets, backbones and estimators")
     p.set_defaults(func=cmd_list)

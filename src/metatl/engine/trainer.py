@@ -244,7 +244,7 @@ class Trainer:
                 "train_seconds": self.train_seconds, "best": self.best,
                 "snapshots_done": self.snapshots_done, "generator": self.generator.get_state(),
                 "rng": ckpt_io.rng_state(), "metatl_version": __version__,
-                "torch_version": torch.__version__}
+                "torch_version": str(torch.__version__), "format": ckpt_io.FORMAT}
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / name
@@ -272,7 +272,7 @@ class Trainer:
         ckpt_io.set_rng_state(state["rng"])
         if self.rank > 0:
             own = path.with_name(f"{path.name}.rng{self.rank}")
-            mine = torch.load(own, weights_only=False) if own.exists() else None
+            mine = ckpt_io.read(own) if own.exists() else None
             if mine is not None and mine["iteration"] == self.iteration:
                 ckpt_io.set_rng_state(mine["rng"])
             else:  # e.g. a single-process checkpoint resumed in several: a fresh stream per process
