@@ -134,7 +134,7 @@ def test_adapt_refuses_what_cannot_classify_new_images(tmp_path):
     assert len(classify_folder(mann3, support, query)["rows"]) == 10  # 9 labelled + 1 loose image
     with pytest.raises(ValueError, match="--steps must be 0 or more"):
         classify_folder(MAML(mlp()), support, query, steps=-3)
-    with pytest.warns(UserWarning, match="--steps 5 is ignored: MANN adapts without gradient steps"):
+    with pytest.raises(ValueError, match="--steps 5.*MANN adapts without gradient steps.*leave --steps out"):
         classify_folder(mann3, support, query, steps=5)
 
 
@@ -144,3 +144,110 @@ def test_eval_refuses_overrides_that_change_the_model_or_its_input(trained, caps
     assert "trained with image_size=16" in capsys.readouterr().err
     assert main(["eval", str(runs["maml"]), "--no-progress", "--set", "model.filters=16"]) == 2
     assert "does not fit the model of its config" in capsys.readouterr().err
+
+
+def glyph_png(path, strokes, rng, size=40):
+    """Dark ink strokes on white paper, like a scanned drawing (what a user gives an Omniglot model)."""
+    from PIL import ImageDraw
+
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    for (x0, y0, x1, y1) in strokes:
+        jitter = rng.randint(-2, 3, 4)
+        draw.line([x0 + jitter[0], y0 + jitter[1], x1 + jitter[2], y1 + jitter[3]], fill=0, width=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def glyph_task(root, n_classes=3, shots=2, queries=3, seed=3):
+    rng = np.random.RandomState(seed)
+    for c in range(n_classes):
+        strokes = [tuple(rng.randint(4, 36, 4)) for _ in range(3)]
+        for i in range(shots):
+            glyph_png(root / "support" / f"glyph{c}" / f"{i}.png", strokes, rng)
+        for i in range(queries):
+            glyph_png(root / "query" / f"glyph{c}" / f"q{i}.png", strokes, rng)
+    return root / "support", root / "query"
+
+
+def as_omniglot_checkpoint(path, out):
+    """The same weights, recorded as trained on Omniglot (whose models take inverted images)."""
+    from metatl.engine import checkpoint as ckpt_io
+
+    state = ckpt_io.load(path)
+    state["config"]["data"].update(name="omniglot", root=None)
+    ckpt_io.save_atomic(state, out)
+    return out
+
+
+@pytest.mark.parametrize("dataset", ["image_folder", "omniglot"])
+def test_cli_and_python_give_the_same_predictions(trained, tmp_path, capsys, dataset):
+    from metatl.data.image_folder import list_images
+
+    _, runs = trained
+    ckpt = runs["protonet"] if dataset == "image_folder" else as_omniglot_checkpoint(runs["protonet"],
+                                                                                    tmp_path / "omni.pt")
+    support, query = glyph_task(tmp_path)
+    out = tmp_path / "predictions.csv"
+    assert main(["adapt", str(ckpt), "--support", str(support), "--query", str(query), "--out", str(out)]) == 0
+    assert (" inverted" in capsys.readouterr().out) == (dataset == "omniglot")
+    cli = {r["file"]: r for r in csv.DictReader(out.open())}
+
+    learner = metatl.load(ckpt)
+    predictor = learner.adapt_images(support)
+    assert predictor.classes == ["glyph0", "glyph1", "glyph2"]
+    assert predictor.input.invert == (dataset == "omniglot") and predictor.input.image_size == 16
+    files = list_images(query, recursive=True)
+    names = predictor.predict_images(files)
+    proba = predictor.predict_proba_images(files)
+    assert proba.shape == (9, 3) and torch.allclose(proba.sum(1), torch.ones(9))
+    assert [cli[str(f.relative_to(query))]["predicted"] for f in files] == names
+    assert [cli[str(f.relative_to(query))]["confidence"] for f in files] == [f"{p:.4f}" for p in proba.max(1).values]
+
+    # a list of files with labels (names or integer ids) is the same support set as the folder
+    support_files = list_images(support, recursive=True)
+    by_name = learner.adapt_images(support_files, [f.parent.name for f in support_files])
+    assert by_name.predict_images(files) == names
+    by_id = learner.adapt_images(support_files, [int(f.parent.name[-1]) for f in support_files])
+    assert by_id.classes == [0, 1, 2] and by_id.predict_images(files) == [int(n[-1]) for n in names]
+    assert torch.equal(by_id.predict_proba_images(files), proba)
+    # a tensor of the wrong shape is refused with advice that converts as trained
+    advice = r"learner.adapt_images\(support_folder\).*image_size=16" + (", invert=True" if dataset == "omniglot" else r"\)")
+    with pytest.raises(ValueError, match=advice):
+        learner.adapt(torch.rand(2, 1, 28, 28), torch.tensor([0, 1]))
+
+
+def test_adapt_images_labels_and_steps_get_clear_errors(trained, tmp_path, capsys):
+    _, runs = trained
+    support, query = glyph_task(tmp_path)
+    files = sorted(support.rglob("*.png"))
+    learner = metatl.load(runs["protonet"])
+    with pytest.raises(ValueError, match="label 0 is 0.0 \\(float\\); labels must be class names"):
+        learner.adapt_images(files, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match="tensor of dtype torch.float32"):
+        learner.adapt_images(files, torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="array of dtype float64"):
+        learner.adapt_images(files, np.array([0.0, 0.0, 1.0, 1.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="6 support image\\(s\\) but 5 label\\(s\\)"):
+        learner.adapt_images(files, [0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="6 support image\\(s\\) but 7 label\\(s\\)"):
+        learner.adapt_images(files, [0, 0, 1, 1, 2, 2, 2])
+    with pytest.raises(ValueError, match="mix class names"):
+        learner.adapt_images(files, [0, 0, 1, 1, "b", "b"])
+    with pytest.raises(ValueError, match="labels are needed"):
+        learner.adapt_images(files)
+    with pytest.raises(ValueError, match="is a folder.*leave labels out"):
+        learner.adapt_images(support, [0, 1])
+    with pytest.raises(ValueError, match="steps=2.*ProtoNet adapts without gradient steps"):
+        learner.adapt_images(support, steps=2)
+    predictor = learner.adapt_images(support)
+    with pytest.raises(ValueError, match="is a folder; pass a list of image files"):
+        predictor.predict_images(query)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="1 of the 2 file\\(s\\) are not readable images: .*notes.txt"):
+        predictor.predict_images([files[0], tmp_path / "notes.txt"])
+    # the CLI refuses inner steps for a learner that takes none
+    assert main(["adapt", str(runs["protonet"]), "--support", str(support), "--query", str(query),
+                 "--steps", "3", "--out", str(tmp_path / "p.csv")]) == 2
+    assert "ProtoNet adapts without gradient steps" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()

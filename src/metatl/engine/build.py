@@ -66,11 +66,13 @@ def _image_guard(input_spec: dict, dataset: str, checkpoint):
     def check(x):
         if x.dim() < 3 or tuple(x.shape[-3:]) != expected:
             c, s, _ = expected
+            invert = ", invert=True" if dataset == "omniglot" else ""
             raise ValueError(
                 f"the model of {checkpoint} takes images of shape (n, {c}, {s}, {s}) ({c} channel(s), "
-                f"{s}x{s} pixels, as trained on {dataset}); got {tuple(x.shape)}. Convert the images: "
-                f"metatl.data.image_folder.load_images(paths, in_channels={c}, image_size={s}) or "
-                f"`metatl adapt`, which converts for you.")
+                f"{s}x{s} pixels, as trained on {dataset}); got {tuple(x.shape)}. Give it image files and "
+                f"it converts them as trained: learner.adapt_images(support_folder).predict_images(paths), "
+                f"or `metatl adapt`; by hand: metatl.data.image_folder.load_images(paths, in_channels={c}, "
+                f"image_size={s}{invert}).")
 
     return check
 

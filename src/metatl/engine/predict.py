@@ -1,8 +1,15 @@
-"""Few-shot classification of a user's own images with any meta-learner (``metatl adapt``).
+"""Few-shot classification of a user's own image files with any meta-learner: ``metatl adapt``
+and ``learner.adapt_images`` share this one code path.
 
 ``learner.adapt(support_x, support_y)`` does the work: MAML / Reptile take inner gradient steps,
-the metric-based learners compute prototypes, attention memories or class maps. Here we only read
-the folders, adapt, and classify each query image.
+the metric-based learners compute prototypes, attention memories or class maps. Here we turn
+files into the tensors the checkpoint was trained on (:class:`ImageInput`: channels, size, and the
+Omniglot inversion), adapt, and classify (:class:`ImagePredictor`)::
+
+    learner = metatl.load("runs/x/best.pt")
+    predictor = learner.adapt_images("my_support")            # one sub-folder per class
+    predictor.predict_images(["a.png", "b.png"])                # class names
+    predictor.predict_proba_images(["a.png", "b.png"])          # (2, n_classes), columns in predictor.classes
 
 BatchNorm: with ``bn_mode: batch`` a model normalises each batch with its own statistics, so a
 prediction would depend on which other query images share the batch. By default
@@ -12,15 +19,18 @@ BatchNorm) the batch does not matter and the queries go through in one batch.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
-import warnings
+import numbers
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..data.image_folder import input_format, list_images, load_support_folder, read_images, to_float
+from ..data.image_folder import input_format, list_images, read_image_folder, read_images, to_float
 
 
 def uses_batch_statistics(model: nn.Module) -> bool:
@@ -36,9 +46,98 @@ def queries_interact(learner: nn.Module) -> bool:
     return uses_batch_statistics(learner) or bool(getattr(learner, "couples_queries", False))
 
 
-def _check_learner(learner, steps: Optional[int]) -> Optional[int]:
-    """``metatl adapt`` needs an episodic image classifier: say so for anything else. Returns the
-    inner steps to use (``None`` for a learner that takes none, with a warning if some were asked)."""
+@dataclass(frozen=True)
+class ImageInput:
+    """How image files become the input a checkpoint was trained on: ``in_channels`` (1 grayscale,
+    3 RGB), ``image_size`` (square, Lanczos) and ``invert`` (``v -> 1 - v``: Omniglot models expect
+    ink = 1 on a 0 background). :meth:`of` derives it from a loaded learner."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    invert: bool = False
+
+    @classmethod
+    def of(cls, learner, invert: Optional[bool] = None) -> "ImageInput":
+        """The input of ``learner``: its ``input_spec`` (channels, size) and ``config`` (inverted for
+        a model trained on Omniglot), as :func:`metatl.load` sets them; ``invert`` overrides."""
+        return cls(*input_format(learner, invert=invert))
+
+    def read(self, paths: Sequence) -> Tuple[Tensor, List[Path], List[Path]]:
+        """``(x, kept, skipped)``: float images ``(len(kept), c, s, s)`` of the readable files;
+        unreadable ones are named in one warning."""
+        images, kept, skipped = read_images(paths, self.in_channels, self.image_size)
+        return to_float(images, self.invert), kept, skipped
+
+    def load(self, paths: Sequence) -> Tensor:
+        """Float images ``(len(paths), c, s, s)``, one per path; an unreadable file is an error (so
+        the rows stay aligned with ``paths``)."""
+        paths = _path_list(paths, "paths")
+        images, kept, skipped = read_images(paths, self.in_channels, self.image_size, warn=False)
+        if skipped:
+            shown = ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            raise ValueError(f"{len(skipped)} of the {len(paths)} file(s) are not readable images: {shown}; "
+                             f"pass PNG/JPEG/... files.")
+        return to_float(images, self.invert)
+
+    def load_folder(self, folder) -> Tuple[Tensor, Tensor, List[str]]:
+        """``(x, y, class_names)`` from a folder with one sub-folder of images per class."""
+        found = read_image_folder(folder, self.in_channels, self.image_size)
+        x, y = found.tensors(self.invert)
+        return x, y, found.classes
+
+
+def _path_list(paths, what: str) -> List[Path]:
+    if isinstance(paths, (str, Path)):
+        if Path(paths).is_dir():
+            raise ValueError(f"{what}: {paths} is a folder; pass a list of image files, e.g. "
+                             f"metatl.data.image_folder.list_images({str(paths)!r}, recursive=True).")
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError(f"{what} is empty; pass at least one image file.")
+    return paths
+
+
+def _class_codes(labels, n: int) -> Tuple[Tensor, list]:
+    """``(codes, classes)``: labels (class names, or integer class ids) as ``0..N-1`` in sorted
+    order of the distinct labels, with a clear error for float, mixed or missing labels."""
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+        raise ValueError(f"labels must be a sequence with one class label per support image, got "
+                         f"{type(labels).__name__}.")
+    if isinstance(labels, Tensor):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be class names or integer class ids, got a tensor of dtype "
+                             f"{labels.dtype}; use .long() if they are whole numbers.")
+        labels = labels.flatten().tolist() if labels.dim() <= 1 else labels
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iuUSO":
+            raise ValueError(f"labels must be class names or integer class ids, got an array of dtype "
+                             f"{labels.dtype}; use .astype(int) if they are whole numbers.")
+        labels = labels.tolist()
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"{n} support image(s) but {len(labels)} label(s); give exactly one label per image, "
+                         f"in the same order.")
+    kinds = set()
+    for i, v in enumerate(labels):
+        if isinstance(v, str):
+            kinds.add("name")
+        elif isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+            kinds.add("id")
+        else:
+            raise ValueError(f"label {i} is {v!r} ({type(v).__name__}); labels must be class names (str) or "
+                             f"integer class ids, one per support image.")
+    if len(kinds) > 1:
+        raise ValueError("labels mix class names (str) and integer ids; use one kind.")
+    labels = [int(v) for v in labels] if kinds == {"id"} else labels
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[v] for v in labels], dtype=torch.long), classes
+
+
+def _check_learner(learner, steps: Optional[int]) -> None:
+    """Image adaptation needs an episodic image classifier: say so for anything else, and refuse
+    inner steps for a learner that takes none."""
     from ..meta.base import GradientMetaLearner, MetaLearner
 
     if not isinstance(learner, MetaLearner):
@@ -51,13 +150,14 @@ def _check_learner(learner, steps: Optional[int]) -> Optional[int]:
         raise ValueError(f"this {type(learner).__name__} checkpoint is a {learner.task_type} model (e.g. "
                          f"sinusoid); `metatl adapt` classifies images: use a checkpoint trained on image "
                          f"classification episodes (omniglot or image_folder).")
-    if steps is not None and steps < 0:
+    if steps is None:
+        return
+    if not isinstance(learner, GradientMetaLearner):
+        raise ValueError(f"--steps {steps} (steps={steps}): {type(learner).__name__} adapts without gradient "
+                         f"steps (a forward pass over the support set), so there are no inner steps to set; "
+                         f"leave --steps out. Inner steps apply to maml, reptile, meta_lstm, pretrain.")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"--steps must be 0 or more (inner-loop steps on the support set), got {steps}.")
-    if steps is not None and not isinstance(learner, GradientMetaLearner):
-        warnings.warn(f"--steps {steps} is ignored: {type(learner).__name__} adapts without gradient steps.",
-                      stacklevel=3)
-        return None
-    return steps
 
 
 def _check_ways(learner, support_x, n_classes: int) -> None:
@@ -74,34 +174,110 @@ def _check_ways(learner, support_x, n_classes: int) -> None:
                          f"matching, relation take any number of classes).")
 
 
+@contextlib.contextmanager
+def _eval_mode(learner: nn.Module):
+    was_training = learner.training
+    learner.eval()
+    try:
+        yield
+    finally:
+        learner.train(was_training)
+
+
+def _device(learner: nn.Module) -> torch.device:
+    p = next(iter(learner.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class ImagePredictor:
+    """A learner adapted to a support set of image files (:func:`adapt_images`). ``classes`` are
+    the support classes (folder names, or the sorted distinct labels); ``input`` the
+    :class:`ImageInput` the files go through; ``predictor`` the tensor-level
+    :class:`~metatl.meta.base.Predictor`."""
+
+    def __init__(self, learner, predictor, support_x: Tensor, classes: list, image_input: ImageInput,
+                 transductive: bool = False):
+        self.learner, self.predictor, self.support_x = learner, predictor, support_x
+        self.classes, self.input, self.transductive = list(classes), image_input, transductive
+
+    def proba(self, x: Tensor) -> Tensor:
+        """Class probabilities ``(len(x), len(classes))`` of converted images ``x`` (see the module
+        docstring for how BatchNorm and ``transductive`` batch them)."""
+        x = x.to(self.support_x.device)
+        with _eval_mode(self.learner), torch.no_grad():
+            if self.transductive or not queries_interact(self.learner):
+                return torch.cat([self.predictor.predict_proba(chunk) for chunk in x.split(256)]).cpu()
+            return torch.cat([self.predictor(torch.cat([self.support_x, q[None]]))[-1:].softmax(-1)
+                              for q in x]).cpu()
+
+    def predict_proba_images(self, paths) -> Tensor:
+        """Probabilities ``(len(paths), len(classes))``, one row per file (an unreadable file is an
+        error); column ``k`` is ``classes[k]``."""
+        return self.proba(self.input.load(paths))
+
+    def predict_images(self, paths) -> list:
+        """The predicted class (an entry of ``classes``) of each file."""
+        return [self.classes[k] for k in self.predict_proba_images(paths).argmax(1).tolist()]
+
+    def score_files(self, paths) -> Tuple[Tensor, List[Path]]:
+        """``(probabilities, kept)`` over the readable files of ``paths`` (the others are named in one
+        warning and left out): what ``metatl adapt`` prints."""
+        x, kept, _ = self.input.read(paths)
+        return (self.proba(x) if kept else torch.empty(0, len(self.classes))), kept
+
+
+def adapt_images(learner, support, labels=None, steps: Optional[int] = None, invert: Optional[bool] = None,
+                 transductive: bool = False) -> ImagePredictor:
+    """Adapt ``learner`` to image files converted as its checkpoint expects (:class:`ImageInput`).
+
+    ``support`` is a folder with one sub-folder of images per class (``labels`` must then be
+    ``None``: the folder names are the classes), or a list of image files with ``labels``, one per
+    file: class names (str) or integer class ids (classes in sorted order). ``steps``: inner steps
+    for MAML / Reptile (refused for a learner that takes none). ``invert`` overrides the
+    checkpoint's inversion (Omniglot: inverted). Returns an :class:`ImagePredictor`.
+    """
+    _check_learner(learner, steps)
+    image_input = ImageInput.of(learner, invert=invert)
+    is_folder = isinstance(support, (str, Path)) and Path(support).is_dir()
+    if is_folder:
+        if labels is not None:
+            raise ValueError(f"support {support} is a folder: its sub-folder names are the classes, so leave "
+                             f"labels out (or pass a list of image files with their labels).")
+        support_x, support_y, classes = image_input.load_folder(support)
+    else:
+        paths = _path_list(support, "support")
+        if labels is None:
+            raise ValueError("labels are needed with a list of support images: one class name or integer id "
+                             "per image (or pass a folder with one sub-folder per class).")
+        support_y, classes = _class_codes(labels, len(paths))
+        support_x = image_input.load(paths)
+    _check_ways(learner, support_x, len(classes))
+    device = _device(learner)
+    support_x, support_y = support_x.to(device), support_y.to(device)
+    with _eval_mode(learner):
+        predictor = learner.adapt(support_x, support_y, **({} if steps is None else {"steps": steps}))
+    return ImagePredictor(learner, predictor, support_x, classes, image_input, transductive)
+
+
 def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None,
                     invert: Optional[bool] = None, transductive: bool = False) -> Dict:
     """Adapt ``learner`` to ``support_dir`` (one sub-folder per class) and classify every image in
     ``query_dir`` (searched recursively; an image in a sub-folder named like a support class is
-    taken as labelled, and an accuracy is reported over those).
+    taken as labelled, and an accuracy is reported over those): ``metatl adapt``, through
+    :func:`adapt_images`.
 
     Returns ``{"classes": [...], "rows": [{"file", "predicted", "confidence", "true"}], "accuracy"}``
     with ``confidence`` the predicted class's probability (``predict_proba``).
     """
-    steps = _check_learner(learner, steps)
-    c, s, inv = input_format(learner, invert=invert)
-    support_x, support_y, classes = load_support_folder(support_dir, in_channels=c, image_size=s, invert=inv)
-    _check_ways(learner, support_x, len(classes))
-    query_dir = Path(query_dir)
+    support_dir, query_dir = Path(support_dir), Path(query_dir)
+    predictor = adapt_images(learner, support_dir, steps=steps, invert=invert, transductive=transductive)
     paths = list_images(query_dir, recursive=True)
     if not paths:
         raise ValueError(f"query folder {query_dir} holds no images; put the images to classify there.")
-    images, kept, _ = read_images(paths, c, s)
+    probs, kept = predictor.score_files(paths)
     if not kept:
         raise ValueError(f"none of the {len(paths)} file(s) in {query_dir} is a readable image.")
-    query_x = to_float(images, inv)
-    learner.eval()
-    predictor = learner.adapt(support_x, support_y, **({} if steps is None else {"steps": steps}))
-    with torch.no_grad():
-        if transductive or not queries_interact(learner):
-            probs = torch.cat([predictor.predict_proba(chunk) for chunk in query_x.split(256)])
-        else:
-            probs = torch.cat([predictor(torch.cat([support_x, q[None]]))[-1:].softmax(-1) for q in query_x])
+    classes = predictor.classes
     confidence, predicted = probs.max(dim=1)
     rows: List[dict] = []
     for path, p, conf in zip(kept, predicted.tolist(), confidence.tolist()):
@@ -110,8 +286,9 @@ def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None
                      "true": parent if parent in classes else None})
     labelled = [r for r in rows if r["true"] is not None]
     accuracy = sum(r["predicted"] == r["true"] for r in labelled) / len(labelled) if labelled else None
+    i = predictor.input
     return {"classes": classes, "rows": rows, "accuracy": accuracy, "labelled": len(labelled),
-            "input": {"in_channels": c, "image_size": s, "invert": inv}}
+            "input": {"in_channels": i.in_channels, "image_size": i.image_size, "invert": i.invert}}
 
 
 def write_predictions(result: Dict, path) -> Path:

@@ -96,6 +96,18 @@ class MetaLearner(nn.Module):
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         raise NotImplementedError  # pragma: no cover - interface
 
+    def adapt_images(self, support, labels=None, steps: Optional[int] = None, invert: Optional[bool] = None,
+                     transductive: bool = False):
+        """:meth:`adapt` on image files, converted as the checkpoint expects (channels, size, and
+        inverted for Omniglot models): ``support`` is a folder with one sub-folder per class, or a
+        list of files with ``labels`` (class names or integer ids). Returns an
+        :class:`~metatl.engine.predict.ImagePredictor` (``predict_images(paths)``,
+        ``predict_proba_images(paths)``); ``metatl adapt`` runs the same code
+        (:func:`metatl.engine.predict.adapt_images`)."""
+        from ..engine.predict import adapt_images
+
+        return adapt_images(self, support, labels, steps=steps, invert=invert, transductive=transductive)
+
 
 class GradientMetaLearner(MetaLearner):
     """A meta-learner whose base learner adapts by gradient steps (MAML, Reptile, Meta-SGD...).
