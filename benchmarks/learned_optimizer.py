@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatl.engine.evaluator import mean_ci95
+from metatl.stats import mean_ci95
 from metatl.meta.learned_optimizer import LearnedOptimizer, MLPProblem, QuadraticProblem, meta_train, unroll
 from metatl.meta.rules import SGD, Adam
 

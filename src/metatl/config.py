@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 import yaml
 
@@ -27,8 +28,17 @@ YAMLLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(text: str):
-    return yaml.load(text, Loader=YAMLLoader)
+def load_yaml(text: str, source: str = "<string>"):
+    """``text`` parsed as YAML; a syntax error is a :class:`ConfigError` naming ``source`` (a file,
+    or the ``--set`` text), the line and the column."""
+    try:
+        return yaml.load(text, Loader=YAMLLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ConfigError(f"{where}: not valid YAML ({problem or err}); fix the syntax there "
+                          f"(quote a value that holds ':', '#', '[' or '{{').") from None
 
 
 PRECISIONS = ("float32", "tf32", "bfloat16")  # train.precision
@@ -38,6 +48,42 @@ EPISODE_DATASETS = ("omniglot", "image_folder")  # N-way classification episodes
 
 class ConfigError(ValueError):
     """A config problem, with the fix in the message."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a config number may lie: ``low``/``high`` (``None``: unbounded), each bound included
+    unless ``open_low``/``open_high``. Sections and components declare theirs in a class attribute
+    ``config_ranges = {"key": Range(...)}``; a list of numbers is checked element by element."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'above' if self.open_low else 'at least'} {self.low:g}"
+        high = None if self.high is None else f"{'below' if self.open_high else 'at most'} {self.high:g}"
+        return " and ".join(p for p in (low, high) if p) or "a finite number"
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def above(low: float) -> Range:
+    return Range(low, open_low=True)
+
+
+ANY = Range()  # any finite number
+COMPONENT_RANGE = at_least(0)  # a component's number with no declared range: it counts or scales something
 
 
 @dataclass
@@ -64,6 +110,12 @@ class DataConfig:
     target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
     max_source: Optional[int] = None  # use at most this many training rows per domain (quick runs)
     max_target: Optional[int] = None
+
+    config_ranges: ClassVar[Dict[str, Range]] = {
+        "ways": at_least(1), "shots": at_least(1), "queries": at_least(1), "train_ways": at_least(1),
+        "train_shots": at_least(1), "train_queries": at_least(0), "image_size": at_least(1),
+        "in_channels": at_least(1), "split_fractions": Range(0, 1), "split_seed": at_least(0),
+        "target_labels_fraction": Range(0, 1), "max_source": at_least(1), "max_target": at_least(1)}
 
 
 @dataclass
@@ -93,6 +145,13 @@ class TrainConfig:
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
     ema_decay: Optional[float] = None  # also keep an exponential moving average of the weights (e.g. 0.999)
 
+    config_ranges: ClassVar[Dict[str, Range]] = {
+        "iterations": at_least(1), "meta_batch": at_least(1), "lr": above(0), "lr_final": at_least(0),
+        "lr_step_every": at_least(1), "lr_gamma": above(0), "grad_clip": above(0), "val_every": at_least(0),
+        "val_episodes": at_least(1), "ckpt_every": at_least(0), "log_every": at_least(1),
+        "time_budget_min": above(0), "snapshot_minutes": at_least(0), "seed": at_least(0),
+        "num_threads": at_least(1), "processes": at_least(1)}  # ema_decay: validate_components
+
 
 @dataclass
 class EvalConfig:
@@ -103,6 +162,10 @@ class EvalConfig:
     extra_steps: List[int] = field(default_factory=list)  # also report these test-time inner steps
     plot_tasks: int = 3  # regression: test tasks to plot
     weights: str = "averaged"  # with train.ema_decay: score the averaged weights, or "raw" ones
+
+    config_ranges: ClassVar[Dict[str, Range]] = {
+        "episodes": at_least(1), "seed": at_least(0), "inner_steps": at_least(0), "extra_steps": at_least(0),
+        "plot_tasks": at_least(0)}
 
 
 @dataclass
@@ -123,10 +186,11 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 OPEN_SECTIONS = ("algorithm", "model")
+REQUIRED = {"algorithm": "algorithm", "model": "backbone", "data": "dataset"}  # what a config file must name
 
 
 def _check_keys(where: str, given, valid) -> None:
-    unknown = sorted(set(given) - set(valid))
+    unknown = sorted(str(k) for k in set(given) - set(valid))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: "
                           f"{', '.join(sorted(valid))}.")
@@ -175,6 +239,35 @@ def _check_type(where: str, value, tp) -> None:
                           f"with --set {where}=VALUE.")
 
 
+def _numbers(value) -> list:
+    """The numbers in a config value: itself, or the elements of a (nested) list."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def _check_range(where: str, value, allowed: Range) -> None:
+    for number in _numbers(value):
+        if number not in allowed:
+            of = f" (in {value!r})" if number is not value else ""
+            raise ConfigError(f"{where} must be {allowed.describe()}, got {number!r}{of}; fix it in the config "
+                              f"or with --set {where}=VALUE.")
+
+
+def check_values(where: str, values: dict, types: Dict[str, Any], ranges: Dict[str, Range],
+                 default: Range = ANY) -> None:
+    """Type-check ``values`` (a section's keys without ``name``) against ``types`` and their numbers
+    against ``ranges`` (``default`` for a number without a declared range)."""
+    for key, value in values.items():
+        if key in types:
+            _check_type(f"{where}.{key}", value, types[key])
+        _check_range(f"{where}.{key}", value, ranges.get(key, default))
+
+
 def _component_types(obj) -> Dict[str, Any]:
     """The annotation of each keyword argument of a registered component, else its default's type."""
     target = obj.__init__ if isinstance(obj, type) else obj
@@ -202,7 +295,19 @@ def component_keys(obj) -> List[str]:
             if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def _section(raw: dict, section: str, default=None) -> dict:
+    values = raw.get(section)
+    if values is None:
+        return dict(default or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {section!r} must be a mapping of keys to values, got {values!r}.")
+    return dict(values)
+
+
 def from_dict(raw: dict) -> Config:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections (name, algorithm, model, data, train, eval), "
+                          f"got {raw!r}.")
     raw = dict(raw or {})
     top = [f.name for f in dataclasses.fields(Config)]
     _check_keys("the config", raw, top)
@@ -210,16 +315,15 @@ def from_dict(raw: dict) -> Config:
     if "name" in raw:
         kwargs["name"] = str(raw["name"])
     for section, cls in SECTIONS.items():
-        values = raw.get(section) or {}
+        values = _section(raw, section)
         _check_keys(f"section {section!r}", values, [f.name for f in dataclasses.fields(cls)])
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            _check_type(f"{section}.{key}", value, hints[key])
+        check_values(section, values, typing.get_type_hints(cls), getattr(cls, "config_ranges", {}))
         kwargs[section] = cls(**values)
     for section in OPEN_SECTIONS:
-        values = dict(raw.get(section) or getattr(Config(), section))
-        if "name" not in values:
-            raise ConfigError(f"section {section!r} needs a 'name' (see `metatl list`).")
+        values = _section(raw, section, getattr(Config(), section))
+        if not isinstance(values.get("name"), str):
+            got = f", got {values['name']!r}" if "name" in values else ""
+            raise ConfigError(f"section {section!r} needs a 'name'{got} (see `metatl list`).")
         kwargs[section] = values
     cfg = Config(**kwargs)
     validate_components(cfg)
@@ -237,16 +341,11 @@ def validate_components(cfg: Config) -> None:
         except KeyError as err:
             raise ConfigError(f"{section}.name: {err.args[0]}") from None
         _check_keys(f"section {section!r} ({values['name']})", set(values) - {"name"}, component_keys(obj))
-        types = _component_types(obj)
-        for key, value in values.items():
-            if key != "name" and key in types:
-                _check_type(f"{section}.{key}", value, types[key])
+        check_values(section, {k: v for k, v in values.items() if k != "name"}, _component_types(obj),
+                     getattr(obj, "config_ranges", {}), COMPONENT_RANGE)
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}.")
-    at_least = [("train.iterations", cfg.train.iterations, 1), ("train.meta_batch", cfg.train.meta_batch, 1),
-                ("eval.episodes", cfg.eval.episodes, 1), ("data.shots", cfg.data.shots, 1),
-                ("data.queries", cfg.data.queries, 1), ("data.train_shots", cfg.data.train_shots, 1),
-                ("data.train_queries", cfg.data.train_queries, 0)]
+    at_least = []
     if cfg.data.name in EPISODE_DATASETS:
         at_least += [("data.ways", cfg.data.ways, 2), ("data.train_ways", cfg.data.train_ways, 2)]
     for key, value, low in at_least:
@@ -289,7 +388,7 @@ def parse_override(text: str):
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=0.01).")
     key, value = text.split("=", 1)
-    return key.strip().split("."), load_yaml(value)
+    return key.strip().split("."), load_yaml(value, f"--set {text}")
 
 
 def apply_overrides(raw: dict, overrides: List[str]) -> dict:
@@ -297,8 +396,12 @@ def apply_overrides(raw: dict, overrides: List[str]) -> dict:
     for text in overrides or []:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            node[part] = dict(node.get(part) or {})
+        for i, part in enumerate(path[:-1]):
+            inner = node.get(part)
+            if inner is not None and not isinstance(inner, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(path[:i + 1])} is {inner!r}, not a section "
+                                  f"that can hold {path[i + 1]!r}.")
+            node[part] = dict(inner or {})
             node = node[part]
         node[path[-1]] = value
     return raw
@@ -308,8 +411,14 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples.")
-    raw = load_yaml(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of sections (name, algorithm, model, data, train, eval).")
     raw.setdefault("name", path.stem)
-    return from_dict(apply_overrides(raw, overrides or []))
+    raw = apply_overrides(raw, overrides or [])
+    for section in REQUIRED:
+        if not isinstance(raw.get(section), dict) or "name" not in raw[section]:
+            what = "a section" if not isinstance(raw.get(section), dict) else "a 'name' in its section"
+            raise ConfigError(f"{path} has no {section}.name: a run config needs {what} {section!r} that names "
+                              f"the {REQUIRED[section]} (e.g. {section}:\n  name: ...; `metatl list` shows them).")
+    return from_dict(raw)

@@ -22,6 +22,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from ..stats import mean_ci95
+
 
 def _input_spec(x: Tensor) -> dict:
     return {"in_channels": int(x.shape[1]), "image_size": int(x.shape[-1])}
@@ -89,8 +91,6 @@ class LabelledSet:
     def evaluate(self, learner, episodes=None, seed=None, progress=False, device="cpu", desc="eval") -> dict:
         """Accuracy of ``learner(x)`` over every row (``episodes`` and ``seed`` are unused: the whole
         set is scored, deterministically)."""
-        from ..engine.evaluator import mean_ci95
-
         was_training = learner.training
         learner.eval()
         try:

@@ -6,23 +6,14 @@ The interval is ``1.96 * std / sqrt(N)`` over the N episode scores.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..data.episode import fixed_episodes
 from ..meta.base import METRIC_NAME, task_metric
-
-
-def mean_ci95(values: Iterable[float]) -> Dict[str, float]:
-    v = np.asarray(list(values), dtype=np.float64)
-    if v.size == 0:
-        raise ValueError("no episode scores to summarise; evaluate at least one episode.")
-    std = v.std(ddof=1) if v.size > 1 else 0.0
-    return {"mean": float(v.mean()), "ci95": float(1.96 * std / math.sqrt(v.size)), "std": float(std)}
+from ..stats import mean_ci95  # noqa: F401 (re-exported: metatl.engine.mean_ci95)
 
 
 def _predict(predictor, episode, transductive: bool) -> torch.Tensor:

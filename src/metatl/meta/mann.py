@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
+from ..stats import mean_ci95
 from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
 from .base import MetaLearner, Predictor
 
@@ -289,7 +290,6 @@ def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234
     summary as the evaluator's); a ``k`` larger than the examples per class raises an error.
     """
     from ..data.episode import fixed_episodes
-    from ..engine.evaluator import mean_ci95
 
     was_training = learner.training
     learner.eval()
