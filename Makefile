@@ -22,8 +22,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# make bench BENCH="transfer --quick": any entry point of benchmarks/README.md
+BENCH ?= speed
 bench: setup
-	$(PY) benchmarks/maml_speed.py
+	$(PY) -m benchmarks $(BENCH)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,5 +1,5 @@
-"""What the MAML step benchmarks share (``batchnorm_forms.py``, ``maml_compile_ab.py``,
-``maml_profile.py``): a config's training step as the trainer runs it, and the facts about the
+"""What the speed benchmarks share: the execution settings they pass (:data:`EXECUTION`), a config's
+training step as the trainer runs it, steps of several variants interleaved, and the facts about the
 machine that every benchmark JSON records."""
 from __future__ import annotations
 
@@ -13,6 +13,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MAML_5W1S = ROOT / "configs" / "maml_omniglot_5w1s.yaml"
+
+# Every execution setting the benchmarks pass on top of a config, in this one place: when a setting
+# is renamed, only this table changes. "defaults" is the configs' own choice; "tuned" the best flags
+# found by hand for second-order MAML's 15-query step on CPUs (vmap over the inner loops, the query
+# passes channels-last).
+EXECUTION = {
+    "defaults": [],
+    "tuned": ["algorithm.batch_tasks=inner", "model.channels_last=true"],
+}
+
+
+def execution_settings(batch_tasks=False, compile=False, task_threads="auto", channels_last=False,
+                       maml=True) -> tuple[dict, dict]:
+    """``(algorithm, model)`` config entries for ``maml_speed.py``'s execution options: ``batch_tasks``
+    (MAML) false, true or "inner"; ``compile`` (MAML); ``task_threads`` "auto" or a count (MAML
+    without ``batch_tasks: true``, and Reptile); ``channels_last`` (the conv nets)."""
+    algorithm = {"batch_tasks": batch_tasks or False, "compile": bool(compile)} if maml else {}
+    if algorithm.get("batch_tasks") is not True:
+        algorithm["task_threads"] = task_threads if task_threads in (None, "auto") else int(task_threads)
+    return algorithm, {"channels_last": bool(channels_last)}
 
 
 def training_step(config=MAML_5W1S, overrides: Sequence[str] = (), seed: int = 0):

@@ -4,7 +4,8 @@ shared 2-core machines) hits both alike, and the targets can be checked as ratio
 0.40 / 0.65 s (strided net) and 1.25 / 1.9 s (max-pool net) of learn2learn 0.2.0's time.
 
 metatl: the trainer's step of ``configs/maml_omniglot_5w1s.yaml`` with 15 queries per class,
-``batch_tasks: inner`` and ``model.channels_last: true`` (as ``task_threads.py``). learn2learn: its
+the execution settings of ``--execution`` (``_step.EXECUTION``; ``tuned``: ``batch_tasks: inner``
+and ``model.channels_last: true``). learn2learn: its
 documented loop (for each task ``clone()``, ``adapt()`` on the support loss, the query loss divided by
 the meta-batch and ``backward()``; then Adam), with its own Omniglot conv blocks
 (``learn2learn.vision.models.cnn4.ConvBase``: conv, BatchNorm, ReLU [, 2x2 max-pool]), mean over
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from _step import MAML_5W1S, ROOT, interleaved, machine, matmul_gflops, training_step, write_json
+from _step import EXECUTION, MAML_5W1S, ROOT, interleaved, machine, matmul_gflops, training_step, write_json
 
 TARGETS = {"conv4_stride": (0.40, 0.65), "conv4_pool": (1.25, 1.9)}  # issue #2: metatl, learn2learn 0.2.0
 
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds of 2 steps each, per library")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbones", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap.add_argument("--execution", default="tuned", choices=list(EXECUTION),
+                    help="metatl's execution settings (benchmarks/_step.py's EXECUTION)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn2learn_compare.json"))
     args = ap.parse_args()
     maml_cls, conv_base, version = import_learn2learn(args.learn2learn_src)
@@ -139,11 +142,11 @@ def main() -> None:
     keep_freed_memory()  # as the trainer does on CPUs; the same process serves both libraries
     torch.set_num_threads(args.threads)
     record = {"benchmark": "learn2learn_compare", **machine(args.threads), "learn2learn": version,
+              "execution": EXECUTION[args.execution],
               "rounds": args.rounds, "meta_batch": 32, "queries_per_class": 15, "inner_lr": 0.4,
               "results": {}}
     for backbone in args.backbones:
-        overrides = [f"model.name={backbone}", "data.train_queries=15", "algorithm.batch_tasks=inner",
-                     "model.channels_last=true"]
+        overrides = [f"model.name={backbone}", "data.train_queries=15", *EXECUTION[args.execution]]
         cfg, sampler, learner, metatl_step = training_step(MAML_5W1S, overrides)
         if learner.inner_lr != 0.4 or cfg.train.meta_batch != 32 or learner.inner_steps != 1:
             raise RuntimeError("the config no longer has the targets' inner step size and meta-batch")

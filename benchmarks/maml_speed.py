@@ -67,15 +67,14 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     from metatl.config import from_dict
     from metatl.engine.trainer import Trainer
 
+    from _step import execution_settings
+
     torch.set_num_threads(threads)
-    channels_last = bool(options.get("channels_last"))
     algorithm = dict(SETTINGS[algo])
-    if algorithm["name"] == "maml":
-        algorithm.update(batch_tasks=options.get("batch_tasks") or False, compile=bool(options.get("compile")))
-    task_threads = options.get("task_threads") or "auto"
-    if algorithm.get("batch_tasks") is not True:
-        algorithm["task_threads"] = task_threads if task_threads == "auto" else int(task_threads)
-    raw = {"algorithm": algorithm, "model": {"name": backbone, "channels_last": channels_last},
+    execution, model = execution_settings(maml=algorithm["name"] == "maml", **options)
+    algorithm.update(execution)
+    channels_last = model["channels_last"]
+    raw = {"algorithm": algorithm, "model": {"name": backbone, **model},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
            "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
                      "num_threads": threads, "processes": processes}}

@@ -1,0 +1,222 @@
+"""Accuracy benchmarks: train, then score on fixed test episodes.
+
+    python benchmarks/accuracy.py curve RUN --out benchmarks/results/maml_5w1s_time_to_accuracy
+    python benchmarks/accuracy.py mann-online RUN/last.pt [--episodes 1000] [--split test]
+    python benchmarks/accuracy.py metric [--budget-min 60] [--only NAME ...] [--collect]
+
+``curve``: test accuracy (+- 95% CI, 600 fixed test episodes) of the snapshots a run kept at chosen
+training minutes (``train.snapshot_minutes``), as JSON and a plot. A run that kept a moving average
+of its weights (``train.ema_decay``) is scored twice, with the average and with the raw weights. The
+MAML time-to-accuracy protocol:
+
+    metatl train configs/maml_omniglot_5w1s.yaml --out runs/maml_tta --set train.ema_decay=0.999 \\
+        train.time_budget_min=15 "train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]" train.num_threads=2 \\
+        algorithm.batch_tasks=true algorithm.compile=true train.val_every=0
+    python benchmarks/accuracy.py curve runs/maml_tta --out benchmarks/results/maml_5w1s_time_to_accuracy
+
+``mann-online``: the MANN paper's online protocol (Santoro et al. 2016, table 1): accuracy at the
+1st, 2nd, 5th and 10th instance of each class in sequences of 5 Omniglot classes x 10 instances,
+labels shuffled per episode, for a checkpoint trained with configs/mann_omniglot_online.yaml.
+``--split train`` scores sequences of training characters (to tell fitting from generalizing).
+
+``metric``: the Omniglot table of docs/metric.md. Each run is ``metatl train
+configs/<name>.yaml --out runs/metric/<name> --set train.time_budget_min=<budget> --no-progress``
+(training stops at the budget or at the config's iteration count, whichever comes first; the trainer
+then runs the test episodes). A finished run (results.json present) is skipped unless ``--force``.
+The table goes to stdout and to ``--out``/metric_results.md, the numbers to metric_results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def curve(argv=None) -> int:
+    """Score a run's snapshots: the time-to-accuracy curve."""
+    ap = argparse.ArgumentParser(prog="accuracy.py curve", description=curve.__doc__)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="output path without extension (.json and .png)")
+    ap.add_argument("--episodes", type=int, default=600)
+    ap.add_argument("--reference", type=float, nargs="*", default=[0.95, 0.97])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for scoring (eval.*)")
+    args = ap.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metatl.config import load_yaml
+    from metatl.engine.trainer import hardware, load_trainer
+
+    points = []
+    snaps = sorted(args.run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
+    for snap in snaps:
+        trainer = load_trainer(snap, [f"eval.episodes={args.episodes}", *args.set], progress=False)
+        trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
+        for weights in ("averaged", "raw") if trainer.ema is not None else ("raw",):
+            trainer.cfg.eval.weights = weights  # what trainer.scored (and so test) uses
+            res = trainer.test(checkpoint=str(snap))
+            points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration, "weights": weights,
+                           "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
+            print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  {weights:8s} "
+                  f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
+    run_results = args.run / "results.json"  # the run's own record: versions, training length
+    run = json.loads(run_results.read_text()) if run_results.exists() else {}
+    config = args.run / "config.yaml"
+    record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": run.get("torch_version"),
+              "metatl": run.get("metatl_version"), "train_seconds": run.get("train_seconds"),
+              "iterations": run.get("iterations"), "overrides": args.set,
+              "config": load_yaml(config.read_text()) if config.exists() else None, "points": points}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    kinds = sorted({p["weights"] for p in points})
+    for weights in kinds:
+        these = [p for p in points if p["weights"] == weights]
+        label = "metatl MAML" + (f", {weights} weights" if len(kinds) > 1 else "") + " (test, 600 episodes)"
+        ax.errorbar([p["minutes"] for p in these], [100 * p["accuracy"] for p in these],
+                    yerr=[100 * p["ci95"] for p in these], marker="o", capsize=3, label=label)
+    for r in args.reference:
+        ax.axhline(100 * r, ls=":", color="gray")
+    ax.set(xlabel="training minutes", ylabel="5-way 1-shot accuracy (%)", title=args.run.name)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def mann_online(argv=None) -> int:
+    """The MANN paper's online protocol for a checkpoint."""
+    p = argparse.ArgumentParser(prog="accuracy.py mann-online", description=mann_online.__doc__)
+    p.add_argument("checkpoint")
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default="benchmarks/results/mann_online.json")
+    args = p.parse_args(argv)
+    from metatl.data import build_sampler
+    from metatl.engine.trainer import hardware, load_trainer
+    from metatl.meta.mann import mann_online_accuracy
+
+    trainer = load_trainer(args.checkpoint, ["data.ways=5", "data.shots=5", "data.queries=5"], progress=False)
+    acc = mann_online_accuracy(trainer.learner, build_sampler(trainer.cfg.data, args.split), args.episodes, args.seed)
+    result = {"checkpoint": args.checkpoint, "memory": trainer.cfg.algorithm.get("memory", True),
+              "config": trainer.cfg.name, "algorithm": trainer.cfg.algorithm,
+              "backbone": trainer.cfg.model.get("name"), "split": args.split, "episodes": args.episodes,
+              "eval_seed": args.seed, "iterations": trainer.iteration,
+              "train_seconds": trainer.train_seconds,
+              "accuracy_by_instance": {str(k): v for k, v in acc.items()},
+              "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
+              "hardware_of_this_scoring": hardware(), "torch_version": torch.__version__}
+    print(" ".join(f"instance {k}: {100 * v['mean']:.1f} +- {100 * v['ci95']:.1f}%" for k, v in acc.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+METHODS = {"protonet": "Prototypical Networks", "matching": "Matching Networks", "relation": "Relation Network"}
+SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
+PUBLISHED = {  # accuracy %, Omniglot, as reported in each paper
+    "protonet": (98.8, 99.7, 96.0, 98.9),  # Snell et al. 2017, Table 1
+    "matching": (98.1, 98.9, 93.8, 98.5),  # Vinyals et al. 2016, Table 1 (no fine-tuning)
+    "relation": (99.6, 99.8, 97.6, 99.1),  # Sung et al. 2018, Table 1
+}
+
+
+def run_names():
+    return [f"{m}_omniglot_{s}" for m in METHODS for s in SETTINGS]
+
+
+def train(name: str, budget: float, runs: Path, overrides) -> int:
+    """``metatl train`` one config under a budget; ``overrides`` join the budget in one ``--set``."""
+    cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml"),
+           "--out", str(runs / name), "--no-progress", "--overwrite", "--set", f"train.time_budget_min={budget}", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def collect(runs: Path) -> dict:
+    table = {}
+    for name in run_names():
+        path = runs / name / "results.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            table[name] = {"mean": 100 * r["metric"]["mean"], "ci95": 100 * r["metric"]["ci95"],
+                           "episodes": r["episodes"], "iterations": r["iterations"],
+                           "train_minutes": r["train_seconds"] / 60, "hardware": r["hardware"]}
+    return table
+
+
+def markdown(table: dict) -> str:
+    head = "| method | " + " | ".join("{}-way {}-shot".format(*s[:-1].split("w")) for s in SETTINGS) + " |"
+    lines = [head, "|---|" + "---|" * len(SETTINGS)]
+    for m, title in METHODS.items():
+        lines.append(f"| {title} (published) | " + " | ".join(f"{v:.1f}" for v in PUBLISHED[m]) + " |")
+        cells = []
+        for s in SETTINGS:
+            r = table.get(f"{m}_omniglot_{s}")
+            cells.append(f"{r['mean']:.1f} +- {r['ci95']:.1f} ({r['train_minutes']:.0f} min, {r['iterations']} it)"
+                         if r else "not yet run")
+        lines.append(f"| {title} (metatl) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metric(argv=None) -> int:
+    """Train and test every metric-learning config under a budget; collect the table."""
+    p = argparse.ArgumentParser(prog="accuracy.py metric", description=metric.__doc__)
+    p.add_argument("--budget-min", type=float, default=60.0, help="training minutes per run")
+    p.add_argument("--only", nargs="+", help="run only these config names")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "metric"), help="folder of the run folders")
+    p.add_argument("--collect", action="store_true", help="do not train; only collect results")
+    p.add_argument("--force", action="store_true", help="train again even when results.json exists")
+    p.add_argument("--set", nargs="+", default=[], help="extra overrides for every run, e.g. train.device=cuda")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for metric_results.json / .md")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    failed = []
+    if not args.collect:
+        for name in args.only or run_names():
+            if (runs / name / "results.json").exists() and not args.force:
+                print(f"{name}: done, skipping (--force to redo)")
+                continue
+            if train(name, args.budget_min, runs, args.set) != 0:
+                failed.append(name)
+    table = collect(runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metric_results.json").write_text(json.dumps({"published": PUBLISHED, "ours": table}, indent=2))
+    text = markdown(table)
+    (out / "metric_results.md").write_text(text + "\n")
+    print(text)
+    if failed:
+        print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+COMMANDS = {"curve": curve, "mann-online": mann_online, "metric": metric}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
