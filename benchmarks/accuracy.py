@@ -1,18 +1,18 @@
 """Accuracy benchmarks: train, then score on fixed test episodes.
 
-    python benchmarks/accuracy.py curve RUN --out benchmarks/results/maml_5w1s_time_to_accuracy
-    python benchmarks/accuracy.py mann-online RUN/last.pt [--episodes 1000] [--split test]
+    python benchmarks/accuracy.py curve RUN [--plot curve.png]        # -> results/time_to_accuracy.json
+    python benchmarks/accuracy.py mann-online RUN/last.pt [--episodes 1000] [--split test]   # -> results/mann_online.json
     python benchmarks/accuracy.py metric [--budget-min 60] [--only NAME ...] [--collect]
 
 ``curve``: test accuracy (+- 95% CI, 600 fixed test episodes) of the snapshots a run kept at chosen
-training minutes (``train.snapshot_minutes``), as JSON and a plot. A run that kept a moving average
+training minutes (``train.snapshot_minutes``), as an entry of one JSON (and a plot). A run that kept a moving average
 of its weights (``train.ema_decay``) is scored twice, with the average and with the raw weights. The
 MAML time-to-accuracy protocol:
 
     metatl train configs/maml_omniglot_5w1s.yaml --out runs/maml_tta --set train.ema_decay=0.999 \\
         train.time_budget_min=15 "train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]" train.num_threads=2 \\
         algorithm.batch_tasks=true algorithm.compile=true train.val_every=0
-    python benchmarks/accuracy.py curve runs/maml_tta --out benchmarks/results/maml_5w1s_time_to_accuracy
+    python benchmarks/accuracy.py curve runs/maml_tta
 
 ``mann-online``: the MANN paper's online protocol (Santoro et al. 2016, table 1): accuracy at the
 1st, 2nd, 5th and 10th instance of each class in sequences of 5 Omniglot classes x 10 instances,
@@ -45,16 +45,13 @@ def curve(argv=None) -> int:
     """Score a run's snapshots: the time-to-accuracy curve."""
     ap = argparse.ArgumentParser(prog="accuracy.py curve", description=curve.__doc__)
     ap.add_argument("run", type=Path)
-    ap.add_argument("--out", type=Path, required=True, help="output path without extension (.json and .png)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "time_to_accuracy.json",
+                    help="JSON of runs by folder name; this run's entry is replaced, the others kept")
+    ap.add_argument("--plot", type=Path, default=None, help="also plot the curve to this .png")
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--reference", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for scoring (eval.*)")
     args = ap.parse_args(argv)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from metatl.config import load_yaml
     from metatl.engine.trainer import hardware, load_trainer
@@ -80,7 +77,17 @@ def curve(argv=None) -> int:
               "iterations": run.get("iterations"), "overrides": args.set,
               "config": load_yaml(config.read_text()) if config.exists() else None, "points": points}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    runs = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs[args.run.name] = record
+    args.out.write_text(json.dumps(runs, indent=1))
+    print(f"wrote {args.out} ({args.run.name})")
+    if args.plot is None:
+        return 0
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     kinds = sorted({p["weights"] for p in points})
     for weights in kinds:
@@ -93,8 +100,8 @@ def curve(argv=None) -> int:
     ax.set(xlabel="training minutes", ylabel="5-way 1-shot accuracy (%)", title=args.run.name)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=110)
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    fig.savefig(args.plot, dpi=110)
+    print(f"wrote {args.plot}")
     return 0
 
 
@@ -105,7 +112,9 @@ def mann_online(argv=None) -> int:
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", default="benchmarks/results/mann_online.json")
+    p.add_argument("--name", default=None, help="the entry's name in --out (default: the run folder's name)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mann_online.json"),
+                   help="JSON of scored runs by name; this entry is replaced, the others kept")
     args = p.parse_args(argv)
     from metatl.data import build_sampler
     from metatl.engine.trainer import hardware, load_trainer
@@ -122,9 +131,13 @@ def mann_online(argv=None) -> int:
               "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
               "hardware_of_this_scoring": hardware(), "torch_version": torch.__version__}
     print(" ".join(f"instance {k}: {100 * v['mean']:.1f} +- {100 * v['ci95']:.1f}%" for k, v in acc.items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text()) if out.exists() else {}
+    name = args.name or Path(args.checkpoint).resolve().parent.name
+    runs[name] = result
+    out.write_text(json.dumps(runs, indent=1))
+    print(f"wrote {out} ({name})")
     return 0
 
 
