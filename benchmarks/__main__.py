@@ -69,7 +69,8 @@ def _learned_optimizer(quick: bool, tmp: str) -> list[list[str]]:
 
 
 def _contention(quick: bool, tmp: str) -> list[list[str]]:
-    return [["contention.py", "--quick", "--out", f"{tmp}/contention.json"] if quick else ["contention.py"]]
+    return [["contention.py", "--seconds", "5", "--busy", "0", "--out", f"{tmp}/contention.json"] if quick else
+            ["contention.py"]]
 
 
 def _report(quick: bool, tmp: str) -> list[list[str]]:
