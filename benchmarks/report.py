@@ -102,10 +102,10 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                  " / ".join(pm(*r["mse_by_steps"][s], 3) for s in ("1", "5", "10")), "", r["budget"], r["hardware"],
                  code(r["command"])])
     out.append(("Sinusoid regression (MAML paper, sec. 5.1)",
-                "Amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]; MLP 1-40-40-1; inner SGD 0.01; meta-batch 25; "
+                ("Amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]; MLP 1-40-40-1; inner SGD 0.01; meta-batch 25; "
                 "600 fixed test tasks of 100 points; mean squared error (lower is better). The paper trains 70,000 "
                 "iterations and shows curves only; MAML beats the jointly pretrained baseline by a factor of 5 (K=5) "
-                "to 13 (K=10) after 10 steps, as the paper's figure shows in kind.", table(rows)))
+                "to 13 (K=10) after 10 steps, as the paper's figure shows in kind."), table(rows)))
     # ---- optimization-based, Omniglot
     tta, iterations = maml_time_to_accuracy()
     tta_cmd = ("metatl train configs/maml_omniglot_5w1s.yaml --set train.seed=S train.ema_decay=0.999 "
@@ -131,12 +131,12 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
              rec.row("reptile_reptile_5w1s_nontransductive_8min", "Reptile (non-transductive)", "5-way 1-shot", "95.39"),
              rec.row("reptile_reptile_5w5s_8min", "Reptile (transductive)", "5-way 5-shot", "")]
     out.append(("Omniglot: optimization-based meta-learning",
-                "MAML paper protocol (1200 / 423 characters x 4 rotations, meta-batch 32, inner step 0.4, 1 step "
+                ("MAML paper protocol (1200 / 423 characters x 4 rotations, meta-batch 32, inner step 0.4, 1 step "
                 "in training and 3 at test, strided conv net), 600 fixed test episodes of 15 queries per class, "
                 "transductive BatchNorm as the reference code. Published: Finn et al. 2017 and Nichol et al. 2018, "
                 "Table 1, after 60,000 and 100,000 iterations; ours are minutes of CPU. The 15-minute runs score an "
                 "exponential moving average of the weights (`train.ema_decay`); intervals over seeds leave out the "
-                "test set's own sampling error, which all runs share.", table(rows)))
+                "test set's own sampling error, which all runs share."), table(rows)))
     # ---- metric-based
     metric = load("metric_results.json")
     names = {"protonet": "Prototypical Networks", "matching": "Matching Networks", "relation": "Relation Network"}
@@ -159,11 +159,11 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                          code(f"metatl train configs/{method}_omniglot_{s}.yaml --set train.time_budget_min=6 "
                               "train.device=cuda train.num_threads=1")])
     out.append(("Omniglot: metric-based meta-learning",
-                "Vinyals split, 1000 fixed test episodes of 15 queries per class, the papers' settings "
+                ("Vinyals split, 1000 fixed test episodes of 15 queries per class, the papers' settings "
                 "(`configs/{protonet,matching,relation}_omniglot_*.yaml`). Published: Snell et al. 2017, Vinyals "
                 "et al. 2016 (no fine-tuning), Sung et al. 2018, Table 1. The H200 rows trained all twelve configs "
                 "at once (`python benchmarks/accuracy.py metric --collect` tabulates them). Method guide: "
-                "[metric.md](metric.md).", table(rows)))
+                "[metric.md](metric.md)."), table(rows)))
     # ---- RNN-based
     mann = load("mann_online.json")
     rows = []
@@ -193,14 +193,14 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         c = p["curves"]
         best = min(("SGD", "RMSprop", "Adam"), key=lambda k: c[k]["final_mean"])
         rows.append(["learned LSTM optimizer", f"{setting}: final loss (best tuned baseline: {best})",
-                     f"{c['LSTM']['final_mean']:.3g} ± {c['LSTM']['final_ci95']:.2g} "
-                     f"({best} {c[best]['final_mean']:.3g} ± {c[best]['final_ci95']:.2g})", "Fig. 4 (curves only)",
+                     (f"{c['LSTM']['final_mean']:.3g} ± {c['LSTM']['final_ci95']:.2g} "
+                     f"({best} {c[best]['final_mean']:.3g} ± {c[best]['final_ci95']:.2g})"), "Fig. 4 (curves only)",
                      f"{lo['settings']['steps']} steps, {lo['settings']['seeds']} problems", "Intel Xeon, 1 thread",
                      code("OMP_NUM_THREADS=1 python benchmarks/learned_optimizer.py")])
     out.append(("RNN-based meta-learning",
-                "Omniglot, Vinyals split. The online protocol (Santoro et al. 2016, table 1) shows sequences of 5 "
+                ("Omniglot, Vinyals split. The online protocol (Santoro et al. 2016, table 1) shows sequences of 5 "
                 "classes x 10 instances with shuffled labels; the episode protocol 600 test episodes of 15 queries "
-                "per class. Published SNAIL: Mishra et al. 2018. Method guide: [rnn.md](rnn.md).", table(rows)))
+                "per class. Published SNAIL: Mishra et al. 2018. Method guide: [rnn.md](rnn.md)."), table(rows)))
     # ---- transfer
     digits = load("transfer_digits.json")
     ref = digits["reference_skada_bench"]
@@ -232,10 +232,10 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                      f"{r['seconds']:.2f} s / {r['peak_mib']:.0f} MiB", "", "", f"CPU ({classical['kmm_kliep_cost']['machine']})",
                      code("python benchmarks/transfer_classical.py --cost")])
     out.append(("Transfer learning",
-                "MNIST ↔ USPS with a small CNN on the full data, no target label used for any choice (fixed "
+                ("MNIST ↔ USPS with a small CNN on the full data, no target label used for any choice (fixed "
                 "hyper-parameters, last iterate); classical estimators with their default hyper-parameters. "
                 "skada-bench's numbers come from a different network and protocol, so they place ours, they do "
-                "not rank it. Method guide, protocols and model selection: [transfer.md](transfer.md).",
+                "not rank it. Method guide, protocols and model selection: [transfer.md](transfer.md)."),
                 table(rows)))
     # ---- speed
     l2l = load("learn2learn_compare.json")
@@ -243,14 +243,14 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
     for backbone, net in (("conv4_stride", "strided net"), ("conv4_pool", "max-pool net")):
         r = l2l["results"][backbone]
         rows.append(["second-order MAML step vs learn2learn 0.2.0", f"{net}, 15 queries, meta-batch 32",
-                     f"{r['metatl']['seconds_median']:.3f} s vs {r['learn2learn']['seconds_median']:.3f} s: "
-                     f"{r['ratio']:.3f} of its time (target ≤ {r['target_ratio']:.3f})", "",
+                     (f"{r['metatl']['seconds_median']:.3f} s vs {r['learn2learn']['seconds_median']:.3f} s: "
+                     f"{r['ratio']:.3f} of its time (target ≤ {r['target_ratio']:.3f})"), "",
                      f"{l2l['rounds']} rounds, interleaved", f"{l2l['hardware']}, {l2l['date'][:10]}",
                      code("python benchmarks/learn2learn_compare.py")])
     earlier = [rec[f"learn2learn_compare_{i}"]["ratio"] for i in range(1, 6)]
     rows.append(["the same, five earlier measurements", "strided / max-pool net",
-                 f"{min(e['conv4_stride'] for e in earlier):.3f}-{max(e['conv4_stride'] for e in earlier):.3f} / "
-                 f"{min(e['conv4_pool'] for e in earlier):.3f}-{max(e['conv4_pool'] for e in earlier):.3f} of its time",
+                 (f"{min(e['conv4_stride'] for e in earlier):.3f}-{max(e['conv4_stride'] for e in earlier):.3f} / "
+                 f"{min(e['conv4_pool'] for e in earlier):.3f}-{max(e['conv4_pool'] for e in earlier):.3f} of its time"),
                  "", "", CPU2, "as above"])
     speed = load("maml_speed.json")
     for r in speed["results"]:
@@ -268,11 +268,11 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         rows.append([label, f"training episodes/s ({r['train_episode']})", f"{r['train_episodes_per_s']:.1f}/s{evaluation}",
                      "", "", r["hardware"], code(r["command"])])
     out.append(("Speed",
-                "Omniglot 5-way 1-shot, real data, the trainer's whole step (sampling, meta-loss, backward, "
+                ("Omniglot 5-way 1-shot, real data, the trainer's whole step (sampling, meta-loss, backward, "
                 "optimizer). The comparison with learn2learn interleaves both libraries' steps in one process after "
                 "checking in float64 that they compute the same meta-gradient; ratios do not depend on the shared "
                 "machine's speed, which moves by 20-40% within minutes. Why the defaults are what they are: "
-                "[performance.md](performance.md).", table(rows)))
+                "[performance.md](performance.md)."), table(rows)))
     return out
 
 
@@ -294,8 +294,8 @@ def headline(rec: Records) -> str:
              " / ".join(pm(100 * mann[k]["mean"], 100 * mann[k]["ci95"], 1) for k in ("2", "5")), "40 min, 1 CPU core", "82.8 / 94.9"],
             ["SNAIL", "5-way 1-shot", rec.acc("snail_5w1s_40min"), "40 min, 2 CPU cores", "99.07 ± 0.16"],
             ["Deep CORAL", "USPS → MNIST, accuracy (± std over 3 seeds)",
-             f"{digits['deep_coral']['usps->mnist']['mean']:.3f} ± {digits['deep_coral']['usps->mnist']['std']:.3f} "
-             f"(source only {digits['source_only']['usps->mnist']['mean']:.3f})", "full data, H100", "skada-bench .899"]]
+             (f"{digits['deep_coral']['usps->mnist']['mean']:.3f} ± {digits['deep_coral']['usps->mnist']['std']:.3f} "
+             f"(source only {digits['source_only']['usps->mnist']['mean']:.3f})"), "full data, H100", "skada-bench .899"]]
     return table(rows, ["method", "setting", "metatl", "budget", "published"])
 
 
@@ -304,12 +304,12 @@ def render_page() -> str:
     parts = ["# Results", "",
              "<!-- generated by `python -m benchmarks report` from benchmarks/results/*.json; do not edit by hand -->",
              "",
-             "Every number comes from a JSON file in `benchmarks/results/`: the one each benchmark regenerates, or "
+             ("Every number comes from a JSON file in `benchmarks/results/`: the one each benchmark regenerates, or "
              "`records.json` for runs that no script regenerates (with command, hardware, date and source). "
              "Accuracies are in %, mean ± 95% confidence interval over the fixed test episodes (drawn from "
              "`eval.seed: 1234`, the same for every method) unless marked; an interval over seeds uses Student's t. "
              "\"Intel Xeon\" is our development machine (2 cores, shared with other jobs; torch 2.13 CPU). "
-             "Budgets are minutes of training; published numbers are the papers' after their full schedules.", ""]
+             "Budgets are minutes of training; published numbers are the papers' after their full schedules."), ""]
     for title, text, body in sections(rec):
         parts += [f"## {title}", "", text, "", body, ""]
     return "\n".join(parts)
