@@ -52,11 +52,11 @@ def cmd_train(args) -> int:
                           f"with --overwrite, or train into another folder with --out.")
     from .engine.trainer import check_device
 
-    check_device(cfg.train.device)
+    device = check_device(cfg.train.device)  # "auto" resolved here, so every process agrees
     if cfg.train.processes > 1:
         from .engine import distributed
 
-        distributed.launch(train_and_test, cfg.train.processes, cfg.train.device, cfg, out,
+        distributed.launch(train_and_test, cfg.train.processes, str(device), cfg, out,
                            not args.no_progress, args.resume)
     else:
         train_and_test(cfg, out, not args.no_progress, args.resume)

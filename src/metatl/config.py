@@ -106,7 +106,11 @@ class DataConfig:
     data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
     # domain adaptation (mnist_usps): source->target, target labels revealed for training, subsampling
-    direction: str = "mnist->usps"  # or usps->mnist
+    direction: str = "mnist->usps"  # source->target among mnist, usps, sklearn_digits
+    usps_frame: str = "pad"  # pad: 16x16 USPS padded by 6 px to 28x28 (skada-bench); stretch: resized to fill it
+    standardize: str = "none"  # none: values in [0, 1]; domain: each domain by its own training mean and std
+    test_protocol: str = "official"  # official: target test split; holdout: holdout_fraction of target train
+    holdout_fraction: float = 0.2
     target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
     max_source: Optional[int] = None  # use at most this many training rows per domain (quick runs)
     max_target: Optional[int] = None
@@ -124,6 +128,8 @@ class TrainConfig:
     meta_batch: int = 25
     optimizer: str = "adam"  # adam or sgd (the outer / meta optimizer)
     lr: float = 1e-3
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0  # L2 penalty added to the gradient (torch.optim's weight_decay)
     lr_schedule: str = "constant"  # constant, linear or cosine (to lr_final at the end of the run), or step
     lr_final: float = 0.0
     lr_step_every: Optional[int] = None  # step schedule: multiply lr by lr_gamma every this many iterations
@@ -136,7 +142,7 @@ class TrainConfig:
     time_budget_min: Optional[float] = None  # stop after this many minutes of training
     snapshot_minutes: List[float] = field(default_factory=list)  # keep checkpoints at these minutes
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when available, else cpu)
     num_threads: Optional[int] = None  # threads per process (default: torch's, or 1 with processes > 1)
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
     # float32: full float32, also on GPUs (TF32 off); tf32: CUDA convolutions and matrix products in TF32;

@@ -124,7 +124,10 @@ def moving_average(learner, decay: float) -> AveragedModel:
 
 
 def check_device(name: str) -> torch.device:
-    """``train.device`` as a ``torch.device``, or a ConfigError that says what to set instead."""
+    """``train.device`` as a ``torch.device``, or a ConfigError that says what to set instead;
+    ``auto`` is CUDA when torch sees a device, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
@@ -151,9 +154,12 @@ def allow_tf32(allowed: bool) -> None:
 def make_optimizer(cfg: Config, params):
     t = cfg.train
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr)
+        if t.momentum:
+            raise ConfigError(f"train.momentum={t.momentum} applies to train.optimizer=sgd only; Adam has "
+                              f"its own moments (set train.momentum=0 or train.optimizer=sgd).")
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     raise ConfigError(f"unknown train.optimizer {t.optimizer!r}; use adam or sgd.")
 
 
@@ -444,7 +450,8 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
         "backbone": cfg.model["name"], "train_precision": cfg.train.precision,  # evaluation runs in float32
         "train_seconds": train_seconds, "iterations": iterations,
         "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
-        "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(cfg.train.device),
+        "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(
+            "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device),
         **res.get("record", {}),  # extra fields from a data source's own evaluate (e.g. the direction)
     }
 
