@@ -59,10 +59,15 @@ class DeepTransfer(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         return self.model.embed(x)
 
-    def classify(self, z: Tensor) -> Tensor:
-        """Logits from features (dropout, if the backbone has it, sits before the head)."""
+    def dropout(self, z: Tensor) -> Tensor:
+        """The backbone's dropout before its head (identity when it has none, and in eval mode)."""
         drop = getattr(self.model, "dropout", None)
-        return self.model.head(drop(z) if drop is not None else z)
+        return drop(z) if drop is not None else z
+
+    def classify(self, z: Tensor, dropped: bool = False) -> Tensor:
+        """Logits from ``features`` (the backbone's dropout, then its head); ``dropped=True``: ``z``
+        already went through that dropout (:meth:`source_and_target_features`)."""
+        return self.model.head(z if dropped else self.dropout(z))
 
     def set_progress(self, p: float) -> None:
         self.progress = float(p)
@@ -71,9 +76,11 @@ class DeepTransfer(nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def source_and_target_features(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-        """``features`` of ``source_x`` and ``target_x`` in one forward pass."""
+        """The features the domain losses align, for ``source_x`` and ``target_x`` in one forward pass:
+        ``features`` after the backbone's dropout (the layer skada-bench aligns on its digits net), so
+        ``classify(z, dropped=True)`` gives the training logits of the same rows."""
         n = len(batch["source_x"])
-        z = self.features(torch.cat([batch["source_x"], batch["target_x"]]))
+        z = self.dropout(self.features(torch.cat([batch["source_x"], batch["target_x"]])))
         return z[:n], z[n:]
 
     def meta_loss(self, batch):  # pragma: no cover - interface

@@ -1,9 +1,9 @@
 """DANN: domain-adversarial training with a gradient reversal layer (Ganin et al., JMLR 2016).
 
-Features ``z = G_f(x)``, label classifier ``G_y``, domain classifier ``G_d`` (probability that a
-row comes from the source). The objective, minimised by every parameter with the gradient reversal
-layer ``R_lambda`` (forward: identity; backward: multiply the gradient by ``-lambda``) between the
-features and ``G_d``::
+Features ``z = G_f(x)`` (the ``embed`` features after the backbone's dropout), label classifier
+``G_y``, domain classifier ``G_d`` (probability that a row comes from the source). The objective,
+minimised by every parameter with the gradient reversal layer ``R_lambda`` (forward: identity;
+backward: multiply the gradient by ``-lambda``) between the features and ``G_d``::
 
     L = CE(G_y(z_s), y_s) + weight * BCE(G_d(R_lambda(z)), d),    d = 1 (source), 0 (target)
 
@@ -74,7 +74,7 @@ class DANN(DeepTransfer):
 
     def meta_loss(self, batch):
         zs, zt = self.source_and_target_features(batch)
-        logits = self.classify(zs)
+        logits = self.classify(zs, dropped=True)
         ce = F.cross_entropy(logits, batch["source_y"])
         lambd = dann_lambda(self.progress, self.gamma)
         d = self.discriminator(grad_reverse(torch.cat([zs, zt]), lambd))

@@ -6,7 +6,8 @@ For source features ``D_S (n_s, d)`` and target features ``D_T (n_t, d)``::
     L_CORAL = ||C_S - C_T||_F^2 / (4 d^2)
     L = CE(f(x_s), y_s) + weight * L_CORAL(z_s, z_t)
 
-The loss is taken on the ``embed`` features (skada aligns the same layer of the digits net).
+The loss is taken on the ``embed`` features after the backbone's dropout (the layer skada-bench
+aligns on its digits net).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class DeepCORAL(DeepTransfer):
 
     def meta_loss(self, batch):
         zs, zt = self.source_and_target_features(batch)
-        logits = self.classify(zs)
+        logits = self.classify(zs, dropped=True)
         ce = F.cross_entropy(logits, batch["source_y"])
         coral = coral_loss(zs, zt)
         loss = ce + self.weight * coral

@@ -19,7 +19,8 @@ Two estimators of ``MMD^2(p_s, p_t)`` for source rows ``s (n_s, d)`` and target 
 
       MMD_l^2 = 2/n sum_i [k(s_{2i-1}, s_{2i}) + k(t_{2i-1}, t_{2i}) - k(s_{2i-1}, t_{2i}) - k(s_{2i}, t_{2i-1})]
 
-The objective (on the ``embed`` features, and on the logits too when ``layers`` has ``logits``)::
+The objective (on the ``embed`` features after the backbone's dropout, and on the logits too when
+``layers`` has ``logits``)::
 
     L = CE(f(x_s), y_s) + weight * sum_{layer} MMD^2(h_s^layer, h_t^layer)
 """
@@ -97,7 +98,7 @@ class DAN(DeepTransfer):
 
     def meta_loss(self, batch):
         zs, zt = self.source_and_target_features(batch)
-        logits = self.classify(torch.cat([zs, zt]))
+        logits = self.classify(torch.cat([zs, zt]), dropped=True)
         ls, lt = logits[:len(zs)], logits[len(zs):]
         ce = F.cross_entropy(ls, batch["source_y"])
         pairs = {"features": (zs, zt), "logits": (ls, lt)}
