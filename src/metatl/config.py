@@ -119,7 +119,8 @@ class DataConfig:
         "ways": at_least(1), "shots": at_least(1), "queries": at_least(1), "train_ways": at_least(1),
         "train_shots": at_least(1), "train_queries": at_least(0), "image_size": at_least(1),
         "in_channels": at_least(1), "split_fractions": Range(0, 1), "split_seed": at_least(0),
-        "target_labels_fraction": Range(0, 1), "max_source": at_least(1), "max_target": at_least(1)}
+        "target_labels_fraction": Range(0, 1), "max_source": at_least(1), "max_target": at_least(1),
+        "holdout_fraction": Range(0, 1, open_low=True, open_high=True)}
 
 
 @dataclass
@@ -153,6 +154,7 @@ class TrainConfig:
 
     config_ranges: ClassVar[Dict[str, Range]] = {
         "iterations": at_least(1), "meta_batch": at_least(1), "lr": above(0), "lr_final": at_least(0),
+        "momentum": Range(0, 1, open_high=True), "weight_decay": at_least(0),
         "lr_step_every": at_least(1), "lr_gamma": above(0), "grad_clip": above(0), "val_every": at_least(0),
         "val_episodes": at_least(1), "ckpt_every": at_least(0), "log_every": at_least(1),
         "time_budget_min": above(0), "snapshot_minutes": at_least(0), "seed": at_least(0),
