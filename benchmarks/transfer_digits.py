@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 rows, 20 steps, 2-point grids")
     p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
-    p.add_argument("--out", default="benchmarks/results/transfer_digits.json")
+    p.add_argument("--out", default="benchmarks/results/transfer_digits_selection.json",
+                   help="(results/transfer_digits.json holds the earlier format that benchmarks/report.py reads)")
     args = p.parse_args(argv)
     grids = dict(GRIDS)
     for item in args.grid:
