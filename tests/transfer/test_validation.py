@@ -4,7 +4,8 @@ import pytest
 from sklearn.svm import SVC
 
 from metatl.data.domains import to_domain
-from metatl.transfer import CORAL, KLIEP, KMM, TargetLabelLeakWarning, TrAdaBoost, TransferLogisticRegression
+from metatl.transfer import (CORAL, KLIEP, KMM, TargetLabelLeakWarning, TrAdaBoost, TransferLogisticRegression,
+                             TransferRidge)
 
 UNSUPERVISED = [lambda: KMM(SVC()), lambda: KLIEP(SVC(), n_centers=10, random_state=0), lambda: CORAL()]
 
@@ -89,3 +90,48 @@ def test_bad_sample_domain():
         KMM(SVC()).fit(X, y2, sample_domain=sd)
     with pytest.raises(ValueError, match="reshape"):
         KMM(SVC()).fit(X[:, 0], y, sample_domain=sd)
+
+
+def test_crash_cases_get_clear_errors():
+    """The inputs that crashed deep inside (issue 23, item 7) now fail with a named cause."""
+    X, y, sd = _data()
+    with pytest.raises(ValueError, match="at least cv=5 target rows"):
+        KLIEP(SVC()).fit(X[:34], y[:34], sample_domain=sd[:34])  # 30 source + 4 target rows
+    one_target = np.r_[np.flatnonzero(sd > 0), np.flatnonzero(sd < 0)[:1]]
+    with pytest.raises(ValueError, match="at least 2 target rows"):
+        CORAL().fit(X[one_target], sample_domain=sd[one_target])
+    for est in (TrAdaBoost(n_estimators=2), TransferLogisticRegression()):
+        with pytest.raises(ValueError, match="requires y"):
+            est.fit(X, None, sample_domain=sd)
+    y_reg = np.where(sd > 0, X[:, 0], np.nan)
+    y_reg[np.flatnonzero(sd < 0)[:5]] = 1.0
+    y_reg[0] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        TransferRidge().fit(X, y_reg, sample_domain=sd)
+    with pytest.raises(ValueError, match="0 feature"):
+        KMM(SVC()).fit(X[:, :0], y, sample_domain=sd)
+
+
+def test_coral_ignores_string_labels_of_target_rows():
+    X, y, sd = _data()
+    names = np.array(["cat", "dog"])[(X[:, 0] > 0).astype(int)]  # every row labelled, target too
+    with pytest.warns(TargetLabelLeakWarning):
+        Z = CORAL().fit_transform(X, names, sample_domain=sd)
+    np.testing.assert_allclose(Z, CORAL().fit_transform(X, sample_domain=sd))
+
+
+def test_sparse_complex_and_column_y():
+    from scipy import sparse
+    from sklearn.exceptions import DataConversionWarning, NotFittedError
+
+    X, y, sd = _data()
+    with pytest.raises(TypeError, match="dense data is required"):
+        KMM(SVC()).fit(sparse.csr_matrix(X), y, sample_domain=sd)
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        CORAL().fit(X + 1j, sample_domain=sd)
+    with pytest.warns(DataConversionWarning):
+        est = KMM(SVC()).fit(X, y[:, None], sample_domain=sd)
+    assert est.predict(X).shape == y.shape
+    for est in (KMM(SVC()), TransferRidge(), TransferLogisticRegression(), TrAdaBoost(), CORAL()):
+        with pytest.raises(NotFittedError):
+            (est.transform if isinstance(est, CORAL) else est.predict)(X)

@@ -10,10 +10,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils import get_tags
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_sample_weight
 
 from metatl.registry import ESTIMATORS
-from metatl.transfer._validation import check_domains, check_n_features, check_X, is_masked
+from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
 
 # --------------------------------------------------------------------------- kernels
 
@@ -101,28 +101,24 @@ class _DomainEstimator(LabelledScoreMixin, MetaEstimatorMixin, BaseEstimator):
         tags.regressor_tags = base.regressor_tags
         return tags
 
-    def _check_predict_X(self, X):
-        check_is_fitted(self, "estimator_")
-        X = check_X(X)
-        check_n_features(X, self.n_features_in_, type(self).__name__)
-        return X
-
     def _set_fitted(self, est, X):
         self.estimator_ = est
-        self.n_features_in_ = X.shape[1]
         if hasattr(est, "classes_"):
             self.classes_ = est.classes_
 
     def predict(self, X):
-        return self.estimator_.predict(self._check_predict_X(X))
+        X = check_fitted_X(self, X)
+        return self.estimator_.predict(X)
 
     @available_if(lambda self: hasattr(self._fitted_or_base(), "predict_proba"))
     def predict_proba(self, X):
-        return self.estimator_.predict_proba(self._check_predict_X(X))
+        X = check_fitted_X(self, X)
+        return self.estimator_.predict_proba(X)
 
     @available_if(lambda self: hasattr(self._fitted_or_base(), "decision_function"))
     def decision_function(self, X):
-        return self.estimator_.decision_function(self._check_predict_X(X))
+        X = check_fitted_X(self, X)
+        return self.estimator_.decision_function(X)
 
 
 @ESTIMATORS.register("source_only")
@@ -140,13 +136,13 @@ class SourceOnly(_DomainEstimator):
     def fit(self, X, y, sample_domain=None, sample_weight=None):
         """Fit on rows with ``sample_domain > 0``; returns ``self``."""
         X, y, sd = check_domains(X, y, sample_domain, classification=not is_regressor(self._base()),
-                                 who="SourceOnly")
+                                 requires_y=True, estimator=self, who="SourceOnly")
         s = sd > 0
         est = self._base()
         if sample_weight is None:
             est.fit(X[s], y[s])
         else:
-            est.fit(X[s], y[s], sample_weight=np.asarray(sample_weight)[s])
+            est.fit(X[s], y[s], sample_weight=_check_sample_weight(sample_weight, X)[s])
         self._set_fitted(est, X)
         return self
 
@@ -162,12 +158,14 @@ class BaseReweighter(_DomainEstimator):
     def fit(self, X, y, sample_domain=None, sample_weight=None):
         """Learn ``weights_`` on ``X[source]`` vs ``X[target]`` and fit the estimator; returns ``self``."""
         X, y, sd = check_domains(X, y, sample_domain, classification=not is_regressor(self._base()),
-                                 who=type(self).__name__)
+                                 requires_y=True, estimator=self, who=type(self).__name__)
         s, t = sd > 0, sd < 0
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X)
         w = self._source_weights(X[s], X[t])
         self.weights_ = w
         if sample_weight is not None:
-            w = w * np.asarray(sample_weight)[s]
+            w = w * sample_weight[s]
         est = self._base()
         est.fit(X[s], y[s], sample_weight=w)
         self._set_fitted(est, X)

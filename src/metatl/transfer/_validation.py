@@ -18,6 +18,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 MASKED_LABEL = -1
 SOURCE, TARGET = 1, -1
@@ -38,19 +40,38 @@ def is_masked(y: np.ndarray) -> np.ndarray:
 
 
 def mask_labels(y: np.ndarray, mask: np.ndarray, classification: bool = True) -> np.ndarray:
-    """Copy of ``y`` with ``mask`` rows set to the masked value: -1 (classification) or NaN (regression)."""
-    y = np.array(y, copy=True, dtype=y.dtype if classification else float)
+    """Copy of ``y`` with ``mask`` rows set to the masked value: -1 (classification) or NaN (regression).
+
+    String labels are copied to an ``object`` array first, so ``-1`` is stored as is (a ``'<U1'`` array
+    would store it as ``'-'``).
+    """
+    y = np.asarray(y)
+    dtype = (object if y.dtype.kind in "USO" else y.dtype) if classification else float
+    y = np.array(y, copy=True, dtype=dtype)
     y[mask] = MASKED_LABEL if classification else np.nan
     return y
 
 
-def check_X(X, *, name: str = "X") -> np.ndarray:
-    """2-D float array with only finite values."""
-    X = np.asarray(X, dtype=float)
-    if X.ndim == 1:
-        raise ValueError(f"{name} is 1-D; reshape it to (n_samples, n_features), e.g. {name}.reshape(-1, 1).")
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_features); got shape {X.shape}.")
+def check_X(X, *, name: str = "X", estimator=None, reset: bool = True) -> np.ndarray:
+    """2-D float array with only finite values, through scikit-learn's own checks.
+
+    Dense input only (sparse input gets scikit-learn's "use X.toarray()" error), real numbers only
+    (complex data is refused), at least one row and one feature. With ``estimator``,
+    :func:`sklearn.utils.validation.validate_data` also sets (``reset=True``, in ``fit``) or checks
+    (``reset=False``, after ``fit``) ``n_features_in_`` and ``feature_names_in_``.
+    """
+    kw = dict(dtype=np.float64, ensure_all_finite=False)
+    if estimator is None:
+        X = check_array(X, input_name=name, **kw)
+    else:
+        try:
+            X = validate_data(estimator, X, reset=reset, **kw)
+        except ValueError as e:
+            if reset or "features as input" not in str(e):
+                raise
+            raise ValueError(
+                f"{e} Source and target must share the same feature space (same columns, same order)."
+            ) from None
     if not np.isfinite(X).all():
         bad = int((~np.isfinite(X)).any(axis=1).sum())
         raise ValueError(
@@ -60,10 +81,17 @@ def check_X(X, *, name: str = "X") -> np.ndarray:
     return X
 
 
+def check_fitted_X(estimator, X) -> np.ndarray:
+    """``X`` for ``predict`` / ``transform``: NotFittedError before ``fit``, then :func:`check_X` against
+    the fitted ``n_features_in_``."""
+    check_is_fitted(estimator)
+    return check_X(X, estimator=estimator, reset=False)
+
+
 def check_n_features(X: np.ndarray, n_features_in: int, who: str) -> None:
     if X.shape[1] != n_features_in:
         raise ValueError(
-            f"X has {X.shape[1]} features but {who} was fitted with {n_features_in}; "
+            f"X has {X.shape[1]} features, but {who} is expecting {n_features_in} features as input; "
             "source and target must share the same feature space (same columns, same order)."
         )
 
@@ -75,6 +103,8 @@ def check_domains(
     *,
     target_labels: str = "forbid",
     classification: bool = True,
+    requires_y: bool = False,
+    estimator=None,
     who: str = "estimator",
 ):
     """Validate ``X, y, sample_domain`` and return them as arrays.
@@ -90,18 +120,34 @@ def check_domains(
         'forbid': unsupervised adaptation; labelled target rows trigger a
         :class:`TargetLabelLeakWarning` and are masked. 'require': at least one labelled target row.
     classification : bool
-        Whether ``y`` holds class labels (then the source needs two classes).
+        Whether ``y`` holds class labels (then the source needs two classes); otherwise the
+        labelled values must be finite.
+    requires_y : bool
+        Refuse ``y=None`` (every estimator that learns from labels).
+    estimator : estimator or None
+        Passed to :func:`check_X`, which sets its ``n_features_in_`` (and ``feature_names_in_``).
 
     Returns
     -------
     X : ndarray (n, d); y : ndarray (n,) or None; sample_domain : ndarray (n,) of int
     """
-    X = check_X(X)
+    X = check_X(X, estimator=estimator)
     n = X.shape[0]
+    if y is None and requires_y:
+        raise ValueError(
+            f"{who} requires y to be passed, but the target y is None; pass the source labels "
+            "(target rows masked as -1, NaN for regression)."
+        )
     if y is not None:
         y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)  # DataConversionWarning, as in scikit-learn
         if y.shape != (n,):
             raise ValueError(f"y has shape {y.shape}; expected ({n},), one label per row of X.")
+    if n < 2:
+        raise ValueError(
+            f"{who} got n_samples={n}; it needs at least one source and one target row."
+        )
     if sample_domain is None:
         if y is None:
             raise ValueError(
@@ -148,6 +194,14 @@ def check_domains(
         y = mask_labels(y, target, classification)
     if target_labels == "require" and not labelled_target.any():
         raise ValueError(f"{who} needs labelled target rows (negative sample_domain and an unmasked y).")
+    if classification:
+        check_classification_targets(y[source])
+    else:
+        labelled = ~is_masked(y)
+        if not np.isfinite(y[labelled].astype(float)).all():
+            raise ValueError(
+                "y contains infinite values in labelled rows; drop those rows or mask them (NaN) as target."
+            )
     if classification and len(np.unique(y[source])) < 2:
         raise ValueError(
             f"the source has a single class ({np.unique(y[source])[0]!r}); a classifier needs at least two. "

@@ -9,18 +9,28 @@ With regularised covariances :math:`C_s = \mathrm{cov}(X_s) + \lambda I` and
     D_s^* = X_s\, C_s^{-1/2}\, C_t^{1/2} ,
 
 so that :math:`\mathrm{cov}(X_s A) = C_t` (exactly when :math:`\lambda = 0` and :math:`C_s` is
-invertible). Target rows are left unchanged. Matrix powers use the symmetric eigendecomposition.
-As in the paper the transform is linear (no re-centering); set ``center=True`` to also move the
-source mean onto the target mean.
+invertible). Matrix powers use the symmetric eigendecomposition.
+
+Centring (``center=True``, the default): the covariances are about each domain's mean, so the map
+that gives the source the target's covariance is affine, :math:`D_s^* = (X_s - \mu_s) A + \mu_t`.
+skada's ``CORALAdapter`` (``assume_centered=False`` by default; ``skada/_mapping.py``) centres the
+source, whitens and re-colours it, and centres the target rows; that is this map followed by the
+same shift :math:`-\mu_t` of every row, so a translation-invariant classifier (RBF SVC, a linear model
+with an intercept) sees the same problem. Sun, Feng and Saenko's book chapter (2017,
+arXiv:1612.01939) also normalises both domains to zero mean before re-colouring; the AAAI paper's
+four-line Algorithm 1 applies the linear map to features it does not re-centre (``center=False``).
+On the simulated covariate shift of docs/transfer.md the centred map scores higher (numbers there).
+Target rows are left unchanged either way.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
 
 from metatl.registry import ESTIMATORS
-from metatl.transfer._validation import check_domains, check_n_features, check_X
+from metatl.transfer._validation import TargetLabelLeakWarning, check_domains, check_fitted_X, is_masked
 
 
 def sym_power(C: np.ndarray, power: float) -> np.ndarray:
@@ -44,14 +54,20 @@ class CORAL(TransformerMixin, BaseEstimator):
     Use it before a source-trained estimator, e.g. ``make_pipeline(CORAL(), SourceOnly(SVC()))``.
     ``transform(X)`` without ``sample_domain`` treats every row as target (identity), which is what
     ``predict`` on target data needs; ``fit_transform`` / ``transform`` with ``sample_domain`` map the
-    source rows.
+    source rows. So ``fit_transform(X, y, sample_domain=sd)`` equals
+    ``fit(X, y, sample_domain=sd).transform(X, sample_domain=sd)``; without ``sample_domain``,
+    ``fit_transform(X, y)`` takes the domains from the label mask (it has ``y``) while
+    ``transform(X)`` has no labels and treats every row as target, as skada's ``transform`` does by
+    default (``allow_source=False``). That is what a ``Pipeline`` needs: the mapped source at
+    ``fit``, the target untouched at ``predict``.
 
     Parameters
     ----------
     reg : float, default=1.0
         ``lambda`` added to both covariances (the paper's default is 1).
-    center : bool, default=False
-        Also shift the source mean onto the target mean.
+    center : bool, default=True
+        Map source rows to ``(x - mu_s) A + mu_t`` (centred covariances, as skada does); ``False``:
+        ``x A``, the AAAI paper's Algorithm 1 taken literally (see the module docstring).
 
     Attributes
     ----------
@@ -61,30 +77,59 @@ class CORAL(TransformerMixin, BaseEstimator):
     __metadata_request__fit = {"sample_domain": True}
     __metadata_request__transform = {"sample_domain": True}
 
-    def __init__(self, reg=1.0, center=False):
+    def __init__(self, reg=1.0, center=True):
         self.reg = reg
         self.center = center
 
     def fit(self, X, y=None, sample_domain=None):
         """Learn ``A_`` from the source and target rows; returns ``self``."""
-        X, _, sd = check_domains(X, y, sample_domain, classification=False, who="CORAL")
+        X, _, sd = check_domains(X, _domain_labels(y, sample_domain), sample_domain, classification=False,
+                                 estimator=self, who="CORAL")
+        for name, rows in (("source", sd > 0), ("target", sd < 0)):
+            if rows.sum() < 2:
+                raise ValueError(
+                    f"CORAL estimates a covariance per domain and got {int(rows.sum())} {name} row; "
+                    f"it needs at least 2 {name} rows."
+                )
         self.A_ = coral_matrix(X[sd > 0], X[sd < 0], self.reg)
         self.mean_source_, self.mean_target_ = X[sd > 0].mean(0), X[sd < 0].mean(0)
-        self.n_features_in_ = X.shape[1]
         return self
 
     def transform(self, X, sample_domain=None):
         """Source rows (``sample_domain > 0``) -> ``X A``; other rows unchanged."""
-        check_is_fitted(self, "A_")
-        X = check_X(X).copy()
-        check_n_features(X, self.n_features_in_, "CORAL")
+        X = check_fitted_X(self, X).copy()
         if sample_domain is None:
             return X
-        s = np.asarray(sample_domain) > 0
+        sample_domain = np.asarray(sample_domain)
+        if sample_domain.shape != (len(X),):
+            raise ValueError(
+                f"sample_domain has shape {sample_domain.shape}; expected ({len(X)},), one domain per row of X."
+            )
+        s = sample_domain > 0
         Xs = X[s] - self.mean_source_ if self.center else X[s]
         X[s] = Xs @ self.A_ + (self.mean_target_ if self.center else 0.0)
         return X
 
     def fit_transform(self, X, y=None, sample_domain=None):
-        X_checked, _, sd = check_domains(X, y, sample_domain, classification=False, who="CORAL")
+        """``fit(X, y, sample_domain)`` then ``transform`` of the same rows with the same domains (taken
+        from the label mask of ``y`` when ``sample_domain`` is None)."""
+        X_checked, _, sd = check_domains(X, _domain_labels(y, sample_domain), sample_domain,
+                                         classification=False, who="CORAL")
         return self.fit(X_checked, None, sd).transform(X_checked, sd)
+
+
+def _domain_labels(y, sample_domain):
+    """CORAL reads no labels: ``y`` only tells the domains apart when ``sample_domain`` is None (any
+    label type; labelled target rows are then impossible), so with ``sample_domain`` it is dropped,
+    with the usual :class:`TargetLabelLeakWarning` when target rows carry labels."""
+    if sample_domain is None or y is None:
+        return y
+    y, sd = np.asarray(y), np.asarray(sample_domain)
+    if y.shape[:1] == sd.shape and (~is_masked(y.reshape(len(y), -1)[:, 0])[sd < 0]).any():
+        warnings.warn(
+            "CORAL is unsupervised on the target but target rows carry labels; they were ignored. Mask them "
+            "(y=-1, NaN for regression) or check sample_domain, so that model selection does not leak target labels.",
+            TargetLabelLeakWarning,
+            stacklevel=3,
+        )
+    return None

@@ -26,15 +26,15 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.validation import check_is_fitted
 
 from metatl.registry import ESTIMATORS
 from metatl.transfer._base import LabelledScoreMixin
-from metatl.transfer._validation import check_domains, check_n_features, check_X, is_masked
+from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
 
 
-def _labelled_split(X, y, sample_domain, who, classification):
-    X, y, sd = check_domains(X, y, sample_domain, target_labels="require", classification=classification, who=who)
+def _labelled_split(estimator, X, y, sample_domain, classification):
+    X, y, sd = check_domains(X, y, sample_domain, target_labels="require", classification=classification,
+                             requires_y=True, estimator=estimator, who=type(estimator).__name__)
     t = (sd < 0) & ~is_masked(y)
     return X[sd > 0], y[sd > 0], X[t], y[t]
 
@@ -107,7 +107,8 @@ class TransferRidge(LabelledScoreMixin, RegressorMixin, BaseEstimator):
 
     def fit(self, X, y, sample_domain=None):
         """Fit ``w_s`` on the source rows (unless given), then the target model; returns ``self``."""
-        Xs, ys, Xt, yt = _labelled_split(X, np.asarray(y, dtype=float), sample_domain, "TransferRidge", False)
+        y = None if y is None else np.asarray(y, dtype=float)
+        Xs, ys, Xt, yt = _labelled_split(self, X, y, sample_domain, False)
         d = Xs.shape[1]
         if self.source_coef is None:
             ws, _ = ridge_to_prior(Xs, ys, np.zeros(d), self.alpha_source)
@@ -115,13 +116,10 @@ class TransferRidge(LabelledScoreMixin, RegressorMixin, BaseEstimator):
             ws = np.asarray(self.source_coef, dtype=float).reshape(d)
         self.source_coef_ = ws
         self.coef_, self.intercept_ = ridge_to_prior(Xt, yt, ws, self.alpha)
-        self.n_features_in_ = d
         return self
 
     def predict(self, X):
-        check_is_fitted(self, "coef_")
-        X = check_X(X)
-        check_n_features(X, self.n_features_in_, "TransferRidge")
+        X = check_fitted_X(self, X)
         return X @ self.coef_ + self.intercept_
 
 
@@ -160,7 +158,7 @@ class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstima
 
     def fit(self, X, y, sample_domain=None):
         """Fit ``W_s`` on the source rows (unless given), then the target model; returns ``self``."""
-        Xs, ys, Xt, yt = _labelled_split(X, y, sample_domain, "TransferLogisticRegression", True)
+        Xs, ys, Xt, yt = _labelled_split(self, X, y, sample_domain, True)
         self.classes_ = np.unique(np.concatenate([ys, yt]))
         k, d = (1 if len(self.classes_) == 2 else len(self.classes_)), Xs.shape[1]
         if self.source_coef is None:
@@ -169,13 +167,10 @@ class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstima
             Ws = np.asarray(self.source_coef, dtype=float).reshape(k, d)
         self.source_coef_ = Ws
         self.coef_, self.intercept_ = logistic_to_prior(Xt, self._targets(yt), Ws, self.alpha)
-        self.n_features_in_ = d
         return self
 
     def decision_function(self, X):
-        check_is_fitted(self, "coef_")
-        X = check_X(X)
-        check_n_features(X, self.n_features_in_, "TransferLogisticRegression")
+        X = check_fitted_X(self, X)
         Z = X @ self.coef_.T + self.intercept_
         return Z[:, 0] if Z.shape[1] == 1 else Z
 
@@ -187,4 +182,5 @@ class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstima
         return softmax(Z, axis=1)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # checks fitted first
+        return self.classes_[np.argmax(proba, axis=1)]
