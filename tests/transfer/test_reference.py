@@ -4,9 +4,13 @@ import math
 import numpy as np
 import pytest
 from scipy.optimize import LinearConstraint, minimize
+from sklearn.datasets import make_blobs
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from metatl.transfer import CORAL, TrAdaBoost
+from metatl.data.domains import make_shifted_blobs
+from metatl.transfer import CORAL, KLIEP, TrAdaBoost
 from metatl.transfer._base import rbf_kernel, rbf_matvec
 from metatl.transfer.feature.coral import coral_matrix
 from metatl.transfer.instance.kliep import kliep_fit_alpha, kliep_step, kliep_weights, project_weighted_simplex
@@ -83,7 +87,9 @@ def test_kliep_exact_projection_matches_scipy():
 def test_kliep_solves_the_papers_problem():
     Xs, Xt = _tiny()
     gamma = 0.5
-    w, info = kliep_weights(Xs, Xt, gamma=gamma, n_centers=8, max_iter=2000, random_state=0, return_info=True)
+    w, info = kliep_weights(Xs, Xt, gamma=gamma, n_centers=8, tol=1e-10, max_iter=10**6, random_state=0,
+                            return_info=True)
+    assert info["converged"] and info["gap"] <= 1e-10
     C = info["centers"]
     A, b = rbf_kernel(Xt, C, gamma), rbf_kernel(Xs, C, gamma).mean(0)
     ref = minimize(lambda a: -np.sum(np.log(A @ a)), np.ones(len(C)) / b.sum(),
@@ -94,10 +100,36 @@ def test_kliep_solves_the_papers_problem():
     assert ours >= -ref.fun - 1e-6
     np.testing.assert_allclose(info["alpha"], ref.x, rtol=1e-4, atol=1e-6)
     # the paper's literal Fig. 1 update never does better, and here it stalls below the optimum
-    paper = kliep_fit_alpha(A, b, max_iter=2000, projection="paper")
+    paper = kliep_fit_alpha(A, b, solver="pg", max_iter=2000, projection="paper")
     assert np.sum(np.log(A @ paper)) <= ours + 1e-10
     np.testing.assert_allclose(w, rbf_kernel(Xs, C, gamma) @ info["alpha"])
     np.testing.assert_allclose(w.mean(), 1.0)
+
+
+def test_kliep_on_the_covariate_shift_reaches_the_slsqp_optimum():
+    """The estimator's own fit (default tol) on the simulated covariate shift of docs/transfer.md: its
+    mean log-likelihood is within 1e-3 of an independent SLSQP optimum, and it says how it stopped."""
+    for seed in (0, 3):
+        X, y, sd = make_shifted_blobs(100, 100, shift="covariate", random_state=seed)
+        est = KLIEP(random_state=0).fit(X, y, sample_domain=sd)
+        assert est.gap_ <= est.tol and 0 < est.n_iter_ < est.max_iter
+        A = rbf_kernel(X[sd < 0], est.centers_, est.gamma_)
+        b = rbf_kernel(X[sd > 0], est.centers_, est.gamma_).mean(0)
+        ref = minimize(lambda a: -np.mean(np.log(A @ a)), np.ones(len(b)) / b.sum(),
+                       jac=lambda a: -A.T @ (1 / (A @ a)) / len(A), method="SLSQP", bounds=[(0, None)] * len(b),
+                       constraints=[LinearConstraint(b[None], 1, 1)], options={"ftol": 1e-14, "maxiter": 2000})
+        assert ref.success
+        assert abs(np.mean(np.log(A @ est.alpha_)) - (-ref.fun)) < 1e-3
+
+
+def test_kliep_paper_solver_is_public_and_reports_a_stall():
+    X, y, sd = make_shifted_blobs(60, 60, shift="covariate", random_state=0)
+    est = KLIEP(solver="pg", projection="paper", gamma=1.0, max_iter=50, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="gap"):
+        est.fit(X, y, sample_domain=sd)
+    assert est.gap_ > est.tol
+    with pytest.raises(ValueError, match="projection"):
+        KLIEP(projection="nope", gamma=1.0).fit(X, y, sample_domain=sd)
 
 
 def test_kliep_cv_picks_from_the_grid():
@@ -105,6 +137,25 @@ def test_kliep_cv_picks_from_the_grid():
     _, info = kliep_weights(Xs, Xt, gamma=[0.01, 0.5, 100.0], n_centers=20, random_state=0, return_info=True)
     assert info["gamma"] == 0.5  # too wide / too narrow kernels lose held-out likelihood
     assert np.argmax(info["cv_scores"]) == 1
+
+
+def test_tradaboost_three_classes_is_samme():
+    """make_blobs' three classes, every other row target: one depth-2 tree gets 0.947 on all rows; the
+    paper's binary factor and second-half vote got 0.757, SAMME's factor and all-round vote get 0.95."""
+    X, y = make_blobs(n_samples=300, random_state=0)
+    X = StandardScaler().fit_transform(X)
+    sd = np.where(np.arange(300) % 2 == 1, -1, 1)
+    tree = DecisionTreeClassifier(max_depth=2, random_state=0).fit(X, y).score(X, y)
+    est = TrAdaBoost(random_state=0).fit(X, y, sample_domain=sd)
+    assert est.score(X, y) >= tree - 0.01
+    K, eps = 3, est.errors_
+    np.testing.assert_allclose(est.betas_, eps / ((1 - eps) * (K - 1)))
+    votes = np.zeros((len(X), K))
+    for h, beta in zip(est.estimators_, est.betas_):  # every round votes for K > 2
+        votes[np.arange(len(X)), h.predict(X)] += np.log(1 / beta)
+    np.testing.assert_array_equal(est.predict(X), np.argmax(votes, axis=1))
+    paper = TrAdaBoost(vote="second_half", random_state=0).fit(X, y, sample_domain=sd)
+    assert paper.score(X, y) < est.score(X, y)
 
 
 def test_tradaboost_one_round_by_hand():
@@ -156,6 +207,23 @@ def test_coral_recolours_source_to_target_covariance():
 
     Cs, Ct = np.cov(Xs, rowvar=False) + np.eye(3), np.cov(Xt, rowvar=False) + np.eye(3)
     np.testing.assert_allclose(coral_matrix(Xs, Xt, reg=1.0), inv(sqrtm(Cs)) @ sqrtm(Ct), atol=1e-10)
+
+
+def test_coral_centred_map_moves_the_mean_and_agrees_with_fit_then_transform():
+    rng = np.random.default_rng(1)
+    Xs = rng.normal(size=(300, 2)) @ np.array([[2.0, 0.3], [0.0, 0.5]]) + 3.0
+    Xt = rng.normal(size=(200, 2)) - 1.0
+    X, sd = np.vstack([Xs, Xt]), np.r_[np.ones(300, int), -np.ones(200, int)]
+    est = CORAL(reg=0.0)
+    Z = est.fit_transform(X, sample_domain=sd)
+    np.testing.assert_allclose(Z[:300].mean(0), Xt.mean(0), atol=1e-10)  # (x - mu_s) A + mu_t
+    np.testing.assert_allclose(np.cov(Z[:300], rowvar=False), np.cov(Xt, rowvar=False), atol=1e-8)
+    np.testing.assert_allclose((Xs - Xs.mean(0)) @ est.A_ + Xt.mean(0), Z[:300])
+    np.testing.assert_array_equal(Z[300:], Xt)
+    np.testing.assert_array_equal(CORAL(reg=0.0).fit(X, sample_domain=sd).transform(X, sample_domain=sd), Z)
+    np.testing.assert_array_equal(est.transform(X), X)  # no domains: the prediction path, all target
+    # the AAAI paper's literal map, no centring
+    np.testing.assert_allclose(CORAL(reg=0.0, center=False).fit_transform(X, sample_domain=sd)[:300], Xs @ est.A_)
 
 
 def test_ridge_to_prior_normal_equations():

@@ -15,11 +15,26 @@ Output: :math:`h_f(x) = 1` iff :math:`\prod_{t=\lceil N/2\rceil}^{N} \beta_t^{-h
 :math:`t = \lceil N/2 \rceil, \dots, N` (1-indexed; ``N - ceil(N/2) + 1`` learners) weighted by
 :math:`\ln(1/\beta_t)`.
 
-Multi-class: :math:`|h - y|` is the 0-1 loss :math:`[h \ne y]` (identical for labels {0, 1}) and
-the vote is :math:`\arg\max_k \sum_t \ln(1/\beta_t) [h_t(x) = k]`; for two classes this is the
-paper's rule, ties going to the second class as in :math:`\ge`. ``predict_proba`` is the normalised
-vote. :math:`\epsilon_t` is clipped to ``[1e-10, 0.5]`` (the paper requires
-:math:`\epsilon_t < 1/2`; at 1/2 a learner gets zero vote and leaves target weights unchanged).
+Multi-class (``K > 2`` classes): the paper is binary. :math:`|h - y|` becomes the 0-1 loss
+:math:`[h \ne y]`, and the multi-class form follows SAMME (Zhu, Zou, Rosset and Hastie,
+"Multi-class AdaBoost", Stat. Interface 2009) in its two parts:
+
+* the target factor :math:`\beta_t = \epsilon_t / ((1 - \epsilon_t)(K - 1))`, i.e. the vote
+  :math:`\ln(1/\beta_t) = \ln\frac{1 - \epsilon_t}{\epsilon_t} + \ln(K - 1)`, positive while a
+  learner beats chance (:math:`\epsilon_t < 1 - 1/K`), not only while :math:`\epsilon_t < 1/2`; for
+  :math:`K = 2` it is the paper's :math:`\beta_t`;
+* the vote :math:`\arg\max_k \sum_t \ln(1/\beta_t) [h_t(x) = k]` over **every** round
+  (``vote='auto'`` picks ``'all'`` for ``K > 2``; ``'second_half'`` keeps the paper's rule).
+
+Why both: with the binary :math:`\beta_t` clipped at 1/2, learners between 1/2 and :math:`1 - 1/K`
+error got zero vote and stopped moving the weights (five blobs, stumps: 0.20 training accuracy for
+every ``N``); and the paper's second-half vote throws away the early, broad learners, leaving rounds
+that each fit the few target rows the weights have piled onto (three blobs,
+``make_blobs(300, random_state=0)``, every other row target, depth-2 trees, ``N = 20``: 0.757,
+against 0.947 for one depth-2 tree; SAMME's all-round vote: 0.953).
+For two classes (``'auto'``) nothing changes: the paper's rule, ties going to the second class as
+in :math:`\ge`. ``predict_proba`` is the normalised vote. :math:`\epsilon_t` is clipped to
+``[1e-10, 1 - 1/K]``: at chance level a learner gets zero vote and leaves the target weights unchanged.
 """
 from __future__ import annotations
 
@@ -29,11 +44,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, has_fit_parameter
+from sklearn.utils.validation import has_fit_parameter
 
 from metatl.registry import ESTIMATORS
 from metatl.transfer._base import LabelledScoreMixin
-from metatl.transfer._validation import check_domains, check_n_features, check_X, is_masked
+from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
 
 
 class _Constant(BaseEstimator):
@@ -61,13 +76,17 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
         classes never breaks the vote.
     n_estimators : int, default=20
         ``N``, the number of boosting rounds.
+    vote : {'auto', 'second_half', 'all'}, default='auto'
+        Which learners vote: ``'second_half'`` is the paper's rule (rounds ``ceil(N/2)..N``),
+        ``'all'`` is SAMME's sum over every round. ``'auto'``: the paper's rule for two classes,
+        SAMME's for more (see the module docstring for why).
     random_state : int, RandomState or None
         For resampling and for the base learner.
 
     Attributes
     ----------
     classes_ : ndarray; estimators_ : list of N learners; betas_ : ndarray (N,) of beta_t;
-    errors_ : ndarray (N,) of eps_t; beta_ : float, the source factor beta;
+    errors_ : ndarray (N,) of eps_t (clipped); beta_ : float, the source factor beta;
     sample_weights_ : ndarray (N + 1, n + m), the weights w^t (row t-1), source rows first.
     """
 
@@ -75,9 +94,10 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
     __metadata_request__score = {"sample_domain": True}
     _scores_target_labels = True
 
-    def __init__(self, estimator=None, n_estimators=20, random_state=None):
+    def __init__(self, estimator=None, n_estimators=20, vote="auto", random_state=None):
         self.estimator = estimator
         self.n_estimators = n_estimators
+        self.vote = vote
         self.random_state = random_state
 
     def _fit_learner(self, X, y, p, rng):
@@ -96,14 +116,14 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_domain=None):
         """Run ``n_estimators`` rounds of TrAdaBoost; returns ``self``."""
-        X, y, sd = check_domains(X, y, sample_domain, target_labels="require", who="TrAdaBoost")
+        X, y, sd = check_domains(X, y, sample_domain, target_labels="require", requires_y=True, estimator=self,
+                                 who="TrAdaBoost")
         keep = (sd > 0) | ~is_masked(y)
         order = np.argsort(sd[keep] < 0, kind="stable")  # source rows first, then labelled target
         X, y, is_target = X[keep][order], y[keep][order], (sd[keep] < 0)[order]
-        n, N = int((~is_target).sum()), int(self.n_estimators)
+        n, N, K = int((~is_target).sum()), int(self.n_estimators), len(np.unique(y))
         rng = check_random_state(self.random_state)
         self.classes_ = np.unique(y)
-        self.n_features_in_ = X.shape[1]
         self.beta_ = 1.0 / (1.0 + math.sqrt(2.0 * math.log(n) / N))
         w = np.ones(len(X))
         self.estimators_, betas, errors, history = [], [], [], [w.copy()]
@@ -111,8 +131,8 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
             p = w / w.sum()
             h = self._fit_learner(X, y, p, rng)
             miss = (h.predict(X) != y).astype(float)  # |h_t(x_i) - y_i|
-            eps = np.clip(w[is_target] @ miss[is_target] / w[is_target].sum(), 1e-10, 0.5)
-            beta_t = eps / (1.0 - eps)
+            eps = np.clip(w[is_target] @ miss[is_target] / w[is_target].sum(), 1e-10, 1.0 - 1.0 / K)
+            beta_t = eps / ((1.0 - eps) * (K - 1))  # SAMME; the paper's eps / (1 - eps) for K = 2
             w = np.where(is_target, w * beta_t ** (-miss), w * self.beta_**miss)
             self.estimators_.append(h)
             betas.append(beta_t)
@@ -123,10 +143,11 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
         return self
 
     def _votes(self, X):
-        check_is_fitted(self, "estimators_")
-        X = check_X(X)
-        check_n_features(X, self.n_features_in_, "TrAdaBoost")
-        first = math.ceil(self.n_estimators / 2) - 1  # t = ceil(N/2), 1-indexed
+        X = check_fitted_X(self, X)
+        if self.vote not in ("auto", "second_half", "all"):
+            raise ValueError(f"vote must be 'auto', 'second_half' (the paper) or 'all' (SAMME); got {self.vote!r}.")
+        vote = self.vote if self.vote != "auto" else ("second_half" if len(self.classes_) == 2 else "all")
+        first = math.ceil(self.n_estimators / 2) - 1 if vote == "second_half" else 0  # t = ceil(N/2), 1-indexed
         votes = np.zeros((len(X), len(self.classes_)))
         for h, beta_t in zip(self.estimators_[first:], self.betas_[first:]):
             k = np.searchsorted(self.classes_, h.predict(X))
