@@ -3,13 +3,15 @@
 1. Simulated covariate shift (``make_shifted_blobs(shift='covariate')``): 100 labelled source +
    100 unlabelled target samples for adaptation, accuracy on 1,000 fresh target samples, SVC
    (RBF, default C and gamma) as base, 5 seeds. Methods: source only, KMM, KLIEP, CORAL (+ source
-   SVC), and the target-trained oracle (SVC on the 100 target samples *with* their labels).
+   SVC; centred, the default, and ``center=False``), and the target-trained oracle (SVC on the 100 target samples *with* their labels).
    Every method uses its default hyper-parameters: no model selection, no target label used.
 2. TrAdaBoost on a real tabular problem: scikit-learn's breast-cancer data (569 x 30), split into
    domains by the feature "mean texture": source = rows below its median, target = rows above.
    Per seed, ``n_labelled`` stratified target rows are labelled for training; the rest of the target
    is the test set. Base learner: DecisionTreeClassifier(max_depth=3); features standardised with
    source statistics. Baselines: source only, target only, source + target pooled.
+   Also TrAdaBoost on three classes (``make_blobs(300, random_state=0)``, every other row a labelled
+   target row) against one depth-2 tree, with SAMME's vote and with the paper's second-half vote.
 3. ``--cost``: time and peak memory of KMM and KLIEP weight estimation at 5,000 and 50,000 source
    samples (5 features, 1,000 target rows). Peak memory is measured with tracemalloc (NumPy reports
    its allocations to it): the peak of the Python + NumPy heap during the call, not the process RSS.
@@ -41,8 +43,9 @@ from metatl.transfer import (
 )
 from metatl.transfer._base import resolve_gamma
 from sklearn.base import clone
-from sklearn.datasets import load_breast_cancer
+from sklearn.datasets import load_breast_cancer, make_blobs
 from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
@@ -55,19 +58,45 @@ def covariate_shift_table():
         "KMM": lambda: KMM(SVC()),
         "KLIEP": lambda: KLIEP(SVC(), random_state=0),
         "CORAL": lambda: make_pipeline(CORAL(), SourceOnly(SVC())),
+        "CORAL (center=False)": lambda: make_pipeline(CORAL(center=False), SourceOnly(SVC())),
     }
     acc = {name: [] for name in [*methods, "target trained"]}
+    kliep_fits = []
     for seed in SEEDS:
         X, y, sd, yt = make_shifted_blobs(100, 1100, shift="covariate", random_state=seed, return_target_labels=True)
         keep = np.r_[np.arange(200)]  # 100 source + the first 100 target rows are used for adaptation
         X_test, y_test = X[200:], yt[100:]
         for name, make in methods.items():
             est = make()
-            est.fit(X[keep], y[keep]) if name == "CORAL" else est.fit(X[keep], y[keep], sample_domain=sd[keep])
+            if name.startswith("CORAL"):
+                est.fit(X[keep], y[keep])
+            else:
+                est.fit(X[keep], y[keep], sample_domain=sd[keep])
             acc[name].append(float(np.mean(est.predict(X_test) == y_test)))
+            if name == "KLIEP":
+                kliep_fits.append({"n_iter": int(est.n_iter_), "gap": float(est.gap_)})
         oracle = SVC().fit(X[100:200], yt[:100])
         acc["target trained"].append(float(np.mean(oracle.predict(X_test) == y_test)))
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v} for k, v in acc.items()}
+    table = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v} for k, v in acc.items()}
+    table["KLIEP"]["fits"] = kliep_fits
+    return table
+
+
+def tradaboost_three_classes(n_estimators=20):
+    """Issue 24's multi-class check: ``make_blobs(300, random_state=0)`` standardised, every other row
+    target (labelled), accuracy on all 300 rows; one depth-2 tree against TrAdaBoost (depth-2 trees)."""
+    X, y = make_blobs(n_samples=300, random_state=0)
+    X = StandardScaler().fit_transform(X)
+    sd = np.where(np.arange(len(X)) % 2 == 1, -1, 1)
+    tree = DecisionTreeClassifier(max_depth=2, random_state=0)
+    fits = {
+        "one depth-2 tree": clone(tree).fit(X, y),
+        "TrAdaBoost (SAMME, default)": TrAdaBoost(tree, n_estimators=n_estimators, random_state=0).fit(
+            X, y, sample_domain=sd),
+        "TrAdaBoost (paper's second-half vote)": TrAdaBoost(tree, n_estimators=n_estimators, vote="second_half",
+                                                            random_state=0).fit(X, y, sample_domain=sd),
+    }
+    return {k: float(np.mean(m.predict(X) == y)) for k, m in fits.items()}
 
 
 def tradaboost_table(n_labelled=20, n_estimators=20):
@@ -153,11 +182,15 @@ def main(argv=None):
     out["covariate_shift"] = covariate_shift_table()
     t1 = time.perf_counter()
     out["tradaboost_breast_cancer"] = tradaboost_table()
+    out["tradaboost_three_classes"] = tradaboost_three_classes()
     t2 = time.perf_counter()
     out["wall_seconds"] = {"covariate_shift": round(t1 - t0, 1), "tradaboost": round(t2 - t1, 1)}
     for section in ("covariate_shift",):
         for k, v in out[section].items():
-            print(f"{section:16s} {k:16s} {v['mean']:.3f} +- {v['std']:.3f}")
+            print(f"{section:16s} {k:20s} {v['mean']:.3f} +- {v['std']:.3f}")
+    print("KLIEP fits", out["covariate_shift"]["KLIEP"]["fits"])
+    for k, v in out["tradaboost_three_classes"].items():
+        print(f"{'three classes':16s} {k:38s} {v:.3f}")
     for k, v in out["tradaboost_breast_cancer"]["table"].items():
         print(f"{'tradaboost':16s} {k:16s} {v['mean']:.3f} +- {v['std']:.3f}")
     print(out["wall_seconds"])
