@@ -115,8 +115,8 @@ def test_kliep_on_the_covariate_shift_reaches_the_slsqp_optimum():
         assert est.gap_ <= est.tol and 0 < est.n_iter_ < est.max_iter
         A = rbf_kernel(X[sd < 0], est.centers_, est.gamma_)
         b = rbf_kernel(X[sd > 0], est.centers_, est.gamma_).mean(0)
-        ref = minimize(lambda a: -np.mean(np.log(A @ a)), np.ones(len(b)) / b.sum(),
-                       jac=lambda a: -A.T @ (1 / (A @ a)) / len(A), method="SLSQP", bounds=[(0, None)] * len(b),
+        ref = minimize(lambda a, A=A: -np.mean(np.log(A @ a)), np.ones(len(b)) / b.sum(),
+                       jac=lambda a, A=A: -A.T @ (1 / (A @ a)) / len(A), method="SLSQP", bounds=[(0, None)] * len(b),
                        constraints=[LinearConstraint(b[None], 1, 1)], options={"ftol": 1e-14, "maxiter": 2000})
         assert ref.success
         assert abs(np.mean(np.log(A @ est.alpha_)) - (-ref.fun)) < 1e-3

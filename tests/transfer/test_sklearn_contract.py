@@ -13,7 +13,6 @@ explained in docs/transfer.md ("scikit-learn contract").
 import warnings
 
 import numpy as np
-import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.utils.validation import _num_samples
 

@@ -4,8 +4,15 @@ import pytest
 from sklearn.svm import SVC
 
 from metatl.data.domains import to_domain
-from metatl.transfer import (CORAL, KLIEP, KMM, TargetLabelLeakWarning, TrAdaBoost, TransferLogisticRegression,
-                             TransferRidge)
+from metatl.transfer import (
+    CORAL,
+    KLIEP,
+    KMM,
+    TargetLabelLeakWarning,
+    TrAdaBoost,
+    TransferLogisticRegression,
+    TransferRidge,
+)
 
 UNSUPERVISED = [lambda: KMM(SVC()), lambda: KLIEP(SVC(), n_centers=10, random_state=0), lambda: CORAL()]
 
@@ -113,7 +120,7 @@ def test_crash_cases_get_clear_errors():
 
 
 def test_coral_ignores_string_labels_of_target_rows():
-    X, y, sd = _data()
+    X, _, sd = _data()
     names = np.array(["cat", "dog"])[(X[:, 0] > 0).astype(int)]  # every row labelled, target too
     with pytest.warns(TargetLabelLeakWarning):
         Z = CORAL().fit_transform(X, names, sample_domain=sd)

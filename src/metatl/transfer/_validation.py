@@ -19,7 +19,12 @@ import warnings
 
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import (
+    check_array,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 MASKED_LABEL = -1
 SOURCE, TARGET = 1, -1
@@ -60,7 +65,7 @@ def check_X(X, *, name: str = "X", estimator=None, reset: bool = True) -> np.nda
     :func:`sklearn.utils.validation.validate_data` also sets (``reset=True``, in ``fit``) or checks
     (``reset=False``, after ``fit``) ``n_features_in_`` and ``feature_names_in_``.
     """
-    kw = dict(dtype=np.float64, ensure_all_finite=False)
+    kw = {"dtype": np.float64, "ensure_all_finite": False}
     if estimator is None:
         X = check_array(X, input_name=name, **kw)
     else:
@@ -86,14 +91,6 @@ def check_fitted_X(estimator, X) -> np.ndarray:
     the fitted ``n_features_in_``."""
     check_is_fitted(estimator)
     return check_X(X, estimator=estimator, reset=False)
-
-
-def check_n_features(X: np.ndarray, n_features_in: int, who: str) -> None:
-    if X.shape[1] != n_features_in:
-        raise ValueError(
-            f"X has {X.shape[1]} features, but {who} is expecting {n_features_in} features as input; "
-            "source and target must share the same feature space (same columns, same order)."
-        )
 
 
 def check_domains(

@@ -30,7 +30,12 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from metatl.registry import ESTIMATORS
-from metatl.transfer._validation import TargetLabelLeakWarning, check_domains, check_fitted_X, is_masked
+from metatl.transfer._validation import (
+    TargetLabelLeakWarning,
+    check_domains,
+    check_fitted_X,
+    is_masked,
+)
 
 
 def sym_power(C: np.ndarray, power: float) -> np.ndarray:

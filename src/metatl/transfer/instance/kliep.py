@@ -154,7 +154,7 @@ def kliep_weights(X_source, X_target, *, gamma=1.0, n_centers=100, cv=5, solver=
     centers = Xt[rng.permutation(len(Xt))[: min(n_centers, len(Xt))]]
     gammas = np.atleast_1d(np.asarray(gamma, dtype=float))
     cv_scores = np.full(len(gammas), np.nan)
-    fit = dict(solver=solver, max_iter=max_iter, tol=tol, projection=projection)
+    fit = {"solver": solver, "max_iter": max_iter, "tol": tol, "projection": projection}
     if len(gammas) > 1:
         if int(cv) < 2 or len(Xt) < int(cv):
             raise ValueError(
