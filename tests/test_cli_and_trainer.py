@@ -192,7 +192,7 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
 def test_allow_tf32_sets_cudnn_and_matmul_together():
     """``train.precision: float32`` on a GPU turns TF32 off for cuDNN convolutions (on by PyTorch's
     default) and matrix products; ``tf32`` turns both on."""
-    from metatl.engine.trainer import allow_tf32
+    from metatl.engine.runtime import allow_tf32
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
@@ -318,7 +318,7 @@ def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
     # a fresh process, so the measurement does not depend on what the tests before did to malloc
     script = (
         "import ctypes, resource, torch\n"
-        "from metatl.engine.trainer import keep_freed_memory\n"
+        "from metatl.engine.runtime import keep_freed_memory\n"
         "ctypes.CDLL('libc.so.6').prctl(41, 1, 0, 0, 0)\n"  # PR_SET_THP_DISABLE: count 4 KiB pages
         "def faults():\n"
         "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -339,10 +339,10 @@ def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_trainer_tunes_malloc_only_when_asked(tmp_path, monkeypatch, keep):
-    import metatl.engine.trainer as trainer_module
+    import metatl.engine.runtime as runtime_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime_module, "_keep_freed_memory", lambda: calls.append(1) or True)
     raw = {**SINUSOID, "train": {**SINUSOID["train"], "keep_freed_memory": keep}}
     trainer = Trainer(from_dict(raw), tmp_path / "run", progress=False)
     assert calls == ([1] if keep else [])

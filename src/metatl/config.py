@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Union
 
 import yaml
 
@@ -144,7 +144,9 @@ class TrainConfig:
     snapshot_minutes: List[float] = field(default_factory=list)  # keep checkpoints at these minutes
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when available, else cpu)
-    num_threads: Optional[int] = None  # threads per process (default: torch's, or 1 with processes > 1)
+    # intra-op threads per process: auto (the cores other processes leave free, re-counted as the run goes),
+    # a count, or null (torch's choice, or 1 with processes > 1)
+    num_threads: Union[int, str, None] = "auto"
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
     # float32: full float32, also on GPUs (TF32 off); tf32: CUDA convolutions and matrix products in TF32;
     # bfloat16: meta-loss under torch.autocast (parameters stay float32)
@@ -362,6 +364,10 @@ def validate_components(cfg: Config) -> None:
             raise ConfigError(f"{key} must be at least {low}, got {value}{why}; set it with --set {key}=...")
     if not (isinstance(cfg.train.processes, int) and cfg.train.processes >= 1):
         raise ConfigError(f"train.processes must be a whole number >= 1, got {cfg.train.processes!r}.")
+    threads = cfg.train.num_threads
+    if not (threads is None or threads == "auto" or (isinstance(threads, int) and threads >= 1)):
+        raise ConfigError(f"train.num_threads must be 'auto' (the free cores), a whole number >= 1 or null, "
+                          f"got {threads!r}.")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got "
                           f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "

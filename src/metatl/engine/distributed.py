@@ -7,7 +7,8 @@ parameters stay identical. The result is the single-process run's (up to the ord
 sum), at a fraction of the time when one process cannot use the cores well (small convolutions,
 per-task Python loops). Process 0 alone logs, validates, checkpoints and tests.
 
-The backend is ``gloo`` on CPU (each process then uses ``train.num_threads`` threads, default 1)
+The backend is ``gloo`` on CPU (each process then uses ``train.num_threads`` threads; ``auto``: its
+share of the free cores, see :mod:`metatl.engine.runtime`)
 and ``nccl`` on CUDA (process ``r`` on ``cuda:r``).
 """
 from __future__ import annotations

@@ -28,7 +28,6 @@ validates and checkpoints.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import platform
@@ -46,6 +45,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as ddp
 from .build import build_learner, build_sampler, task_spec
 from .evaluator import evaluate
+from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
 
 
 def to_device(batch, device):
@@ -78,28 +78,6 @@ def hardware(device: str = "cpu") -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))} (CPU: {cpu})"
     return cpu
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's ``malloc`` to keep freed memory for reuse instead of returning it to the OS.
-
-    By default glibc serves large blocks (such as activation tensors) with fresh ``mmap`` pages and
-    unmaps them when freed, so every training step pays a page fault for each 4 KiB page it touches
-    again: about 30,000 faults per MAML step on Omniglot in the vmap path, 8% of its time on our
-    2-core CPU (``benchmarks/malloc_reuse.py``). With mmap and trimming off, a step reuses the pages
-    of the step before it. The cost: the process keeps the memory it has used (its peak, plus any
-    fragmentation) until it exits, as a caching allocator does, and the setting holds for the whole
-    process from then on. Returns whether it applied (only on Linux with glibc). The trainer calls it
-    for CPU runs unless ``train.keep_freed_memory: false``.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def moving_average(learner, decay: float) -> AveragedModel:
@@ -138,17 +116,6 @@ def check_device(name: str) -> torch.device:
                           f"(torch.cuda.is_available() is False); train on the CPU with "
                           f"--set train.device=cpu.")
     return device
-
-
-def allow_tf32(allowed: bool) -> None:
-    """Whether CUDA convolutions and matrix products may compute float32 tensors in TF32 (a 10-bit
-    mantissa), for the whole process. The trainer turns it off for ``train.precision: float32``
-    (PyTorch's default allows it for cuDNN convolutions) and on for ``tf32``. On an H100 and an
-    H200, with it, second-order MAML's float32 meta-gradient was 2-25% of its largest entry away
-    from float64's; without it, 1e-5 to 3.5e-3. TF32 made the vmap path up to 1.6 times faster
-    there, the others about equal (``benchmarks/gpu_paths.py``). No effect on CPUs."""
-    torch.backends.cudnn.allow_tf32 = allowed
-    torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def make_optimizer(cfg: Config, params):
@@ -210,13 +177,9 @@ class Trainer:
         self.progress = progress
         t = cfg.train
         self.rank, self.world = ddp.rank(), ddp.world_size()
-        if t.num_threads or self.world > 1:
-            torch.set_num_threads(t.num_threads or 1)
-        torch.manual_seed(t.seed)
         self.device = check_device(t.device)
-        if self.device.type == "cuda":
-            allow_tf32(t.precision == "tf32")
-        self.keeps_freed_memory = t.keep_freed_memory and self.device.type == "cpu" and keep_freed_memory()
+        self.runtime = Runtime(t.num_threads, self.device, t.precision, t.keep_freed_memory, t.seed, self.world)
+        self.keeps_freed_memory = self.runtime.keeps_freed_memory
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.rank)
         self.train_tasks = build_sampler(cfg.data, "train")
@@ -391,6 +354,7 @@ class Trainer:
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         try:
             while self.iteration < t.iterations and self.train_seconds < budget:
+                self.runtime.rebalance()
                 start = time.perf_counter()
                 metrics = self.step()
                 self.train_seconds += time.perf_counter() - start

@@ -59,22 +59,22 @@ class Reptile(GradientMetaLearner):
         seeds = torch.randint(0, 2 ** 62, (len(batch),)).tolist()
 
         def shard(tasks):
-            total = {k: torch.zeros_like(p) for k, p in start.items()}
-            scores = []
+            adapted_all, scores = [], []
             for ep, seed in tasks:
                 adapted = self.adapt_params(start, ep.support_x, ep.support_y, self.inner_steps,
                                             batch_size=self.inner_batch,
                                             generator=torch.Generator().manual_seed(seed))
-                for k in total:
-                    total[k] += adapted[k].detach()
+                adapted_all.append({k: adapted[k].detach() for k in start})
                 if len(ep.query_x):
                     with torch.no_grad():
                         scores.append(task_metric(self.task_type, self.functional(adapted, ep.query_x), ep.query_y))
-            return total, scores
+            return adapted_all, scores
 
         threads = resolve_threads(self.task_threads, self.model, len(batch), batch[0].support_x)
         parts = map_shards(self.model, shard, list(zip(batch, seeds)), threads)
-        mean = {k: sum(total[k] for total, _ in parts) / len(batch) for k in start}
+        # summed in the tasks' order, so that the result does not depend on the number of threads
+        adapted = [parts[i % threads][0][i // threads] for i in range(len(batch))]
+        mean = {k: sum(a[k] for a in adapted) / len(batch) for k in start}
         scores = [s for _, sc in parts for s in sc]
         loss = 0.5 * sum(((theta[k] - mean[k]) ** 2).sum() for k in theta)
         name = "query_acc" if self.task_type == "classification" else "query_mse"
