@@ -20,29 +20,26 @@ MAML_5W1S = ROOT / "configs" / "maml_omniglot_5w1s.yaml"
 # passes channels-last).
 EXECUTION = {
     "defaults": [],
-    "tuned": ["algorithm.batch_tasks=inner", "model.channels_last=true"],
+    "tuned": ["train.executor=threads_inner_vmap", "model.channels_last=true"],
 }
 
 
-def execution_settings(batch_tasks=False, compile=False, task_threads="auto", channels_last=False,
-                       maml=True) -> tuple[dict, dict]:
-    """``(algorithm, model)`` config entries for ``maml_speed.py``'s execution options: ``batch_tasks``
-    (MAML) false, true or "inner"; ``compile`` (MAML); ``task_threads`` "auto" or a count (MAML
-    without ``batch_tasks: true``, and Reptile); ``channels_last`` (the conv nets)."""
-    algorithm = {"batch_tasks": batch_tasks or False, "compile": bool(compile)} if maml else {}
-    if algorithm.get("batch_tasks") is not True:
-        algorithm["task_threads"] = task_threads if task_threads in (None, "auto") else int(task_threads)
-    return algorithm, {"channels_last": bool(channels_last)}
+def execution_settings(executor="auto", channels_last=False, maml=True) -> tuple[dict, dict]:
+    """``(train, model)`` config entries for ``maml_speed.py``'s execution options: ``executor``
+    (``train.executor``) and ``channels_last`` (the conv nets)."""
+    return {"executor": executor or "auto"}, {"channels_last": bool(channels_last)}
 
 
 def training_step(config=MAML_5W1S, overrides: Sequence[str] = (), seed: int = 0):
     """Build a config's learner on its training split; returns ``(cfg, sampler, learner, step)``.
 
-    ``step()`` is one meta-iteration: a meta-batch from a seeded generator, the meta-loss, its
-    backward and an Adam step at the config's learning rate.
+    ``step()`` is one meta-iteration: a meta-batch from a seeded generator, the meta-loss through
+    the config's executor (``train.executor``), its backward and an Adam step at the config's
+    learning rate.
     """
     from metatl.config import load_config
     from metatl.engine.build import build_learner, build_sampler
+    from metatl.engine.executors import make_executor
 
     torch.manual_seed(seed)
     cfg = load_config(config, list(overrides))
@@ -50,9 +47,10 @@ def training_step(config=MAML_5W1S, overrides: Sequence[str] = (), seed: int = 0
     learner = build_learner(cfg, sampler)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.lr)
     generator = torch.Generator().manual_seed(seed)
+    executor = make_executor(cfg.train.executor, learner, cfg.train.device, cfg.train.precision)
 
     def step() -> None:
-        loss, _ = learner.meta_loss(sampler.sample_batch(cfg.train.meta_batch, generator))
+        loss, _ = executor(learner, sampler.sample_batch(cfg.train.meta_batch, generator))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

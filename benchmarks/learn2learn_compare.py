@@ -4,8 +4,8 @@ shared 2-core machines) hits both alike, and the targets can be checked as ratio
 0.40 / 0.65 s (strided net) and 1.25 / 1.9 s (max-pool net) of learn2learn 0.2.0's time.
 
 metatl: the trainer's step of ``configs/maml_omniglot_5w1s.yaml`` with 15 queries per class,
-the execution settings of ``--execution`` (``_step.EXECUTION``; ``tuned``: ``batch_tasks: inner``
-and ``model.channels_last: true``). learn2learn: its
+the execution settings of ``--execution`` (``_step.EXECUTION``; ``tuned``: ``train.executor:
+threads_inner_vmap`` and ``model.channels_last: true``). learn2learn: its
 documented loop (for each task ``clone()``, ``adapt()`` on the support loss, the query loss divided by
 the meta-batch and ``backward()``; then Adam), with its own Omniglot conv blocks
 (``learn2learn.vision.models.cnn4.ConvBase``: conv, BatchNorm, ReLU [, 2x2 max-pool]), mean over

@@ -7,9 +7,7 @@ found (else random images of the same shape; the speed does not depend on pixel 
 
     python benchmarks/maml_speed.py [--iters 10] [--threads 2] [--out benchmarks/results/maml_speed.json]
     python benchmarks/maml_speed.py --processes 2 --threads 1     # the meta-batch split over 2 processes
-    python benchmarks/maml_speed.py --algorithms maml --batch-tasks [--compile]   # vmap over tasks [compiled]
-    python benchmarks/maml_speed.py --algorithms maml --batch-tasks inner    # vmap over the inner loops only
-    python benchmarks/maml_speed.py --task-threads 1    # the tasks one after another (default: auto)
+    python benchmarks/maml_speed.py --algorithms maml --executor vmap    # any train.executor (default: auto)
 
 With ``--processes N`` the trainer splits each meta-batch over N processes (``train.processes``,
 ``--threads`` threads each); the time is process 0's, and the peak memory is per process.
@@ -34,8 +32,7 @@ BACKBONES = ("conv4_stride", "conv4_pool")
 
 def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
           processes: int = 1, options: dict = None) -> dict:
-    """``options``: ``channels_last`` (model) and ``compile`` (MAML), bools; ``batch_tasks`` (MAML):
-    false, true or "inner"; ``task_threads`` (MAML and Reptile): "auto" or a count."""
+    """``options``: ``channels_last`` (model), a bool; ``executor``: ``train.executor``."""
     options = options or {}
     if processes > 1:
         import tempfile
@@ -71,13 +68,12 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
 
     torch.set_num_threads(threads)
     algorithm = dict(SETTINGS[algo])
-    execution, model = execution_settings(maml=algorithm["name"] == "maml", **options)
-    algorithm.update(execution)
+    train, model = execution_settings(maml=algorithm["name"] == "maml", **options)
     channels_last = model["channels_last"]
     raw = {"algorithm": algorithm, "model": {"name": backbone, **model},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
            "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
-                     "num_threads": threads, "processes": processes}}
+                     "num_threads": threads, "processes": processes, "executor": train["executor"]}}
     data = "omniglot"
     try:
         trainer = Trainer(from_dict(raw), "/dev/null", progress=False)
@@ -114,23 +110,10 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
            "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
            "seconds_per_iter_min": times[0], "first_iter_seconds": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_loop_mb": rss0 / 1024, "processes": processes, "channels_last": channels_last,
-           "batch_tasks": algorithm.get("batch_tasks", False), "compile": algorithm.get("compile", False),
-           "task_threads": algorithm.get("task_threads"), "task_threads_used": _threads_used(trainer)}
+           "executor": trainer.executor.name}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
-def _threads_used(trainer) -> int:
-    """How many threads the learner runs a meta-batch's tasks in (1 for one vmap over tasks)."""
-    from metatl.meta.threads import resolve_threads
-
-    learner = trainer.learner
-    setting = getattr(learner, "task_threads", None)
-    if setting is None or getattr(learner, "batch_tasks", False) is True:
-        return 1
-    example = next(learner.parameters())
-    return resolve_threads(setting, learner.model, trainer.cfg.train.meta_batch, example)
 
 
 def main() -> None:
@@ -143,18 +126,12 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--channels-last", action="store_true", help="model.channels_last=true (memory layout)")
-    ap.add_argument("--batch-tasks", nargs="?", const=True, default=False, choices=[True, "inner"],
-                    help="MAML: algorithm.batch_tasks=true (vmap over tasks), or =inner (vmap over the inner "
-                         "loops, the query losses task by task)")
-    ap.add_argument("--compile", action="store_true", help="MAML: algorithm.compile=true (needs --batch-tasks; "
-                    "the warm-up iterations include the compilation)")
-    ap.add_argument("--task-threads", default="auto", help="MAML (without --batch-tasks) and Reptile: "
-                    "algorithm.task_threads, 'auto' or a count (1: the tasks one after another)")
+    ap.add_argument("--executor", default="auto", help="train.executor (auto, loop, inner_vmap, vmap, compile, "
+                    "threads, threads_inner_vmap); with compile the warm-up iterations include the compilation")
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    options = {"channels_last": args.channels_last, "batch_tasks": args.batch_tasks, "compile": args.compile,
-               "task_threads": args.task_threads}
+    options = {"channels_last": args.channels_last, "executor": args.executor}
     if args.child:
         print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes,
                                options)))

@@ -49,27 +49,30 @@ def test_to_channels_last_restrides_one_channel_images_and_keeps_values_and_grad
     assert out.shape == (3, 2, 1, 4, 4)
 
 
-@pytest.mark.parametrize("batch_tasks", [True, "inner"])
-def test_maml_batch_tasks_refuses_bfloat16_autocast_with_the_fix(batch_tasks):
+@pytest.mark.parametrize("executor", ["vmap", "inner_vmap"])
+def test_vmap_executors_refuse_bfloat16_autocast_with_the_fix(executor):
     from metatl.data import Episode
+    from metatl.engine.executors import make_executor
     from metatl.meta import MAML
 
     ep = Episode(torch.rand(3, 1, 28, 28), torch.arange(3), torch.rand(3, 1, 28, 28), torch.arange(3))
-    maml = MAML(conv4_stride(out_features=3, bn_mode="batch", filters=8), batch_tasks=batch_tasks)
+    maml = MAML(conv4_stride(out_features=3, bn_mode="batch", filters=8))
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="precision=float32"):
-        maml.meta_loss([ep, ep])
+        make_executor(executor, maml)(maml, [ep, ep])
 
 
 def test_inner_vmap_takes_query_sets_of_different_sizes():
-    """``batch_tasks="inner"`` stacks the support sets only; the query losses run task by task."""
+    """``train.executor=inner_vmap`` stacks the support sets only; the query losses run task by task."""
     from metatl.data import Episode
+    from metatl.engine.executors import make_executor
     from metatl.meta import MAML
 
     torch.manual_seed(0)
     eps = [Episode(torch.rand(3, 1, 12, 12), torch.arange(3), torch.rand(3 * q, 1, 12, 12), torch.arange(3).repeat(q))
            for q in (1, 2)]
     model = conv4_stride(out_features=3, bn_mode="batch", filters=4, image_size=12)
-    loop, inner = (MAML(model, batch_tasks=b).meta_loss(eps)[0] for b in (False, "inner"))
+    maml = MAML(model)
+    loop, inner = (make_executor(b, maml)(maml, eps)[0] for b in ("loop", "inner_vmap"))
     torch.testing.assert_close(inner, loop)
 
 
@@ -221,13 +224,14 @@ def test_batch_stats_norm_equals_torch_batchnorm_and_keeps_its_state_dict():
         ours(torch.randn(3, 5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("batch_tasks", [False, "inner"])
-def test_second_order_maml_through_the_max_pool_net_equals_torchs_pool(batch_tasks):
+@pytest.mark.parametrize("executor", ["loop", "inner_vmap"])
+def test_second_order_maml_through_the_max_pool_net_equals_torchs_pool(executor):
     """The meta-gradient of second-order MAML on conv4_pool (support sets differentiated twice
     through the pools) is the same with metatl's MaxPool2d as with torch.nn.MaxPool2d."""
     import copy
 
     from metatl.data.episode import Episode
+    from metatl.engine.executors import make_executor
     from metatl.meta import MAML
     from metatl.nn import MaxPool2d
 
@@ -244,7 +248,8 @@ def test_second_order_maml_through_the_max_pool_net_equals_torchs_pool(batch_tas
            for _ in range(2)]
     grads = []
     for model in (ours, theirs):
-        loss, _ = MAML(model, inner_lr=0.5, inner_steps=2, batch_tasks=batch_tasks).meta_loss(eps)
+        maml = MAML(model, inner_lr=0.5, inner_steps=2)
+        loss, _ = make_executor(executor, maml)(maml, eps)
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for (name, _), a, b in zip(ours.named_parameters(), *grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)

@@ -182,8 +182,8 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path):
         load_config(write_config(tmp_path, SINUSOID), ["bogus.x=1"])
     with pytest.raises(ConfigError, match="train.precision.*float32, tf32, bfloat16.*'float16'"):
         load_config(write_config(tmp_path, SINUSOID), ["train.precision=float16"])
-    with pytest.raises(ConfigError, match="bfloat16.*batch_tasks=true.*batch_tasks=false"):
-        load_config(write_config(tmp_path, SINUSOID), ["train.precision=bfloat16", "algorithm.batch_tasks=true"])
+    with pytest.raises(ConfigError, match="bfloat16.*executor=vmap.*executor=threads"):
+        load_config(write_config(tmp_path, SINUSOID), ["train.precision=bfloat16", "train.executor=vmap"])
     cfg = load_config(write_config(tmp_path, SINUSOID), ["train.lr=0.5", "algorithm.first_order=true"])
     assert cfg.train.lr == 0.5 and cfg.algorithm["first_order"] is True
     assert load_config(write_config(tmp_path, SINUSOID), ["train.precision=tf32"]).train.precision == "tf32"
@@ -420,3 +420,21 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
     assert main(["eval", str(tmp_path / "c" / "last.pt"), "--no-progress", "--set", "eval.episodes=5",
                  "train.ema_decay=0.9"]) == 0
     assert json.loads((tmp_path / "c" / "results.json").read_text())["weights"] == "raw"
+
+
+@pytest.mark.parametrize("old, executor", [({"batch_tasks": True}, "vmap"), ({"batch_tasks": True, "compile": True}, "compile"),
+                                           ({"batch_tasks": "inner"}, "threads_inner_vmap"),
+                                           ({"batch_tasks": "inner", "task_threads": 1}, "inner_vmap"),
+                                           ({"batch_tasks": False, "task_threads": "auto"}, "threads"),
+                                           ({"task_threads": 1}, "loop")])
+def test_old_execution_keys_load_as_train_executor_with_a_warning(tmp_path, old, executor):
+    """Configs (and checkpoints) of earlier versions with MAML's batch_tasks, compile or task_threads."""
+    from metatl.config import ConfigDeprecationWarning
+
+    raw = dict(SINUSOID, algorithm={**SINUSOID["algorithm"], **old})
+    with pytest.warns(ConfigDeprecationWarning, match="read as train.executor=" + executor):
+        cfg = load_config(write_config(tmp_path, raw))
+    assert cfg.train.executor == executor and not set(old) & set(cfg.algorithm)
+    raw["train"] = dict(raw["train"], executor="loop")
+    with pytest.warns(ConfigDeprecationWarning, match="ignored"):
+        assert load_config(write_config(tmp_path, raw)).train.executor == "loop"

@@ -8,7 +8,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatl.data.episode import Episode
+from metatl.engine.executors import ExecutorError, make_executor
 from metatl.meta import MAML, Adam, Reptile
+
+EXECUTOR = {False: "loop", True: "vmap", "inner": "inner_vmap"}  # the old batch_tasks values
+
+
+def run(learner, batch, executor="loop"):
+    """``(loss, metrics)`` of a meta-batch through ``executor`` (``train.executor``)."""
+    return make_executor(executor, learner)(learner, batch)
+
+
+class threads_count:
+    """``torch.get_num_threads()`` set to ``n`` inside the block (the thread executors use that many)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
 
 
 def tiny_mlp(seed=0):
@@ -44,12 +66,12 @@ def unrolled_objective(flat, shapes, ep, alpha, steps):
     return F.mse_loss(mlp_apply(theta, shapes, ep.query_x), ep.query_y)
 
 
-@pytest.mark.parametrize("batch_tasks", [False, True, "inner"], ids=["loop", "vmap", "inner_vmap"])
+@pytest.mark.parametrize("executor", ["plain", "loop", "vmap", "inner_vmap"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_maml_meta_gradient_matches_finite_differences(steps, batch_tasks):
+def test_maml_meta_gradient_matches_finite_differences(steps, executor):
     model, ep, alpha = tiny_mlp(), episode(), 0.3
-    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=steps, batch_tasks=batch_tasks)
-    loss, _ = learner.meta_loss([ep])
+    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=steps)
+    loss, _ = learner.meta_loss([ep]) if executor == "plain" else run(learner, [ep], executor)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     analytic = torch.cat([g.flatten() for g in grads])
 
@@ -99,9 +121,8 @@ def test_meta_batch_loss_is_the_mean_over_tasks_and_vmap_agrees(first_order):
     one = [learner.meta_loss([e])[0] for e in eps]
     assert torch.allclose(both, sum(one) / 3)
     g_loop = torch.autograd.grad(both, list(model.parameters()))
-    for batch_tasks in (True, "inner"):
-        learner.batch_tasks = batch_tasks
-        batched, _ = learner.meta_loss(eps)
+    for executor in ("loop", "vmap", "inner_vmap"):
+        batched, _ = run(learner, eps, executor)
         g_vmap = torch.autograd.grad(batched, list(model.parameters()))
         assert torch.allclose(batched, both)
         assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_loop, g_vmap))
@@ -110,8 +131,9 @@ def test_meta_batch_loss_is_the_mean_over_tasks_and_vmap_agrees(first_order):
 def test_vmap_refuses_batchnorm_running_statistics():
     from metatl.nn import conv4_stride
 
-    with pytest.raises(ValueError, match="bn_mode 'batch'"):
-        MAML(conv4_stride(bn_mode="running"), batch_tasks=True)
+    for executor in ("vmap", "inner_vmap", "compile", "threads_inner_vmap"):
+        with pytest.raises(ExecutorError, match="bn_mode 'batch'"):
+            make_executor(executor, MAML(conv4_stride(bn_mode="running")))
 
 
 @pytest.mark.parametrize("meta_batch", [1, 3])
@@ -196,11 +218,11 @@ def small_conv_episodes(n=2, seed=0):
             for _ in range(n)]
 
 
-def maml_grads(model, eps, inner_steps=2, **kw):
+def maml_grads(model, eps, inner_steps=2, executor="plain", **kw):
     """Loss, the parameters' gradients after ``loss.backward()``, and the metrics."""
     learner = MAML(model, inner_lr=0.5, inner_steps=inner_steps, **kw)
     model.zero_grad()
-    loss, metrics = learner.meta_loss(eps)
+    loss, metrics = learner.meta_loss(eps) if executor == "plain" else run(learner, eps, executor)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()], metrics
 
@@ -215,15 +237,15 @@ def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
     model = conv4_stride(out_features=3, filters=4, image_size=12).double()
     eps = small_conv_episodes()
     _, loop, _ = maml_grads(model, eps)
-    for batch_tasks in (True, "inner"):  # all of the meta-batch in vmap; only the inner loops
-        _, vmapped, _ = maml_grads(model, eps, batch_tasks=batch_tasks)
+    for batch_tasks in ("vmap", "inner_vmap"):  # all of the meta-batch in vmap; only the inner loops
+        _, vmapped, _ = maml_grads(model, eps, executor=batch_tasks)
         for (name, _), a, b in zip(model.named_parameters(), vmapped, loop):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (batch_tasks, name)
         assert all(g.abs().max() < 1e-12 for (name, _), g in zip(model.named_parameters(), vmapped)
                    if name.startswith("features.") and name.endswith(".bias") and int(name.split(".")[1]) % 3 == 0)
 
 
-@pytest.mark.parametrize("batch_tasks", [False, True, "inner"])
+@pytest.mark.parametrize("batch_tasks", ["loop", "vmap", "inner_vmap"])
 def test_folding_the_first_batchnorm_gives_the_same_meta_gradient(batch_tasks):
     """The conv nets' first BatchNorm folded into its convolution (``fold_first_norm``, the
     default): the second-order meta-gradient of the two layers run as they are, for every
@@ -237,13 +259,13 @@ def test_folding_the_first_batchnorm_gives_the_same_meta_gradient(batch_tasks):
     assert folding.fold_first_norm and not model.fold_first_norm
     eps = small_conv_episodes()
     loss_ref, reference, _ = maml_grads(model, eps)
-    loss, grads, _ = maml_grads(folding, eps, batch_tasks=batch_tasks)
+    loss, grads, _ = maml_grads(folding, eps, executor=batch_tasks)
     assert torch.allclose(loss, loss_ref, rtol=1e-12)
     for (name, _), a, b in zip(model.named_parameters(), grads, reference):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
 
 
-@pytest.mark.parametrize("batch_tasks", [False, True, "inner"])
+@pytest.mark.parametrize("batch_tasks", ["loop", "vmap", "inner_vmap"])
 def test_channels_last_gives_the_same_meta_gradient(batch_tasks):
     """``model.channels_last`` (outside vmap the layers run channels-last; inside, as they are):
     the second-order meta-gradient of the standard layout, for every ``batch_tasks``."""
@@ -255,12 +277,12 @@ def test_channels_last_gives_the_same_meta_gradient(batch_tasks):
     fast.load_state_dict(model.state_dict())
     eps = small_conv_episodes()
     _, reference, _ = maml_grads(model, eps)
-    _, grads, _ = maml_grads(fast, eps, batch_tasks=batch_tasks)
+    _, grads, _ = maml_grads(fast, eps, executor=batch_tasks)
     for (name, _), a, b in zip(model.named_parameters(), grads, reference):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
 
 
-@pytest.mark.parametrize("batch_tasks", [False, "inner"])
+@pytest.mark.parametrize("batch_tasks", ["loop", "inner_vmap"])
 def test_channels_last_runs_the_query_passes_channels_last(batch_tasks):
     """With the option, every query set reaches the first convolution channels-last (one-channel
     images included); inside vmap the input is left as it is."""
@@ -272,13 +294,13 @@ def test_channels_last_runs_the_query_passes_channels_last(batch_tasks):
     model.features[2].register_forward_pre_hook(
         lambda m, args: seen.append(None if _in_func_transform(args[0]) else (len(args[0]), args[0].stride(1) == 1)))
     eps = small_conv_episodes()
-    maml_grads(model, eps, batch_tasks=batch_tasks)
+    maml_grads(model, eps, executor=batch_tasks)
     queries = [entry for entry in seen if entry is not None and entry[0] == len(eps[0].query_y)]
     assert len(queries) == len(eps) and all(channels_last for _, channels_last in queries)
 
 
 def test_inner_vmap_runs_the_query_sets_through_the_fused_batchnorm(monkeypatch):
-    """``batch_tasks="inner"``: the support sets go through the exact elementary BatchNorm under
+    """``train.executor=inner_vmap``: the support sets go through the exact elementary BatchNorm under
     vmap, each query set through PyTorch's fused kernel (the fast one outside transforms)."""
     from metatl.nn import conv4_stride
 
@@ -286,25 +308,25 @@ def test_inner_vmap_runs_the_query_sets_through_the_fused_batchnorm(monkeypatch)
     fused = F.batch_norm
     monkeypatch.setattr(F, "batch_norm", lambda x, *a, **k: calls.append(x.shape[0]) or fused(x, *a, **k))
     eps = small_conv_episodes()
-    maml_grads(conv4_stride(out_features=3, filters=4, image_size=12).double(), eps, batch_tasks="inner")
+    maml_grads(conv4_stride(out_features=3, filters=4, image_size=12).double(), eps, executor="inner_vmap")
     # the 3 BatchNorm layers after the first (folded into its conv), one query set each
     assert calls == [len(eps[0].query_y)] * (3 * len(eps))
 
 
-@pytest.mark.parametrize("value", ["yes", "all", 2])
-def test_batch_tasks_takes_false_true_or_inner(value):
-    with pytest.raises(ValueError, match="false, true or 'inner'"):
-        MAML(tiny_mlp(), "regression", batch_tasks=value)
+@pytest.mark.parametrize("value", ["yes", "all", "batch"])
+def test_an_unknown_executor_names_the_valid_ones(value):
+    with pytest.raises(ExecutorError, match="auto or one of loop, inner_vmap, vmap"):
+        make_executor(value, MAML(tiny_mlp(), "regression"))
 
 
 @pytest.mark.parametrize("norm", [nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm([4, 10, 10])],
                          ids=["batchnorm", "layernorm"])
 def test_second_order_vmap_refuses_torch_norm_layers(norm):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), norm, nn.Flatten(), nn.Linear(400, 3))
-    with pytest.raises(ValueError, match="functorch#534.*BatchStatsNorm2d.*first_order=True.*batch_tasks=false"):
-        MAML(model, batch_tasks=True)
-    MAML(model, batch_tasks=True, first_order=True)  # first order differentiates once: exact
-    MAML(model, batch_tasks=False)
+    with pytest.raises(ExecutorError, match="functorch#534.*BatchStatsNorm2d.*first_order=true.*executor=threads"):
+        make_executor("vmap", MAML(model))
+    make_executor("vmap", MAML(model, first_order=True))  # first order differentiates once: exact
+    make_executor("loop", MAML(model))
 
 
 def _has_cxx_compiler():
@@ -318,7 +340,7 @@ needs_compiler = pytest.mark.skipif(not _has_cxx_compiler(), reason="torch.compi
 @needs_compiler
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 def test_compiled_meta_gradient_equals_the_eager_one_with_batchnorm(first_order):
-    """MAML(compile=True) on a one-block conv net with BatchNorm (batch statistics; small, so that
+    """The compile executor on a one-block conv net with BatchNorm (batch statistics; small, so that
     it compiles in seconds): the gradient that reaches the parameters through ``loss.backward()``
     equals the per-task loop's autograd one, and it is not the one of the other order (a graph cut
     by the compiler gave zeros here once)."""
@@ -333,7 +355,7 @@ def test_compiled_meta_gradient_equals_the_eager_one_with_batchnorm(first_order)
         return maml_grads(model, eps, inner_steps=1, **kw)
 
     loss_ref, ref, metrics_ref = grads(first_order=first_order)
-    loss_c, compiled, metrics_c = grads(first_order=first_order, batch_tasks=True, compile=True)
+    loss_c, compiled, metrics_c = grads(first_order=first_order, executor="compile")
     other = grads(first_order=not first_order)[1]
     assert torch.allclose(loss_c, loss_ref, atol=1e-12)
     assert metrics_c["query_acc"] == metrics_ref["query_acc"]
@@ -365,14 +387,14 @@ def test_compiled_meta_gradient_through_the_folded_batchnorm_equals_the_eager_on
     model = _FoldedBlockNet().double()
     eps = small_conv_episodes()
     loss_ref, ref, _ = maml_grads(model, eps, inner_steps=1)
-    loss_c, compiled, _ = maml_grads(model, eps, inner_steps=1, batch_tasks=True, compile=True)
+    loss_c, compiled, _ = maml_grads(model, eps, inner_steps=1, executor="compile")
     assert torch.allclose(loss_c, loss_ref, atol=1e-12)
     assert all(torch.allclose(a, b, rtol=1e-7, atol=1e-10) for a, b in zip(compiled, ref))
 
 
 @needs_compiler
 def test_compiled_meta_gradient_is_one_graph_compiled_once():
-    """``compile=True`` traces the meta-gradient as one graph (a graph break runs the rest eagerly:
+    """The compile executor traces the meta-gradient as one graph (a graph break runs the rest eagerly:
     the task threads' replica lookup once did that to all of it) and the next steps reuse it (the
     lighter ``functional_call``'s bookkeeping, traced, once made every step recompile)."""
     from torch._dynamo.utils import counters
@@ -383,23 +405,18 @@ def test_compiled_meta_gradient_is_one_graph_compiled_once():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
     eps = small_conv_episodes()
-    learner = MAML(model, inner_lr=0.5, inner_steps=1, batch_tasks=True, compile=True)
+    learner = MAML(model, inner_lr=0.5, inner_steps=1)
+    executor = make_executor("compile", learner)
     torch._dynamo.reset()  # no graph cached by earlier tests
     counters.clear()
     for _ in range(3):
-        learner.meta_loss(eps)[0].backward()
+        executor(learner, eps)[0].backward()
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("batch_tasks", [False, "inner"])
-def test_compile_needs_batch_tasks(batch_tasks):
-    with pytest.raises(ValueError, match="batch_tasks=true"):
-        MAML(tiny_mlp(), "regression", compile=True, batch_tasks=batch_tasks)
-
-
 def test_known_gradient_scales_with_the_upstream_gradient():
-    from metatl.meta.maml import with_gradient
+    from metatl.engine.executors import with_gradient
 
     p = {"a": torch.ones(2, requires_grad=True), "b": torch.zeros(3, requires_grad=True)}
     value = with_gradient(torch.tensor(5.0), p, {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 0.0, -1.0])})
@@ -408,14 +425,15 @@ def test_known_gradient_scales_with_the_upstream_gradient():
     assert torch.equal(p["a"].grad, torch.tensor([2.0, 4.0])) and torch.equal(p["b"].grad, torch.tensor([6.0, 0.0, -2.0]))
 
 
-@pytest.mark.parametrize("batch_tasks", [False, "inner"], ids=["loop", "inner_vmap"])
+@pytest.mark.parametrize("batch_tasks", ["loop", "inner_vmap"])
 def test_threaded_meta_gradient_matches_finite_differences(batch_tasks):
-    """``task_threads=2``: three tasks shared between two threads; the meta-gradient of the mean
-    query loss against finite differences of the hand-unrolled objective."""
+    """Three tasks shared between two threads; the meta-gradient of the mean query loss against
+    finite differences of the hand-unrolled objective."""
     model, alpha = tiny_mlp(), 0.3
     eps = [episode(s) for s in (1, 2, 3)]
-    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=2, batch_tasks=batch_tasks, task_threads=2)
-    loss, _ = learner.meta_loss(eps)
+    learner = MAML(model, "regression", inner_lr=alpha, inner_steps=2)
+    with threads_count(2):
+        loss, _ = run(learner, eps, "threads" if batch_tasks == "loop" else "threads_inner_vmap")
     analytic = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
 
     shapes = [p.shape for p in model.parameters()]
@@ -431,7 +449,7 @@ def test_threaded_meta_gradient_matches_finite_differences(batch_tasks):
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
-@pytest.mark.parametrize("batch_tasks", [False, "inner"], ids=["loop", "inner_vmap"])
+@pytest.mark.parametrize("batch_tasks", ["loop", "inner_vmap"])
 def test_task_threads_give_the_one_thread_meta_gradient(batch_tasks, first_order):
     """The conv net (folded first BatchNorm, channels-last queries) over five tasks: 2 and 3 threads
     give the loss, the metrics and the meta-gradient of the tasks run one after another, and the
@@ -446,13 +464,14 @@ def test_task_threads_give_the_one_thread_meta_gradient(batch_tasks, first_order
     threads_seen = set()
     model.head.register_forward_pre_hook(lambda m, args: threads_seen.add(threading.current_thread().name))
     eps = small_conv_episodes(n=5)
-    loss_ref, reference, metrics_ref = maml_grads(model, eps, batch_tasks=batch_tasks, first_order=first_order,
-                                                  task_threads=1)
+    threaded = "threads" if batch_tasks == "loop" else "threads_inner_vmap"
+    with threads_count(1):
+        loss_ref, reference, metrics_ref = maml_grads(model, eps, executor=threaded, first_order=first_order)
     assert threads_seen == {threading.current_thread().name}
     for threads in (2, 3):
         threads_seen.clear()
-        loss, grads, metrics = maml_grads(model, eps, batch_tasks=batch_tasks, first_order=first_order,
-                                          task_threads=threads)
+        with threads_count(threads):
+            loss, grads, metrics = maml_grads(model, eps, executor=threaded, first_order=first_order)
         assert len(threads_seen) == threads
         assert torch.allclose(loss, loss_ref, rtol=1e-12) and metrics == pytest.approx(metrics_ref, rel=1e-12)
         for (name, _), a, b in zip(model.named_parameters(), grads, reference):
@@ -462,43 +481,38 @@ def test_task_threads_give_the_one_thread_meta_gradient(batch_tasks, first_order
 
 def test_task_threads_refuse_models_that_are_not_thread_safe():
     """Running BatchNorm statistics (updated in place) and dropout (random draws) would make the
-    result depend on the threads' order: 'auto' runs one thread, an explicit count is refused."""
-    from metatl.meta.threads import resolve_threads
+    result depend on the threads' order: auto does not pick threads for them, threads are refused."""
+    from metatl.engine.executors.threads import thread_count
     from metatl.nn import conv4_stride
 
     running = conv4_stride(out_features=3, filters=4, image_size=12, bn_mode="running")
     dropout = nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))
     x = torch.zeros(3, 1)
-    assert resolve_threads(2, tiny_mlp(), 4, x) == 2 and resolve_threads(8, tiny_mlp(), 3, x) == 3
+    with threads_count(8):
+        assert thread_count(MAML(tiny_mlp(), "regression"), 3, x) == 3
     for model, reason in ((running, "buffers"), (dropout, "dropout")):
-        assert resolve_threads("auto", model, 4, x) == resolve_threads(2, model, 4, x) == 1
-        MAML(model, task_threads="auto")
-        with pytest.raises(ValueError, match=reason):
-            MAML(model, task_threads=2)
-        with pytest.raises(ValueError, match=reason):
-            Reptile(model, task_threads=2)
-    with torch.no_grad():
-        assert resolve_threads(2, tiny_mlp(), 4, x) == 1
-    with pytest.raises(ValueError, match="one vmap"):
-        MAML(tiny_mlp(), "regression", batch_tasks=True, task_threads=2)
-    for bad in (0, -1, "many", True, 1.5):
-        with pytest.raises(ValueError, match="positive integer"):
-            MAML(tiny_mlp(), "regression", task_threads=bad)
+        with threads_count(2):
+            assert thread_count(MAML(model), 4, x) == 1
+        assert make_executor("auto", MAML(model)).name in ("loop", "inner_vmap")
+        for learner in (MAML(model), Reptile(model)):
+            with pytest.raises(ExecutorError, match=reason):
+                make_executor("threads", learner)
+    with torch.no_grad(), threads_count(2):
+        assert thread_count(MAML(tiny_mlp(), "regression"), 4, x) == 1
 
 
-@pytest.mark.parametrize("batch_tasks", [False, "inner"], ids=["loop", "inner_vmap"])
+@pytest.mark.parametrize("batch_tasks", ["loop", "inner_vmap"])
 def test_meta_loss_under_no_grad_gives_the_loss_and_metrics(batch_tasks):
     """Under ``torch.no_grad()`` the per-task path computes the same loss and metrics, and no
     meta-gradient (the inner loops still take their gradients)."""
     from metatl.nn import conv4_stride
 
     torch.manual_seed(0)
-    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12).double(), inner_lr=0.5,
-                   batch_tasks=batch_tasks)
+    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12).double(), inner_lr=0.5)
     eps = small_conv_episodes(n=3)
-    loss, metrics = learner.meta_loss(eps)
+    loss, metrics = run(learner, eps, batch_tasks)
     with torch.no_grad():
-        quiet, quiet_metrics = learner.meta_loss(eps)
+        quiet, quiet_metrics = run(learner, eps, batch_tasks)
     assert not quiet.requires_grad and torch.allclose(quiet, loss.detach(), rtol=1e-12)
     assert quiet_metrics == pytest.approx(metrics, rel=1e-12)
 
@@ -508,10 +522,10 @@ def test_a_model_that_cannot_be_copied_for_a_thread_says_what_to_set():
 
     model = tiny_mlp()
     model.lock = threading.Lock()  # deepcopy cannot copy a lock
-    learner = MAML(model, "regression", task_threads=2)
-    with pytest.raises(RuntimeError, match="cannot copy the Sequential.*task_threads=1"):
-        learner.meta_loss([episode(1), episode(2)])
-    MAML(model, "regression", task_threads=1).meta_loss([episode(1), episode(2)])[0].backward()
+    learner = MAML(model, "regression")
+    with threads_count(2), pytest.raises(ExecutorError, match="cannot copy the MAML.*train.executor=loop"):
+        run(learner, [episode(1), episode(2)], "threads")
+    run(learner, [episode(1), episode(2)], "loop")[0].backward()
 
 
 def test_an_error_in_a_task_thread_reaches_the_caller():
@@ -520,32 +534,32 @@ def test_an_error_in_a_task_thread_reaches_the_caller():
     before = torch.get_num_threads()
     eps = small_conv_episodes(n=4)
     eps[3] = Episode(eps[3].support_x, eps[3].support_y, eps[3].query_x, eps[3].query_y + 7)  # labels 7-9 of 3 classes
-    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12).double(), task_threads=2)
+    learner = MAML(conv4_stride(out_features=3, filters=4, image_size=12).double())
+    with threads_count(2), pytest.raises(IndexError, match="out of bounds"):
+        run(learner, eps, "threads")
+    assert torch.get_num_threads() == before
     with pytest.raises(IndexError, match="out of bounds"):
-        learner.meta_loss(eps)
+        run(learner, eps, "threads")
     assert torch.get_num_threads() == before
 
 
 def test_map_shards_splits_the_items_and_the_intra_op_threads():
     """Each thread gets every n-th item and an equal share of the intra-op threads (at least one);
     CPU autocast is carried into the threads; the caller's thread count comes back."""
-    from metatl.meta.threads import map_shards
+    from metatl.engine.executors.threads import map_shards
     from metatl.nn.backbones import autocast_enabled
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        seen = map_shards(tiny_mlp(), lambda items: (items, torch.get_num_threads(), autocast_enabled("cpu")),
+    learner = MAML(tiny_mlp(), "regression")
+    with threads_count(4):
+        seen = map_shards(learner, lambda r, items: (items, torch.get_num_threads(), autocast_enabled("cpu")),
                           list(range(7)), 3)
         assert [items for items, _, _ in seen] == [[0, 3, 6], [1, 4], [2, 5]]
         assert [n for _, n, _ in seen] == [1, 1, 1] and torch.get_num_threads() == 4
-        assert [n for _, n, _ in map_shards(tiny_mlp(), lambda items: (items, torch.get_num_threads(), False),
+        assert [n for _, n, _ in map_shards(learner, lambda r, items: (items, torch.get_num_threads(), False),
                                             list(range(7)), 2)] == [2, 2]
         assert torch.get_num_threads() == 4
-    finally:
-        torch.set_num_threads(before)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert all(on for _, _, on in map_shards(tiny_mlp(), lambda items: (items, 0, autocast_enabled("cpu")),
+        assert all(on for _, _, on in map_shards(learner, lambda r, items: (items, 0, autocast_enabled("cpu")),
                                                   [1, 2], 2))
 
 
@@ -557,8 +571,9 @@ def test_reptile_task_threads_give_the_one_thread_update(inner_batch):
     for threads in (1, 2):
         model = tiny_mlp()
         learner = Reptile(model, "regression", inner_lr=0.05, inner_steps=3, inner_optimizer="sgd",
-                          inner_batch=inner_batch, task_threads=threads)
+                          inner_batch=inner_batch)
         torch.manual_seed(3)
-        loss, _ = learner.meta_loss([episode(s) for s in range(5)])
+        with threads_count(threads):
+            loss, _ = run(learner, [episode(s) for s in range(5)], "threads")
         results.append(torch.autograd.grad(loss, list(model.parameters())))
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(*results))

@@ -12,6 +12,7 @@ import inspect
 import math
 import re
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Union
@@ -151,6 +152,9 @@ class TrainConfig:
     # float32: full float32, also on GPUs (TF32 off); tf32: CUDA convolutions and matrix products in TF32;
     # bfloat16: meta-loss under torch.autocast (parameters stay float32)
     precision: str = "float32"
+    # how a gradient-based meta-learner's meta-batch runs (metatl.engine.executors): auto, loop, inner_vmap,
+    # vmap, compile, threads or threads_inner_vmap; the same meta-gradient, a question of speed
+    executor: str = "auto"
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
     ema_decay: Optional[float] = None  # also keep an exponential moving average of the weights (e.g. 0.999)
 
@@ -314,11 +318,47 @@ def _section(raw: dict, section: str, default=None) -> dict:
     return dict(values)
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key that was renamed or replaced; the config still loads, with the new setting."""
+
+
+_EXECUTOR_OF = {(False, False): "threads", (False, True): "loop", ("inner", False): "threads_inner_vmap",
+                ("inner", True): "inner_vmap", (True, False): "vmap", (True, True): "vmap"}
+
+
+def migrate(raw: dict) -> dict:
+    """``raw`` with keys of earlier versions mapped to their replacements, each with a
+    :class:`ConfigDeprecationWarning`: MAML's ``batch_tasks``, ``compile`` and MAML's and Reptile's
+    ``task_threads`` became ``train.executor``."""
+    raw = dict(raw)
+    if not all(isinstance(raw.get(section) or {}, dict) for section in ("algorithm", "train")):
+        return raw  # malformed: from_dict says so
+    algorithm = dict(raw.get("algorithm") or {})
+    old = {k: algorithm.pop(k) for k in ("batch_tasks", "compile", "task_threads") if k in algorithm}
+    if not old:
+        return raw
+    raw["algorithm"] = algorithm
+    train = dict(raw.get("train") or {})
+    batch = old.get("batch_tasks", False)
+    batch = "inner" if batch == "inner" else bool(batch)
+    executor = "compile" if old.get("compile") and batch is True else _EXECUTOR_OF[batch, old.get("task_threads") == 1]
+    given = ", ".join(f"algorithm.{k}={v!r}" for k, v in old.items())
+    if "executor" in train:
+        warnings.warn(f"{given} is obsolete and ignored: train.executor={train['executor']} chooses how the "
+                      f"meta-batch runs. Remove the old key(s).", ConfigDeprecationWarning, stacklevel=3)
+    else:
+        warnings.warn(f"{given} is obsolete: read as train.executor={executor}. Set train.executor instead "
+                      f"(auto picks the fastest valid one).", ConfigDeprecationWarning, stacklevel=3)
+        train["executor"] = executor
+        raw["train"] = train
+    return raw
+
+
 def from_dict(raw: dict) -> Config:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections (name, algorithm, model, data, train, eval), "
                           f"got {raw!r}.")
-    raw = dict(raw or {})
+    raw = migrate(dict(raw or {}))
     top = [f.name for f in dataclasses.fields(Config)]
     _check_keys("the config", raw, top)
     kwargs: Dict[str, Any] = {}
@@ -372,11 +412,10 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got "
                           f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "
                           f"use bfloat16).")
-    if cfg.train.precision == "bfloat16" and cfg.algorithm.get("batch_tasks"):
-        raise ConfigError(f"train.precision=bfloat16 cannot run with algorithm.batch_tasks="
-                          f"{str(cfg.algorithm['batch_tasks']).lower()} (the vmap "
+    if cfg.train.precision == "bfloat16" and ("vmap" in cfg.train.executor or cfg.train.executor == "compile"):
+        raise ConfigError(f"train.precision=bfloat16 cannot run with train.executor={cfg.train.executor} (the vmap "
                           "path's double backward mixes dtypes under autocast); set "
-                          "algorithm.batch_tasks=false or train.precision=float32.")
+                          "train.executor=threads (or auto) or train.precision=float32.")
     decay = cfg.train.ema_decay
     if decay is not None and not 0 < decay < 1:
         raise ConfigError(f"train.ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; "

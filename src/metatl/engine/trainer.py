@@ -45,6 +45,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as ddp
 from .build import build_learner, build_sampler, task_spec
 from .evaluator import evaluate
+from .executors import make_executor
 from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
 
 
@@ -195,6 +196,7 @@ class Trainer:
             for tensor in [*self.learner.parameters(), *self.learner.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
             torch.manual_seed(t.seed + 1000 * self.rank)
+        self.executor = make_executor(t.executor, self.learner, self.device.type, t.precision)
         groups = getattr(self.learner, "param_groups", None)
         self.optimizer = make_optimizer(cfg, groups() if callable(groups) else self.learner.parameters())
         self.ema = moving_average(self.learner, t.ema_decay) if t.ema_decay else None
@@ -313,7 +315,7 @@ class Trainer:
             self.learner.set_progress(progress_at(self.cfg, self.iteration, self.train_seconds))
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.cfg.train.precision == "bfloat16"):
-            loss, metrics = self.learner.meta_loss(batch)
+            loss, metrics = self.executor(self.learner, batch)
         finite = bool(torch.isfinite(loss))
         if self.world > 1:  # the mean over the processes' shares; all stop if one is not finite
             metrics = ddp.average_values({**metrics, "_nonfinite": float(not finite)}, self.device)

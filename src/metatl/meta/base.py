@@ -15,7 +15,7 @@ way other than BatchNorm, so a non-transductive test must classify one query per
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ..nn.stateless import functional_call
 from .adapt import adapt
-from .threads import thread_model
 
 Params = Dict[str, Tensor]
 
@@ -86,9 +85,8 @@ class MetaLearner(nn.Module):
 
     def functional(self, params: Params, x: Tensor) -> Tensor:
         """``f(x; params)``. ``params`` may also carry buffers (BatchNorm running statistics);
-        buffers it lacks come from the model (:func:`metatl.nn.stateless.functional_call`). Inside
-        :func:`metatl.meta.threads.map_shards` it runs the calling thread's replica of the model."""
-        return functional_call(thread_model(self.model), params, (x,))
+        buffers it lacks come from the model (:func:`metatl.nn.stateless.functional_call`)."""
+        return functional_call(self.model, params, (x,))
 
     def meta_loss(self, batch):  # pragma: no cover - interface
         raise NotImplementedError
@@ -110,11 +108,26 @@ class MetaLearner(nn.Module):
 
 
 class GradientMetaLearner(MetaLearner):
-    """A meta-learner whose base learner adapts by gradient steps (MAML, Reptile, Meta-SGD...).
+    """A meta-learner whose base learner adapts by gradient steps (MAML, Reptile, the meta-learner
+    LSTM...). It states what is computed for one task; how a meta-batch of tasks is executed (a
+    loop, vmap, threads, compiled) is the business of :mod:`metatl.engine.executors`, which are
+    tested against :meth:`meta_loss`, the plain loop written here.
 
-    ``rule`` is the inner update rule (:mod:`metatl.meta.rules`); ``inner_steps_test`` (default:
-    ``inner_steps``) and ``inner_batch_test`` apply when adapting outside meta-training.
+    - :meth:`adapted`: ``theta'_i``, the inner loop (the one :func:`~metatl.meta.adapt.adapt`
+      with this learner's ``rule``) on a task's support set;
+    - :meth:`query_loss`: ``L_i^query`` of some parameters, and the query outputs;
+    - :meth:`task_loss`: ``L_i^query(theta'_i)``;
+    - ``second_order``: whether the meta-gradient flows through the inner gradients;
+    - :meth:`outer_loss`: the outer objective from every task's ``theta'_i``. By default ``None``:
+      the outer objective is the mean task loss ``1/|B| sum_i L_i^query(theta'_i)``; a learner
+      whose outer step is something else (Reptile) defines it.
+
+    ``inner_steps_test`` (default: ``inner_steps``) and ``inner_batch_test`` apply when adapting
+    outside meta-training; ``inner_batch`` draws a minibatch of the support set per inner step.
     """
+
+    second_order = False
+    vmappable = True  # False: the inner loop cannot run under torch.func.vmap (data-dependent control flow)
 
     def __init__(self, model: nn.Module, task_type: str, rule, inner_steps: int,
                  inner_steps_test: Optional[int] = None, inner_batch: Optional[int] = None,
@@ -127,6 +140,65 @@ class GradientMetaLearner(MetaLearner):
         self.inner_steps_test = inner_steps if inner_steps_test is None else inner_steps_test
         self.inner_batch, self.inner_batch_test = inner_batch, inner_batch_test
 
+    # -- what one task computes ----------------------------------------------------------------
+    def adapted(self, params: Params, support_x: Tensor, support_y: Tensor, *, batched: bool = False,
+                generator: Optional[torch.Generator] = None) -> Params:
+        """``theta'_i``: ``inner_steps`` updates of the rule on the support set, differentiable
+        with respect to ``params`` through the inner gradients when ``second_order``."""
+        return self.adapt_params(params, support_x, support_y, self.inner_steps, create_graph=self.second_order,
+                                 batch_size=self.inner_batch, batched=batched, generator=generator)
+
+    def query_loss(self, params: Params, query_x: Tensor, query_y: Tensor) -> Tuple[Tensor, Tensor]:
+        """``L^query(params)`` and the query outputs."""
+        out = self.functional(params, query_x)
+        return self.loss_fn(out, query_y), out
+
+    def task_loss(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
+                  batched: bool = False, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """``L_i^query(theta'_i)`` and the query outputs."""
+        return self.query_loss(self.adapted(params, support_x, support_y, batched=batched, generator=generator),
+                               query_x, query_y)
+
+    outer_loss: Optional[Callable[[Params, List[Params]], Tensor]] = None
+
+    def task_generators(self, tasks: int) -> List[Optional[torch.Generator]]:
+        """One generator per task for its inner minibatches, seeded from the global generator
+        before any task runs, so that the result does not depend on the order the tasks run in;
+        ``None`` for each task when the inner loop takes whole support sets."""
+        if self.inner_batch is None:
+            return [None] * tasks
+        return [torch.Generator().manual_seed(s) for s in torch.randint(0, 2 ** 62, (tasks,)).tolist()]
+
+    def metrics(self, loss: Tensor, scores: List[float]) -> dict:
+        """The metrics of a meta-batch: the loss and the mean query accuracy (or MSE)."""
+        name = "query_acc" if self.task_type == "classification" else "query_mse"
+        metrics = {"loss": float(loss.detach())}
+        if scores:
+            metrics[name] = sum(scores) / len(scores)
+        return metrics
+
+    # -- the meta-batch, as the equation says ----------------------------------------------------
+    def meta_loss(self, batch):
+        """The outer objective of a meta-batch computed task by task, and its metrics:
+        ``1/|B| sum_i L_i^query(theta'_i)``, or :meth:`outer_loss` where the learner defines one."""
+        theta = self.params()
+        generators = self.task_generators(len(batch))
+        if self.outer_loss is not None:
+            adapted = [self.adapted(theta, *ep.support, generator=g) for ep, g in zip(batch, generators)]
+            with torch.no_grad():
+                scores = [task_metric(self.task_type, self.functional(a, ep.query_x), ep.query_y)
+                          for a, ep in zip(adapted, batch) if len(ep.query_x)]
+            loss = self.outer_loss(theta, adapted)
+            return loss, self.metrics(loss, scores)
+        losses, scores = [], []
+        for ep, g in zip(batch, generators):
+            loss, out = self.task_loss(theta, *ep.support, *ep.query, generator=g)
+            losses.append(loss)
+            scores.append(task_metric(self.task_type, out.detach(), ep.query_y))
+        loss = torch.stack(losses).mean()
+        return loss, self.metrics(loss, scores)
+
+    # -- adaptation ------------------------------------------------------------------------------
     def adapt_params(self, params: Params, x: Tensor, y: Tensor, steps: int, *,
                      create_graph: bool = False, batch_size: Optional[int] = None,
                      buffers: Optional[Params] = None, batched: bool = False,

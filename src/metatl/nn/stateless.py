@@ -5,7 +5,7 @@ work per call.
 PyTorch's version walks the whole module tree on every call, twice (to find tied tensors, then to
 swap each tensor in by its dotted name). MAML calls it once per task and step, and on a CPU that
 walk is a measurable share of a small task's forward pass; while it runs, it holds Python's GIL,
-which the meta-batch's task threads (:mod:`metatl.meta.threads`) then wait for. Here the walk is
+which the meta-batch's task threads (:mod:`metatl.engine.executors.threads`) then wait for. Here the walk is
 done once per module tree and kept (:class:`_Plan`): each dotted name is resolved to the
 dictionary and key it lives in, and tied tensors are found. Each call checks that the tree is
 still the same, with one light pass over the submodules' dictionaries (the identity of every

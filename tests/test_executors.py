@@ -1,0 +1,105 @@
+"""Every executor against the plain loop (the learner's own ``meta_loss``), in float64, for every
+gradient-based algorithm: the same loss, metrics and meta-gradient, or a refusal that says what to
+set. The compiled executor is checked against the loop in tests/test_maml_reference.py."""
+import pytest
+import torch
+
+from metatl.data.episode import Episode
+from metatl.engine.executors import EXECUTORS, ExecutorError, choose, make_executor
+from metatl.meta import MAML, MetaLSTM, Reptile
+from metatl.nn import conv4_stride, mlp
+
+ALGORITHMS = {
+    "maml": lambda model, task: MAML(model, task, inner_lr=0.3, inner_steps=2),
+    "fomaml": lambda model, task: MAML(model, task, inner_lr=0.3, inner_steps=2, first_order=True),
+    "reptile": lambda model, task: Reptile(model, task, inner_lr=0.05, inner_steps=3, inner_batch=2),
+    "meta_lstm": lambda model, task: MetaLSTM(model, task, inner_steps=2, inner_batch=2, hidden=3),
+}
+MODELS = {
+    "mlp": (lambda: mlp(hidden=(8, 8)).double(), "regression"),
+    "conv": (lambda: conv4_stride(out_features=3, filters=4, image_size=12).double(), "classification"),
+}
+RUNS = [name for name in EXECUTORS if name != "compile"]
+
+
+def episodes(kind, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        x = [torch.randn(12, 1, generator=g, dtype=torch.float64) for _ in range(n)]
+        return [Episode(xi[:5], torch.sin(xi[:5]), xi[5:], torch.sin(xi[5:])) for xi in x]
+    return [Episode(torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2),
+                    torch.randn(9, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(3))
+            for _ in range(n)]
+
+
+def outcome(learner, batch, run):
+    """Loss, metrics and the gradient of every parameter after ``loss.backward()``."""
+    learner.zero_grad()
+    torch.manual_seed(7)  # the tasks' minibatch generators are drawn from the global one
+    loss, metrics = run(learner, batch)
+    loss.backward()
+    return loss.detach(), metrics, {k: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
+                                    for k, p in learner.named_parameters()}
+
+
+@pytest.mark.parametrize("executor", RUNS)
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_every_executor_computes_the_plain_loop(algorithm, model, executor):
+    build, task = MODELS[model]
+    torch.manual_seed(0)
+    learner = ALGORITHMS[algorithm](build(), task).double()
+    batch = episodes(model)
+    try:
+        run = make_executor(executor, learner)
+    except ExecutorError as error:  # a refusal names what to use instead
+        assert "train.executor" in str(error) and ("loop" in str(error) or "threads" in str(error))
+        assert executor != "loop" and (algorithm in ("reptile", "meta_lstm") and "vmap" in executor)
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the thread executors then run three threads
+    try:
+        got = outcome(learner, batch, run)
+    finally:
+        torch.set_num_threads(before)
+    loss, metrics, grads = outcome(learner, batch, lambda lr, b: lr.meta_loss(b))
+    torch.testing.assert_close(got[0], loss, rtol=1e-12, atol=1e-14)
+    assert got[1] == pytest.approx(metrics, rel=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for k in grads:
+        torch.testing.assert_close(got[2][k], grads[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("executor", ["loop", "threads", "inner_vmap", "vmap"])
+def test_executors_under_no_grad_give_the_loss_and_metrics(executor):
+    torch.manual_seed(0)
+    learner = ALGORITHMS["maml"](*[f() if callable(f) else f for f in MODELS["conv"]])
+    batch = episodes("conv", n=3)
+    run = make_executor(executor, learner)
+    loss, metrics = run(learner, batch)
+    with torch.no_grad():
+        quiet, quiet_metrics = run(learner, batch)
+    assert not quiet.requires_grad
+    torch.testing.assert_close(quiet, loss.detach(), rtol=1e-12, atol=0)
+    assert quiet_metrics == pytest.approx(metrics, rel=1e-12)
+
+
+def test_auto_picks_by_learner_model_and_device():
+    conv, net = MODELS["conv"][0], MODELS["mlp"][0]
+    assert choose(MAML(net(), "regression")) == "vmap"
+    assert choose(MAML(conv())) == "threads_inner_vmap"
+    assert choose(MAML(conv()), precision="bfloat16") == "threads"
+    assert choose(MAML(conv4_stride(bn_mode="running"))) == "loop"
+    assert choose(Reptile(conv())) == "threads"
+    assert choose(MetaLSTM(net(), "regression")) == "threads"
+    assert choose(MAML(conv()), device="cuda") == "vmap"
+    assert choose(Reptile(conv()), device="cuda") == "loop"
+
+
+def test_non_gradient_learners_compute_their_own_meta_loss():
+    from metatl.meta import ProtoNet
+
+    learner = ProtoNet(conv4_stride(out_features=0, filters=4, image_size=12))
+    assert make_executor("auto", learner).name == "direct"
+    with pytest.raises(ExecutorError, match="train.executor=vmap runs gradient-based.*auto"):
+        make_executor("vmap", learner)
