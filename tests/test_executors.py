@@ -97,9 +97,10 @@ def test_auto_picks_by_learner_model_and_device():
 
 
 def test_non_gradient_learners_compute_their_own_meta_loss():
-    from metatl.meta import ProtoNet
+    from metatl.meta import Pretrain, ProtoNet
 
     learner = ProtoNet(conv4_stride(out_features=0, filters=4, image_size=12))
     assert make_executor("auto", learner).name == "direct"
+    assert make_executor("auto", Pretrain(mlp(), "regression")).name == "direct"  # its own meta_loss
     with pytest.raises(ExecutorError, match="train.executor=vmap runs gradient-based.*auto"):
         make_executor("vmap", learner)

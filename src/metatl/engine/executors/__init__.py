@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...meta.base import GradientMetaLearner
 from ._common import ExecutorError, KnownGradient, vmap_unfit, with_gradient
 from .loop import Loop, TaskByTask
 from .threads import Threads, threads_unsafe
@@ -49,7 +50,9 @@ class Direct:
 
 
 def is_gradient_learner(learner) -> bool:
-    return callable(getattr(learner, "adapted", None)) and callable(getattr(learner, "query_loss", None))
+    """Whether ``learner``'s meta-loss is the gradient meta-learner's plain loop, which executors
+    may run otherwise (a learner that overrides ``meta_loss``, as ``pretrain``, runs its own)."""
+    return isinstance(learner, GradientMetaLearner) and type(learner).meta_loss is GradientMetaLearner.meta_loss
 
 
 def choose(learner, device: str = "cpu", precision: str = "float32") -> str:
