@@ -5,7 +5,7 @@ shared 2-core machines) hits both alike, and the targets can be checked as ratio
 
 metatl: the trainer's step of ``configs/maml_omniglot_5w1s.yaml`` with 15 queries per class,
 the execution settings of ``--execution`` (``_step.EXECUTION``; ``tuned``: ``train.executor:
-threads_inner_vmap`` and ``model.channels_last: true``). learn2learn: its
+threads_inner_vmap`` and ``model.fast: true``, today's defaults for this net). learn2learn: its
 documented loop (for each task ``clone()``, ``adapt()`` on the support loss, the query loss divided by
 the meta-batch and ``backward()``; then Adam), with its own Omniglot conv blocks
 (``learn2learn.vision.models.cnn4.ConvBase``: conv, BatchNorm, ReLU [, 2x2 max-pool]), mean over

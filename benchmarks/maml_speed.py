@@ -32,7 +32,7 @@ BACKBONES = ("conv4_stride", "conv4_pool")
 
 def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
           processes: int = 1, options: dict = None) -> dict:
-    """``options``: ``channels_last`` (model), a bool; ``executor``: ``train.executor``."""
+    """``options``: ``plain`` (``model.fast=false``), a bool; ``executor``: ``train.executor``."""
     options = options or {}
     if processes > 1:
         import tempfile
@@ -69,7 +69,7 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     torch.set_num_threads(threads)
     algorithm = dict(SETTINGS[algo])
     train, model = execution_settings(maml=algorithm["name"] == "maml", **options)
-    channels_last = model["channels_last"]
+    fast = model["fast"]
     raw = {"algorithm": algorithm, "model": {"name": backbone, **model},
            "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
            "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
@@ -109,7 +109,7 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     out = {"algorithm": algo, "backbone": backbone, "data": data, "iters": iters,
            "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
            "seconds_per_iter_min": times[0], "first_iter_seconds": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_loop_mb": rss0 / 1024, "processes": processes, "channels_last": channels_last,
+           "rss_before_loop_mb": rss0 / 1024, "processes": processes, "fast": fast,
            "executor": trainer.executor.name}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -125,13 +125,13 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1, help="split each meta-batch over this many processes")
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
-    ap.add_argument("--channels-last", action="store_true", help="model.channels_last=true (memory layout)")
+    ap.add_argument("--plain", action="store_true", help="model.fast=false (every layer as it is)")
     ap.add_argument("--executor", default="auto", help="train.executor (auto, loop, inner_vmap, vmap, compile, "
                     "threads, threads_inner_vmap); with compile the warm-up iterations include the compilation")
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    options = {"channels_last": args.channels_last, "executor": args.executor}
+    options = {"plain": args.plain, "executor": args.executor}
     if args.child:
         print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes,
                                options)))

@@ -78,7 +78,7 @@ def test_cli_train_on_omniglot_shaped_data(tmp_path, algo, monkeypatch):
            "train": {"iterations": 2, "meta_batch": 2, "val_every": 2, "val_episodes": 2},
            "eval": {"episodes": 4}}
     if algo == "protonet_bfloat16":
-        raw.update(algorithm={"name": "protonet"}, model={"name": "conv4_pool", "filters": 8, "channels_last": True})
+        raw.update(algorithm={"name": "protonet"}, model={"name": "conv4_pool", "filters": 8, "fast": True})
         raw["train"]["precision"] = "bfloat16"
     out = tmp_path / "run"
     assert main(["train", str(write_config(tmp_path, raw)), "--out", str(out), "--no-progress"]) == 0
@@ -438,3 +438,14 @@ def test_old_execution_keys_load_as_train_executor_with_a_warning(tmp_path, old,
     raw["train"] = dict(raw["train"], executor="loop")
     with pytest.warns(ConfigDeprecationWarning, match="ignored"):
         assert load_config(write_config(tmp_path, raw)).train.executor == "loop"
+
+
+@pytest.mark.parametrize("old, fast", [({"channels_last": True}, True), ({"fold_first_norm": False}, False),
+                                       ({"channels_last": False, "fold_first_norm": True}, True)])
+def test_old_conv_layout_keys_load_as_model_fast_with_a_warning(tmp_path, old, fast):
+    from metatl.config import ConfigDeprecationWarning
+
+    raw = dict(SINUSOID, algorithm={"name": "protonet"}, model={"name": "conv4_pool", "filters": 8, **old})
+    with pytest.warns(ConfigDeprecationWarning, match=f"read as model.fast={fast}"):
+        cfg = load_config(write_config(tmp_path, raw))
+    assert cfg.model == {"name": "conv4_pool", "filters": 8, "fast": fast}

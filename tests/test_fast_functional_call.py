@@ -1,10 +1,10 @@
-"""metatl.nn.stateless.functional_call against torch.func.functional_call."""
+"""metatl.nn.fast.functional_call against torch.func.functional_call."""
 import pytest
 import torch
 from torch import nn
 
 from metatl.nn.backbones import conv4_stride
-from metatl.nn.stateless import _PLANS, functional_call
+from metatl.nn.fast import _PLANS, functional_call
 
 
 def _net():

@@ -247,13 +247,13 @@ def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
 
 @pytest.mark.parametrize("batch_tasks", ["loop", "vmap", "inner_vmap"])
 def test_folding_the_first_batchnorm_gives_the_same_meta_gradient(batch_tasks):
-    """The conv nets' first BatchNorm folded into its convolution (``fold_first_norm``, the
+    """The conv nets' first BatchNorm folded into its convolution (``fast=True``, the
     default): the second-order meta-gradient of the two layers run as they are, for every
     ``batch_tasks`` (so also differentiated twice under vmap)."""
     from metatl.nn import conv4_stride
 
     torch.manual_seed(0)
-    model = conv4_stride(out_features=3, filters=4, image_size=12, fold_first_norm=False).double()
+    model = conv4_stride(out_features=3, filters=4, image_size=12, fast=False).double()
     folding = conv4_stride(out_features=3, filters=4, image_size=12).double()
     folding.load_state_dict(model.state_dict())
     assert folding.fold_first_norm and not model.fold_first_norm
@@ -267,13 +267,13 @@ def test_folding_the_first_batchnorm_gives_the_same_meta_gradient(batch_tasks):
 
 @pytest.mark.parametrize("batch_tasks", ["loop", "vmap", "inner_vmap"])
 def test_channels_last_gives_the_same_meta_gradient(batch_tasks):
-    """``model.channels_last`` (outside vmap the layers run channels-last; inside, as they are):
+    """``model.fast`` (outside vmap the layers run channels-last; inside, as they are):
     the second-order meta-gradient of the standard layout, for every ``batch_tasks``."""
     from metatl.nn import conv4_stride
 
     torch.manual_seed(0)
-    model = conv4_stride(out_features=3, filters=4, image_size=12).double()
-    fast = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
+    model = conv4_stride(out_features=3, filters=4, image_size=12, fast=False).double()
+    fast = conv4_stride(out_features=3, filters=4, image_size=12).double()
     fast.load_state_dict(model.state_dict())
     eps = small_conv_episodes()
     _, reference, _ = maml_grads(model, eps)
@@ -289,7 +289,7 @@ def test_channels_last_runs_the_query_passes_channels_last(batch_tasks):
     from metatl.nn import conv4_stride
     from metatl.nn.backbones import _in_func_transform
 
-    model = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
+    model = conv4_stride(out_features=3, filters=4, image_size=12).double()
     seen = []  # the first block's output (its conv and BatchNorm run as one convolution)
     model.features[2].register_forward_pre_hook(
         lambda m, args: seen.append(None if _in_func_transform(args[0]) else (len(args[0]), args[0].stride(1) == 1)))
@@ -460,7 +460,7 @@ def test_task_threads_give_the_one_thread_meta_gradient(batch_tasks, first_order
 
     before = torch.get_num_threads()
     torch.manual_seed(0)
-    model = conv4_stride(out_features=3, filters=4, image_size=12, channels_last=True).double()
+    model = conv4_stride(out_features=3, filters=4, image_size=12).double()
     threads_seen = set()
     model.head.register_forward_pre_hook(lambda m, args: threads_seen.add(threading.current_thread().name))
     eps = small_conv_episodes(n=5)

@@ -217,7 +217,7 @@ def test_protonet_bfloat16_loss_is_close_to_float32_and_learns():
     torch.manual_seed(0)
     train, test = blob_sampler(n_classes=24, seed=0), blob_sampler(n_classes=12, seed=1)
     cfg = from_dict({"algorithm": {"name": "protonet"},
-                     "model": {"name": "conv4_pool", "filters": 16, "channels_last": True}})
+                     "model": {"name": "conv4_pool", "filters": 16, "fast": True}})
     learner = build_learner(cfg, train)
     batch = train.sample_batch(2, torch.Generator().manual_seed(0))
     loss32, _ = learner.meta_loss(batch)

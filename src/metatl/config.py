@@ -329,10 +329,20 @@ _EXECUTOR_OF = {(False, False): "threads", (False, True): "loop", ("inner", Fals
 def migrate(raw: dict) -> dict:
     """``raw`` with keys of earlier versions mapped to their replacements, each with a
     :class:`ConfigDeprecationWarning`: MAML's ``batch_tasks``, ``compile`` and MAML's and Reptile's
-    ``task_threads`` became ``train.executor``."""
+    ``task_threads`` became ``train.executor``; the conv nets' ``channels_last`` and
+    ``fold_first_norm`` became ``model.fast``."""
     raw = dict(raw)
-    if not all(isinstance(raw.get(section) or {}, dict) for section in ("algorithm", "train")):
+    if not all(isinstance(raw.get(section) or {}, dict) for section in ("algorithm", "model", "train")):
         return raw  # malformed: from_dict says so
+    model = dict(raw.get("model") or {})
+    layout = {k: model.pop(k) for k in ("channels_last", "fold_first_norm") if k in model}
+    if layout:
+        given = ", ".join(f"model.{k}={v!r}" for k, v in layout.items())
+        if "fast" not in model:
+            model["fast"] = bool(layout.get("fold_first_norm", True))
+        warnings.warn(f"{given} is obsolete: read as model.fast={model['fast']} (the conv nets' fast kernels, "
+                      f"on by default). Set model.fast instead.", ConfigDeprecationWarning, stacklevel=3)
+        raw["model"] = model
     algorithm = dict(raw.get("algorithm") or {})
     old = {k: algorithm.pop(k) for k in ("batch_tasks", "compile", "task_threads") if k in algorithm}
     if not old:

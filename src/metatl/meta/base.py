@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.stateless import functional_call
+from ..nn.fast import functional_call
 from .adapt import adapt
 
 Params = Dict[str, Tensor]
@@ -85,7 +85,7 @@ class MetaLearner(nn.Module):
 
     def functional(self, params: Params, x: Tensor) -> Tensor:
         """``f(x; params)``. ``params`` may also carry buffers (BatchNorm running statistics);
-        buffers it lacks come from the model (:func:`metatl.nn.stateless.functional_call`)."""
+        buffers it lacks come from the model (:func:`metatl.nn.fast.functional_call`)."""
         return functional_call(self.model, params, (x,))
 
     def meta_loss(self, batch):  # pragma: no cover - interface

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ...config import ConfigError
-from ...nn.backbones import BatchStatsNorm2d, autocast_enabled
+from ...nn.fast import BatchStatsNorm2d, autocast_enabled
 
 
 class ExecutorError(ConfigError):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...meta.base import task_metric
-from ...nn.backbones import _transforms_active, autocast_enabled
+from ...nn.fast import _transforms_active, autocast_enabled
 from ..runtime import set_threads
 from ._common import ExecutorError, meta_parameters
 from .loop import mean_task_loss, task_gradients
