@@ -11,7 +11,6 @@ from metatl.data.episode import Episode
 from metatl.engine.executors import ExecutorError, make_executor
 from metatl.meta import MAML, Adam, Reptile
 
-EXECUTOR = {False: "loop", True: "vmap", "inner": "inner_vmap"}  # the old batch_tasks values
 
 
 def run(learner, batch, executor="loop"):
