@@ -48,7 +48,7 @@ def test_maml_learns_few_shot_classification():
     opt = torch.optim.Adam(learner.parameters(), lr=3e-3)
     before = evaluate(learner, sampler, episodes=40, progress=False)["mean"]
     g = torch.Generator().manual_seed(1)
-    for _ in range(100):
+    for _ in range(150):  # 100 left it at the threshold (0.795 for 0.802) once the layout changed rounding
         loss, _ = learner.meta_loss(sampler.sample_batch(4, g))
         opt.zero_grad()
         loss.backward()
