@@ -142,3 +142,17 @@ def test_sparse_complex_and_column_y():
     for est in (KMM(SVC()), TransferRidge(), TransferLogisticRegression(), TrAdaBoost(), CORAL()):
         with pytest.raises(NotFittedError):
             (est.transform if isinstance(est, CORAL) else est.predict)(X)
+
+
+def test_minus_one_is_an_ordinary_regression_target():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 2))
+    sd = np.where(np.arange(40) < 30, 1, -1)
+    y = X @ np.array([1.0, -0.5])
+    y[[0, 35]] = -1.0  # a source and a target row with the value -1, not masked
+    y[36:] = np.nan  # masked target rows
+    est = TransferRidge(alpha=0.1).fit(X, y, sample_domain=sd)
+    assert np.isfinite(est.coef_).all()
+    labelled = ~np.isnan(y)
+    assert est.score(X, y, sample_domain=sd) == pytest.approx(
+        1 - np.sum((y[labelled] - est.predict(X[labelled])) ** 2) / np.sum((y[labelled] - y[labelled].mean()) ** 2))

@@ -63,7 +63,7 @@ class LabelledScoreMixin:
 
     def score(self, X, y, sample_domain=None, sample_weight=None):
         y = np.asarray(y)
-        keep = ~is_masked(y)
+        keep = ~is_masked(y, classification=not is_regressor(self))
         if sample_domain is not None and not self._scores_target_labels:
             keep &= np.asarray(sample_domain) > 0
         if not keep.any():

@@ -34,11 +34,16 @@ class TargetLabelLeakWarning(UserWarning):
     """Target labels were passed to a method that must not see them; they were masked and ignored."""
 
 
-def is_masked(y: np.ndarray) -> np.ndarray:
-    """Boolean mask of unlabelled rows: ``y == -1`` (classification) or ``NaN`` (regression)."""
+def is_masked(y: np.ndarray, classification: bool = True) -> np.ndarray:
+    """Boolean mask of unlabelled rows: ``y == -1`` (classification) or ``NaN``.
+
+    With ``classification=False`` only ``NaN`` is masked: ``-1.0`` is an ordinary regression target.
+    """
     y = np.asarray(y)
     if y.dtype.kind == "f":
-        return np.isnan(y) | (y == MASKED_LABEL)
+        return np.isnan(y) | (y == MASKED_LABEL) if classification else np.isnan(y)
+    if not classification:
+        return np.isnan(y.astype(float))
     if y.dtype.kind in "iub":
         return y == MASKED_LABEL
     return np.array([v is None or v == MASKED_LABEL for v in y.tolist()], dtype=bool)
@@ -156,7 +161,7 @@ def check_domains(
                 f"{who} uses labelled target rows, so their domain cannot be inferred from masked labels; "
                 "pass sample_domain (positive = source, negative = target)."
             )
-        sample_domain = np.where(is_masked(y), TARGET, SOURCE)
+        sample_domain = np.where(is_masked(y, classification), TARGET, SOURCE)
     sample_domain = np.asarray(sample_domain)
     if sample_domain.shape != (n,):
         raise ValueError(f"sample_domain has shape {sample_domain.shape}; expected ({n},), one domain per row of X.")
@@ -175,11 +180,11 @@ def check_domains(
         raise ValueError(f"{who} got no source samples; source rows need a positive sample_domain.")
     if y is None:
         return X, y, sample_domain
-    if is_masked(y[source]).any():
+    if is_masked(y[source], classification).any():
         raise ValueError(
             "some source rows have masked labels (-1/NaN); drop them or give them a negative sample_domain."
         )
-    labelled_target = target & ~is_masked(y)
+    labelled_target = target & ~is_masked(y, classification)
     if target_labels == "forbid" and labelled_target.any():
         warnings.warn(
             f"{who} is unsupervised on the target but {int(labelled_target.sum())} target rows carry labels; "
@@ -194,7 +199,7 @@ def check_domains(
     if classification:
         check_classification_targets(y[source])
     else:
-        labelled = ~is_masked(y)
+        labelled = ~is_masked(y, classification=False)
         if not np.isfinite(y[labelled].astype(float)).all():
             raise ValueError(
                 "y contains infinite values in labelled rows; drop those rows or mask them (NaN) as target."

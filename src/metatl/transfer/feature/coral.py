@@ -88,8 +88,8 @@ class CORAL(TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None, sample_domain=None):
         """Learn ``A_`` from the source and target rows; returns ``self``."""
-        X, _, sd = check_domains(X, _domain_labels(y, sample_domain), sample_domain, classification=False,
-                                 estimator=self, who="CORAL")
+        X, _, sd = check_domains(X, None, _domains(y, sample_domain), classification=False, estimator=self,
+                                 who="CORAL")
         for name, rows in (("source", sd > 0), ("target", sd < 0)):
             if rows.sum() < 2:
                 raise ValueError(
@@ -118,23 +118,26 @@ class CORAL(TransformerMixin, BaseEstimator):
     def fit_transform(self, X, y=None, sample_domain=None):
         """``fit(X, y, sample_domain)`` then ``transform`` of the same rows with the same domains (taken
         from the label mask of ``y`` when ``sample_domain`` is None)."""
-        X_checked, _, sd = check_domains(X, _domain_labels(y, sample_domain), sample_domain,
-                                         classification=False, who="CORAL")
+        X_checked, _, sd = check_domains(X, None, _domains(y, sample_domain), classification=False, who="CORAL")
         return self.fit(X_checked, None, sd).transform(X_checked, sd)
 
 
-def _domain_labels(y, sample_domain):
-    """CORAL reads no labels: ``y`` only tells the domains apart when ``sample_domain`` is None (any
-    label type; labelled target rows are then impossible), so with ``sample_domain`` it is dropped,
-    with the usual :class:`TargetLabelLeakWarning` when target rows carry labels."""
-    if sample_domain is None or y is None:
-        return y
-    y, sd = np.asarray(y), np.asarray(sample_domain)
-    if y.shape[:1] == sd.shape and (~is_masked(y.reshape(len(y), -1)[:, 0])[sd < 0]).any():
+def _domains(y, sample_domain):
+    """CORAL reads no labels: ``y`` only tells the domains apart when ``sample_domain`` is None (masked
+    rows, -1 or NaN, are target; any label type), so with ``sample_domain`` it is dropped, with the
+    usual :class:`TargetLabelLeakWarning` when target rows carry labels."""
+    if y is None:
+        return sample_domain
+    y = np.asarray(y)
+    y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+    if sample_domain is None:
+        return np.where(is_masked(y), -1, 1)
+    sd = np.asarray(sample_domain)
+    if y.shape == sd.shape and (~is_masked(y)[sd < 0]).any():
         warnings.warn(
             "CORAL is unsupervised on the target but target rows carry labels; they were ignored. Mask them "
             "(y=-1, NaN for regression) or check sample_domain, so that model selection does not leak target labels.",
             TargetLabelLeakWarning,
             stacklevel=3,
         )
-    return None
+    return sample_domain

@@ -35,7 +35,7 @@ from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
 def _labelled_split(estimator, X, y, sample_domain, classification):
     X, y, sd = check_domains(X, y, sample_domain, target_labels="require", classification=classification,
                              requires_y=True, estimator=estimator, who=type(estimator).__name__)
-    t = (sd < 0) & ~is_masked(y)
+    t = (sd < 0) & ~is_masked(y, classification)
     return X[sd > 0], y[sd > 0], X[t], y[t]
 
 
