@@ -110,7 +110,8 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
            "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
            "seconds_per_iter_min": times[0], "first_iter_seconds": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_loop_mb": rss0 / 1024, "processes": processes, "fast": fast,
-           "executor": trainer.executor.name}
+           "executor": trainer.executor.name,
+           "executors_chosen": [e.name for e in getattr(trainer.executor, "chosen", {}).values()]}
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -91,12 +91,27 @@ def test_auto_picks_by_learner_model_and_device():
     conv, net = MODELS["conv"][0], MODELS["mlp"][0]
     assert choose(MAML(net(), "regression")) == "vmap"
     assert choose(MAML(conv())) == "threads_inner_vmap"
+    assert choose(MAML(conv()), small=True) == "vmap"  # one query per class: the vmap path is faster
     assert choose(MAML(conv()), precision="bfloat16") == "threads"
     assert choose(MAML(conv4_stride(bn_mode="running"))) == "loop"
     assert choose(Reptile(conv())) == "threads"
     assert choose(MetaLSTM(net(), "regression")) == "threads"
     assert choose(MAML(conv()), device="cuda") == "vmap"
     assert choose(Reptile(conv()), device="cuda") == "loop"
+
+
+def test_auto_decides_by_the_episodes_shape_for_conv_nets():
+    """Large query sets: task threads with the inner loops vmapped; small ones: one vmap. The same
+    result as the plain loop either way."""
+    torch.manual_seed(0)
+    learner = MAML(MODELS["conv"][0](), inner_lr=0.3)
+    run = make_executor("auto", learner)
+    assert run.name == "auto"
+    small = [Episode(ep.support_x, ep.support_y, ep.query_x[:3], ep.query_y[:3]) for ep in episodes("conv")]
+    for batch, expected in ((episodes("conv"), "threads_inner_vmap"), (small, "vmap")):
+        loss, _ = run(learner, batch)
+        assert list(run.chosen.values())[-1].name == expected
+        torch.testing.assert_close(loss, learner.meta_loss(batch)[0], rtol=1e-10, atol=0)
 
 
 def test_non_gradient_learners_compute_their_own_meta_loss():

@@ -55,19 +55,46 @@ def is_gradient_learner(learner) -> bool:
     return isinstance(learner, GradientMetaLearner) and type(learner).meta_loss is GradientMetaLearner.meta_loss
 
 
-def choose(learner, device: str = "cpu", precision: str = "float32") -> str:
+def small_queries(batch) -> bool:
+    """Whether a meta-batch's episodes are equally shaped with query sets no larger than their
+    support sets (MAML's training protocol: one query per class)."""
+    first = batch[0]
+    same = all(ep.support_x.shape == first.support_x.shape and ep.query_x.shape == first.query_x.shape
+               for ep in batch)
+    return same and len(first.query_x) <= len(first.support_x)
+
+
+def choose(learner, device: str = "cpu", precision: str = "float32", small: bool = False) -> str:
     """The executor ``auto`` picks: on GPUs the meta-batch as one vmap; on CPUs vmap for networks
-    without convolutions (small per-task operations, where per-operation overhead dominates), task
-    threads with the inner loops batched for conv nets, and task threads where vmap does not apply
-    (Reptile, the meta-learner LSTM, BatchNorm running statistics, bfloat16)."""
+    without convolutions and for conv nets with small query sets (``small``; per-operation
+    overhead dominates there), task threads with the inner loops batched for conv nets with large
+    query sets, and task threads where vmap does not apply (Reptile, the meta-learner LSTM,
+    BatchNorm running statistics, bfloat16)."""
     vmap_ok = not vmap_unfit(learner) and precision != "bfloat16"
     if str(device).startswith("cuda"):
         return "vmap" if vmap_ok else "loop"
-    if vmap_ok and not any(isinstance(m, nn.Conv2d) for m in learner.model.modules()):
+    if vmap_ok and (small or not any(isinstance(m, nn.Conv2d) for m in learner.model.modules())):
         return "vmap"
     if threads_unsafe(learner.model):
         return "inner_vmap" if vmap_ok else "loop"
     return "threads_inner_vmap" if vmap_ok else "threads"
+
+
+class Auto:
+    """``auto`` where the choice depends on the episodes' shape: decided at the first meta-batch of
+    each shape (:func:`choose` with :func:`small_queries`)."""
+
+    name = "auto"
+
+    def __init__(self, device: str, precision: str):
+        self.device, self.precision = device, precision
+        self.chosen = {}  # episode shapes -> executor
+
+    def __call__(self, learner, batch):
+        key = (tuple(batch[0].support_x.shape), tuple(batch[0].query_x.shape), len(batch))
+        if key not in self.chosen:
+            self.chosen[key] = EXECUTORS[choose(learner, self.device, self.precision, small_queries(batch))]()
+        return self.chosen[key](learner, batch)
 
 
 def make_executor(name: str, learner, device: str = "cpu", precision: str = "float32"):
@@ -81,6 +108,8 @@ def make_executor(name: str, learner, device: str = "cpu", precision: str = "flo
         return Direct()
     if name == "auto":
         name = choose(learner, device, precision)
+        if choose(learner, device, precision, small=True) != name:
+            return Auto(device, precision)
     if name not in EXECUTORS:
         raise ExecutorError(f"unknown train.executor {name!r}; choose auto or one of {', '.join(EXECUTORS)}.")
     if getattr(learner, "outer_loss", None) is not None and name not in ("loop", "threads"):
