@@ -174,8 +174,13 @@ def as_omniglot_checkpoint(path, out):
     """The same weights, recorded as trained on Omniglot (whose models take inverted images)."""
     from metatl.engine import checkpoint as ckpt_io
 
+    from dataclasses import fields
+
+    from metatl.data import Omniglot
+
     state = ckpt_io.load(path)
-    state["config"]["data"].update(name="omniglot", root=None)
+    keep = {f.name for f in fields(Omniglot)}  # the image folder's keys that Omniglot has too
+    state["config"]["data"] = {"name": "omniglot", **{k: v for k, v in state["config"]["data"].items() if k in keep}}
     ckpt_io.save_atomic(state, out)
     return out
 

@@ -245,7 +245,7 @@ def test_config_values_are_checked_by_type_and_range(tmp_path):
         from_dict({"data": {"name": "omniglot", "train_subset": "all"}})
     with pytest.raises(ConfigError, match="trainval meta-trains on the validation classes.*train.val_every=0"):
         from_dict({"data": {"name": "omniglot", "train_subset": "trainval"}})
-    with pytest.raises(ConfigError, match="trainval needs a dataset with validation classes"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train_subset in section 'data' \(sinusoid\)"):
         from_dict({"data": {"name": "sinusoid", "train_subset": "trainval"}, "train": {"val_every": 0}})
     assert from_dict({"data": {"name": "omniglot", "train_subset": "trainval"},
                       "train": {"val_every": 0}}).data.train_subset == "trainval"

@@ -30,7 +30,10 @@ def config_file(tmp_path):
     ("train.lr=-1e-3", "train.lr"),
     ("train.snapshot_minutes=[1, -2]", "train.snapshot_minutes"),
     ("eval.extra_steps=[-1]", "eval.extra_steps"),
-    ("data.image_size=0", "data.image_size"),
+    ("data={name: omniglot, image_size: 0}", "data.image_size"),
+    ("data={name: image_folder, split_fractions: [0.5, 1.5]}", "data.split_fractions"),
+    ("data={name: omniglot, ways: 1}", "data.ways must be at least 2"),
+    ("data={name: mnist_usps, target_labels_fraction: 2}", "data.target_labels_fraction"),
     ("data.shots=0", "data.shots"),
     ("model.hidden=[40, -1]", "model.hidden"),
 ])
@@ -89,3 +92,94 @@ def test_statistics_are_neutral():
     assert engine_mean_ci95 is mean_ci95
     assert mean_ci95([1.0, 3.0]) == {"mean": 2.0, "ci95": pytest.approx(1.96 * 2 ** 0.5 / 2 ** 0.5),
                                      "std": pytest.approx(2 ** 0.5)}
+
+
+# -- data sets configure themselves ------------------------------------------------------------
+
+from dataclasses import dataclass, is_dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from metatl.config import at_least  # noqa: E402
+from metatl.data import Omniglot, build_sampler, dataset  # noqa: E402
+from metatl.registry import DATASETS  # noqa: E402
+
+
+@dataset("test_constant")
+@dataclass
+class Constant:
+    """A data set defined outside the package: regression tasks with y = value."""
+
+    value: float = 1.0
+    points: int = 3
+
+    config_ranges: ClassVar[dict] = {"points": at_least(2)}
+
+    def sampler(self, subset):
+        import torch
+
+        from metatl.data import Episode
+
+        class Tasks:
+            task_type, out_features, input_spec = "regression", 1, {"in_features": 1}
+
+            def sample(tasks, g):
+                x = torch.rand(self.points, 1, generator=g)
+                return Episode(x, torch.full_like(x, self.value), x, torch.full_like(x, self.value))
+
+            def sample_batch(tasks, n, g):
+                return [tasks.sample(g) for _ in range(n)]
+
+        return Tasks()
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_every_data_set_is_a_dataclass_that_round_trips(name):
+    cls = DATASETS.get(name)
+    assert is_dataclass(cls) and cls.name == name
+    cfg = from_dict({"data": {"name": name}})
+    assert isinstance(cfg.data, cls)
+    assert from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert cfg.to_dict()["data"]["name"] == name
+
+
+def test_data_keys_are_the_data_sets_own():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) root in section 'data' \(omniglot\); valid keys: .*split"):
+        from_dict({"data": {"name": "omniglot", "root": "x"}})
+    with pytest.raises(ConfigError, match="data.name: unknown dataset 'omniglott'; valid datasets: .*omniglot"):
+        from_dict({"data": {"name": "omniglott"}})
+    with pytest.raises(ConfigError, match="data.split must be a string"):
+        from_dict({"data": {"name": "omniglot", "split": 3}})
+    cfg = from_dict({"data": {"name": "omniglot", "ways": 20, "split": "maml"}})
+    assert isinstance(cfg.data, Omniglot) and (cfg.data.ways, cfg.data.split, cfg.data.name) == (20, "maml", "omniglot")
+
+
+def test_a_config_stored_with_every_data_key_still_loads():
+    """Configs written when one section held every data set's keys (checkpoints, run folders)."""
+    old = {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "train_ways": None, "train_shots": None,
+           "train_queries": None, "split": "vinyals", "train_subset": "train", "image_size": 28, "root": None,
+           "in_channels": 1, "classes": None, "split_fractions": [0.6, 0.2, 0.2], "split_seed": 0,
+           "data_dir": None, "download": False, "direction": "mnist->usps", "target_labels_fraction": 0.0,
+           "max_source": None, "max_target": None}
+    assert from_dict({"data": old}).data == Omniglot()
+    with pytest.raises(ConfigError, match="unknown key.*root"):  # a changed key of another data set
+        from_dict({"data": {**old, "root": "pictures"}})
+
+
+def test_a_data_set_registered_outside_the_package_trains(tmp_path):
+    from metatl.engine.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="data.points must be at least 2"):
+        from_dict({"data": {"name": "test_constant", "points": 1}})
+    cfg = from_dict({"algorithm": {"name": "maml"}, "model": {"name": "mlp", "hidden": [8]},
+                     "data": {"name": "test_constant", "value": 2.0},
+                     "train": {"iterations": 2, "meta_batch": 2, "val_every": 0, "ckpt_every": 0}})
+    assert build_sampler(cfg.data, "test").sample(__import__("torch").Generator()).query_y.shape == (3, 1)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert trainer.iteration == 2
+
+
+def test_algorithms_check_the_config_themselves():
+    with pytest.raises(ConfigError, match="bfloat16 cannot run with algorithm.batch_tasks=true"):
+        from_dict({"algorithm": {"name": "maml", "batch_tasks": True}, "train": {"precision": "bfloat16"}})
+    with pytest.raises(ConfigError, match="set train.val_every=0"):
+        from_dict({"data": {"name": "omniglot", "train_subset": "trainval"}})

@@ -1,9 +1,12 @@
 """Typed run configuration, stored as YAML.
 
-A config has five sections. ``data``, ``train`` and ``eval`` are dataclasses below; ``algorithm``
-and ``model`` hold a registered ``name`` plus that component's keyword arguments, checked against
-its signature. Any unknown key is an error that lists the valid ones. Overrides use dotted keys
-(``--set train.lr=0.01 algorithm.first_order=true``); values are parsed as YAML.
+A config has five sections. ``train`` and ``eval`` are dataclasses below; ``algorithm``, ``model``
+and ``data`` hold a registered ``name`` plus that component's keyword arguments, checked against its
+signature (a data set is a dataclass, :mod:`metatl.data.sources`, and ``cfg.data`` is an instance
+of it). Any unknown key is an error that lists the valid ones; every number is checked against its
+type and range (``config_ranges``); a component may check the whole config with ``check_config``.
+Overrides use dotted keys (``--set train.lr=0.01 algorithm.first_order=true``); values are parsed
+as YAML. This module names no data set and no algorithm.
 """
 from __future__ import annotations
 
@@ -44,7 +47,6 @@ def load_yaml(text: str, source: str = "<string>"):
 
 PRECISIONS = ("float32", "tf32", "bfloat16")  # train.precision
 WEIGHTS = ("averaged", "raw")  # eval.weights
-EPISODE_DATASETS = ("omniglot", "image_folder")  # N-way classification episodes over train/val/test classes
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,7 @@ class Range:
     high: Optional[float] = None
     open_low: bool = False
     open_high: bool = False
+    why: str = ""  # said after the range in the error, e.g. "a 1-way task is always answered right"
 
     def __contains__(self, value) -> bool:
         if not math.isfinite(value):
@@ -72,11 +75,12 @@ class Range:
     def describe(self) -> str:
         low = None if self.low is None else f"{'above' if self.open_low else 'at least'} {self.low:g}"
         high = None if self.high is None else f"{'below' if self.open_high else 'at most'} {self.high:g}"
-        return " and ".join(p for p in (low, high) if p) or "a finite number"
+        text = " and ".join(p for p in (low, high) if p) or "a finite number"
+        return f"{text} ({self.why})" if self.why else text
 
 
-def at_least(low: float) -> Range:
-    return Range(low)
+def at_least(low: float, why: str = "") -> Range:
+    return Range(low, why=why)
 
 
 def above(low: float) -> Range:
@@ -85,43 +89,6 @@ def above(low: float) -> Range:
 
 ANY = Range()  # any finite number
 COMPONENT_RANGE = at_least(0)  # a component's number with no declared range: it counts or scales something
-
-
-@dataclass
-class DataConfig:
-    name: str = "sinusoid"
-    ways: int = 5  # evaluation episodes: N ways, K shots, Q queries per class
-    shots: int = 1
-    queries: int = 15
-    train_ways: Optional[int] = None  # meta-training episodes (default: the evaluation values)
-    train_shots: Optional[int] = None
-    train_queries: Optional[int] = None
-    split: str = "vinyals"  # omniglot: vinyals (1028/172/423) or maml (1200/423)
-    train_subset: str = "train"  # classes of meta-training: train, or trainval (train + val; no validation then)
-    image_size: int = 28
-    root: Optional[str] = None  # image folders: the folder of class sub-folders
-    in_channels: int = 1  # image folders: 1 (grayscale) or 3 (RGB); images are converted
-    classes: Optional[Dict[str, List[str]]] = None  # image folders: {train: [...], val: [...], test: [...]}
-    split_fractions: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # else a seeded split
-    split_seed: int = 0
-    data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
-    download: bool = False
-    # domain adaptation (mnist_usps): source->target, target labels revealed for training, subsampling
-    direction: str = "mnist->usps"  # source->target among mnist, usps, sklearn_digits
-    usps_frame: str = "pad"  # pad: 16x16 USPS padded by 6 px to 28x28 (skada-bench); stretch: resized to fill it
-    standardize: str = "none"  # none: values in [0, 1]; domain: each domain by its own training mean and std
-    test_protocol: str = "official"  # official: target test split; holdout: holdout_fraction of target train
-    holdout_fraction: float = 0.2
-    target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
-    max_source: Optional[int] = None  # use at most this many training rows per domain (quick runs)
-    max_target: Optional[int] = None
-
-    config_ranges: ClassVar[Dict[str, Range]] = {
-        "ways": at_least(1), "shots": at_least(1), "queries": at_least(1), "train_ways": at_least(1),
-        "train_shots": at_least(1), "train_queries": at_least(0), "image_size": at_least(1),
-        "in_channels": at_least(1), "split_fractions": Range(0, 1), "split_seed": at_least(0),
-        "target_labels_fraction": Range(0, 1), "max_source": at_least(1), "max_target": at_least(1),
-        "holdout_fraction": Range(0, 1, open_low=True, open_high=True)}
 
 
 @dataclass
@@ -187,18 +154,28 @@ class Config:
     name: str = "run"
     algorithm: Dict[str, Any] = field(default_factory=lambda: {"name": "maml"})
     model: Dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = field(default_factory=lambda: default_data())  # an instance of a registered data set
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        values["data"] = {"name": self.data.name, **values["data"]}
+        return values
 
     def dump(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+def default_data():
+    """The data set of a config without a ``data`` section (kept for configs built in Python)."""
+    from .registry import DATASETS
+    from . import data  # noqa: F401 (registers the data sets)
+
+    return DATASETS.get("sinusoid")()
+
+
+SECTIONS = {"train": TrainConfig, "eval": EvalConfig}
 OPEN_SECTIONS = ("algorithm", "model")
 REQUIRED = {"algorithm": "algorithm", "model": "backbone", "data": "dataset"}  # what a config file must name
 
@@ -284,7 +261,7 @@ def check_values(where: str, values: dict, types: Dict[str, Any], ranges: Dict[s
 
 def _component_types(obj) -> Dict[str, Any]:
     """The annotation of each keyword argument of a registered component, else its default's type."""
-    target = obj.__init__ if isinstance(obj, type) else obj
+    target = obj.__init__ if isinstance(obj, type) and not dataclasses.is_dataclass(obj) else obj
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # an annotation that does not resolve: fall back to the defaults
@@ -304,6 +281,8 @@ def _component_types(obj) -> Dict[str, Any]:
 
 def component_keys(obj) -> List[str]:
     """Keyword arguments a registered component accepts (its config keys besides ``name``)."""
+    if dataclasses.is_dataclass(obj):  # a data set: its fields
+        return [f.name for f in dataclasses.fields(obj) if f.init]
     skip = {"self", "model", "task_type", "in_features", "in_channels", "out_features", "image_size"}
     return [p.name for p in inspect.signature(obj).parameters.values()
             if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -380,38 +359,54 @@ def from_dict(raw: dict) -> Config:
         check_values(section, values, typing.get_type_hints(cls), getattr(cls, "config_ranges", {}))
         kwargs[section] = cls(**values)
     for section in OPEN_SECTIONS:
-        values = _section(raw, section, getattr(Config(), section))
-        if not isinstance(values.get("name"), str):
-            got = f", got {values['name']!r}" if "name" in values else ""
-            raise ConfigError(f"section {section!r} needs a 'name'{got} (see `metatl list`).")
-        kwargs[section] = values
+        kwargs[section] = _section(raw, section, getattr(Config(), section))
+    kwargs["data"] = _data(_section(raw, "data", {"name": "sinusoid"}))
     cfg = Config(**kwargs)
     validate_components(cfg)
     return cfg
 
 
-def validate_components(cfg: Config) -> None:
-    from .data import TRAINING
-    from .registry import ALGORITHMS, BACKBONES, DATASETS
+def _component(section: str, values: dict, registry, keys=None):
+    """The registered class or factory that ``values["name"]`` names in ``registry``, after checking
+    ``values``' keys (``keys``: the valid ones, default its signature's), types and ranges."""
+    if not isinstance(values.get("name"), str):
+        got = f", got {values['name']!r}" if "name" in values else ""
+        raise ConfigError(f"section {section!r} needs a 'name'{got} (see `metatl list`).")
+    try:
+        obj = registry.get(values["name"])
+    except KeyError as err:
+        raise ConfigError(f"{section}.name: {err.args[0]}") from None
+    given = {k: v for k, v in values.items() if k != "name"}
+    _check_keys(f"section {section!r} ({values['name']})", given, component_keys(obj) if keys is None else keys)
+    check_values(section, given, _component_types(obj), getattr(obj, "config_ranges", {}), COMPONENT_RANGE)
+    return obj
 
-    for section, registry in (("algorithm", ALGORITHMS), ("model", BACKBONES)):
-        values = getattr(cfg, section)
-        try:
-            obj = registry.get(values["name"])
-        except KeyError as err:
-            raise ConfigError(f"{section}.name: {err.args[0]}") from None
-        _check_keys(f"section {section!r} ({values['name']})", set(values) - {"name"}, component_keys(obj))
-        check_values(section, {k: v for k, v in values.items() if k != "name"}, _component_types(obj),
-                     getattr(obj, "config_ranges", {}), COMPONENT_RANGE)
-    if cfg.data.name not in DATASETS:
-        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; valid: {', '.join(DATASETS)}.")
-    at_least = []
-    if cfg.data.name in EPISODE_DATASETS:
-        at_least += [("data.ways", cfg.data.ways, 2), ("data.train_ways", cfg.data.train_ways, 2)]
-    for key, value, low in at_least:
-        if value is not None and value < low:
-            why = " (a 1-way task is always answered right)" if key.endswith("ways") else ""
-            raise ConfigError(f"{key} must be at least {low}, got {value}{why}; set it with --set {key}=...")
+
+def _data(values: dict):
+    """The data set instance of a ``data`` section. Configs stored before each data set declared its
+    own keys list every data set's keys; those still at their old defaults are dropped."""
+    from .data.sources import LEGACY_DEFAULTS
+    from .registry import DATASETS
+
+    name = values.get("name")
+    if isinstance(name, str) and name in DATASETS:
+        keys = {f.name for f in dataclasses.fields(DATASETS.get(name))}
+        values = {k: v for k, v in values.items()
+                  if k == "name" or k in keys or k not in LEGACY_DEFAULTS or LEGACY_DEFAULTS[k] != v}
+    cls = _component("data", values, DATASETS)
+    return cls(**{k: v for k, v in values.items() if k != "name"})
+
+
+def validate_components(cfg: Config) -> None:
+    """Each component's keys, types and ranges, its own ``check_config(cfg)``, then the checks
+    that span sections."""
+    from .registry import ALGORITHMS, BACKBONES
+
+    components = [_component(section, getattr(cfg, section), registry)
+                  for section, registry in (("algorithm", ALGORITHMS), ("model", BACKBONES))]
+    for component in (*components, cfg.data):
+        if callable(getattr(component, "check_config", None)):
+            component.check_config(cfg)
     if not (isinstance(cfg.train.processes, int) and cfg.train.processes >= 1):
         raise ConfigError(f"train.processes must be a whole number >= 1, got {cfg.train.processes!r}.")
     threads = cfg.train.num_threads
@@ -432,16 +427,6 @@ def validate_components(cfg: Config) -> None:
                           f"or leave it null to keep no average of the weights.")
     if cfg.eval.weights not in WEIGHTS:
         raise ConfigError(f"eval.weights must be one of {', '.join(WEIGHTS)}, got {cfg.eval.weights!r}.")
-    if cfg.data.train_subset not in TRAINING:
-        raise ConfigError(f"data.train_subset must be 'train' or 'trainval' (the training and validation "
-                          f"classes together), got {cfg.data.train_subset!r}.")
-    if cfg.data.train_subset == "trainval":
-        if cfg.data.name not in EPISODE_DATASETS:
-            raise ConfigError(f"data.train_subset=trainval needs a dataset with validation classes "
-                              f"(omniglot, image_folder), not {cfg.data.name!r}; use data.train_subset=train.")
-        if cfg.train.val_every:
-            raise ConfigError("data.train_subset=trainval meta-trains on the validation classes, so validation "
-                              "would score trained classes; set train.val_every=0.")
     if cfg.train.meta_batch % cfg.train.processes:
         raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
                           f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it.")

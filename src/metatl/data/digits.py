@@ -381,7 +381,8 @@ def digits_splits(cfg) -> dict:
 
 
 def digits_adaptation(cfg, subset: str):
-    """The digits adaptation source (MNIST, USPS, scikit-learn digits) for a data config.
+    """The digits adaptation source (MNIST, USPS, scikit-learn digits) for a data set
+    (:class:`~metatl.data.MnistUsps`).
 
     ``data.direction`` is ``source->target`` among ``mnist``, ``usps`` and ``sklearn_digits``
     (six directions). Every domain is 1-channel ``image_size`` x ``image_size``, framed like MNIST

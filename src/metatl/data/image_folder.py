@@ -257,7 +257,7 @@ def cached_image_folder(root, in_channels: int, image_size: int) -> ImageFolder:
 
 
 def image_folder_classes(cfg, subset: str, shots: int, queries: int, ways: int) -> ImageFolderClasses:
-    """The class pool of ``subset`` for a :class:`~metatl.config.DataConfig` (``data.root`` etc.),
+    """The class pool of ``subset`` for a data set (:class:`~metatl.data.ImageFolderData`) (``data.root`` etc.),
     checked against the episode shape."""
     if not cfg.root:
         raise ValueError("dataset image_folder needs data.root, the folder of class sub-folders "

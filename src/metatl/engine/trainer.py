@@ -40,7 +40,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import EPISODE_DATASETS, Config, ConfigError, from_dict
+from ..config import Config, ConfigError, from_dict
 from . import checkpoint as ckpt_io
 from . import distributed as ddp
 from .build import build_learner, build_sampler, task_spec
@@ -189,9 +189,9 @@ class Trainer:
         self.learner = build_learner(cfg, self.train_tasks).to(self.device)
         if not any(p.requires_grad for p in self.learner.parameters()):
             raise ConfigError(f"nothing to train: algorithm {cfg.algorithm['name']!r} with backbone "
-                              f"{cfg.model['name']!r} has no trainable parameters (the pixels backbone has "
-                              f"none; it suits mann and snail, which learn on top of it). Choose a learned "
-                              f"backbone such as conv4_pool or conv4_stride.")
+                              f"{cfg.model['name']!r} has no trainable parameters (a backbone without weights "
+                              f"suits only algorithms that learn on top of it). Choose a backbone with weights "
+                              f"(`metatl list` shows them).")
         if self.world > 1:  # one starting point for all; then each its own random stream
             for tensor in [*self.learner.parameters(), *self.learner.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
@@ -404,10 +404,9 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
     d = cfg.data
     return {
         "algorithm": cfg.algorithm["name"], "algorithm_config": cfg.algorithm,
-        "dataset": d.name, "split": d.split if d.name == "omniglot" else None,
-        "train_subset": d.train_subset if d.name in EPISODE_DATASETS else None,
-        "ways": d.ways if learner.task_type == "classification" else None,
-        "shots": d.shots, "queries": d.queries, "episodes": res["episodes"],
+        "dataset": d.name, "split": getattr(d, "split", None), "train_subset": getattr(d, "train_subset", None),
+        "ways": getattr(d, "ways", None) if learner.task_type == "classification" else None,
+        "shots": getattr(d, "shots", None), "queries": getattr(d, "queries", None), "episodes": res["episodes"],
         "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
         "inner_steps_test": cfg.eval.inner_steps if cfg.eval.inner_steps is not None
         else getattr(learner, "inner_steps_test", None),
@@ -452,9 +451,9 @@ def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
     fixed = {"image_size": unseen, "in_channels": unseen,
              "train_subset": "cannot change the classes it was trained on (the test classes are the same)"}
     for key, why in fixed.items():  # facts of the training run, not choices of the evaluation
-        if getattr(cfg.data, key) != getattr(trained, key):
-            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key)!r}; "
-                              f"evaluating with {getattr(cfg.data, key)!r} {why}. Leave data.{key} as it is.")
+        if getattr(cfg.data, key, None) != getattr(trained, key, None):
+            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key, None)!r}; "
+                              f"evaluating with {getattr(cfg.data, key, None)!r} {why}. Leave data.{key} as it is.")
     trainer = Trainer(cfg, Path(checkpoint).parent, progress=progress)
     try:
         trainer.learner.load_state_dict(state["learner"])
