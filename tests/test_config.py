@@ -183,3 +183,43 @@ def test_algorithms_check_the_config_themselves():
         from_dict({"algorithm": {"name": "maml", "batch_tasks": True}, "train": {"precision": "bfloat16"}})
     with pytest.raises(ConfigError, match="set train.val_every=0"):
         from_dict({"data": {"name": "omniglot", "train_subset": "trainval"}})
+
+
+# -- every split checked before the first step -------------------------------------------------
+
+def image_folder(root, classes=6, per_class=4):
+    import numpy as np
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8), 40 * c, np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_a_validation_split_with_too_few_classes_stops_before_training(tmp_path):
+    from metatl.engine.trainer import Trainer
+
+    root = image_folder(tmp_path / "imgs")
+    raw = {"algorithm": {"name": "protonet"}, "model": {"name": "conv4_pool", "filters": 4},
+           "data": {"name": "image_folder", "root": str(root), "ways": 2, "shots": 1, "queries": 1, "image_size": 16,
+                    "classes": {"train": ["class0", "class1", "class2"], "val": ["class3"],
+                                "test": ["class4", "class5"]}},
+           "train": {"iterations": 2, "meta_batch": 1, "val_every": 1}}
+    with pytest.raises(ValueError, match="2-way val episodes need 2 classes but the val split"):
+        Trainer(from_dict(raw), tmp_path / "run", progress=False).fit()
+    assert not (tmp_path / "run").exists()
+    raw["train"]["val_every"] = 0  # no validation: the val split is not used
+    assert Trainer(from_dict(raw), tmp_path / "run", progress=False).fit().iteration == 2
+
+
+def test_more_ways_than_test_classes_stops_before_training(omniglot_dir, tmp_path, capsys):
+    path = tmp_path / "omniglot.yaml"
+    path.write_text(f"algorithm: {{name: protonet}}\nmodel: {{name: conv4_pool, filters: 4}}\n"
+                    f"data: {{name: omniglot, data_dir: {omniglot_dir}, ways: 2000, queries: 1}}\n"
+                    f"train: {{iterations: 1, meta_batch: 1, val_every: 0}}\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "2000-way episodes need 2000 classes but the data has only 1692" in err and "test episodes" in err
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -46,6 +46,8 @@ def load_yaml(text: str, source: str = "<string>"):
 
 
 PRECISIONS = ("float32", "tf32", "bfloat16")  # train.precision
+OPTIMIZERS = ("adam", "sgd")  # train.optimizer
+SCHEDULES = ("constant", "linear", "cosine", "step")  # train.lr_schedule
 WEIGHTS = ("averaged", "raw")  # eval.weights
 
 
@@ -66,15 +68,15 @@ class Range:
     why: str = ""  # said after the range in the error, e.g. "a 1-way task is always answered right"
 
     def __contains__(self, value) -> bool:
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (a whole number is finite; may not fit a float)
             return False
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
             return False
         return self.high is None or (value < self.high if self.open_high else value <= self.high)
 
     def describe(self) -> str:
-        low = None if self.low is None else f"{'above' if self.open_low else 'at least'} {self.low:g}"
-        high = None if self.high is None else f"{'below' if self.open_high else 'at most'} {self.high:g}"
+        low = None if self.low is None else f"{'above' if self.open_low else 'at least'} {self.low!r}"
+        high = None if self.high is None else f"{'below' if self.open_high else 'at most'} {self.high!r}"
         text = " and ".join(p for p in (low, high) if p) or "a finite number"
         return f"{text} ({self.why})" if self.why else text
 
@@ -88,6 +90,7 @@ def above(low: float) -> Range:
 
 
 ANY = Range()  # any finite number
+SEED = Range(0, 2 ** 63 - 1)  # what torch.manual_seed takes
 COMPONENT_RANGE = at_least(0)  # a component's number with no declared range: it counts or scales something
 
 
@@ -130,7 +133,7 @@ class TrainConfig:
         "momentum": Range(0, 1, open_high=True), "weight_decay": at_least(0),
         "lr_step_every": at_least(1), "lr_gamma": above(0), "grad_clip": above(0), "val_every": at_least(0),
         "val_episodes": at_least(1), "ckpt_every": at_least(0), "log_every": at_least(1),
-        "time_budget_min": above(0), "snapshot_minutes": at_least(0), "seed": at_least(0),
+        "time_budget_min": above(0), "snapshot_minutes": at_least(0), "seed": SEED,
         "num_threads": at_least(1), "processes": at_least(1)}  # ema_decay: validate_components
 
 
@@ -145,7 +148,7 @@ class EvalConfig:
     weights: str = "averaged"  # with train.ema_decay: score the averaged weights, or "raw" ones
 
     config_ranges: ClassVar[Dict[str, Range]] = {
-        "episodes": at_least(1), "seed": at_least(0), "inner_steps": at_least(0), "extra_steps": at_least(0),
+        "episodes": at_least(1), "seed": SEED, "inner_steps": at_least(0), "extra_steps": at_least(0),
         "plot_tasks": at_least(0)}
 
 
@@ -421,6 +424,12 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError(f"train.precision=bfloat16 cannot run with train.executor={cfg.train.executor} (the vmap "
                           "path's double backward mixes dtypes under autocast); set "
                           "train.executor=threads (or auto) or train.precision=float32.")
+    if cfg.train.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}.")
+    if cfg.train.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, got {cfg.train.lr_schedule!r}.")
+    if cfg.train.lr_schedule == "step" and cfg.train.lr_step_every is None:
+        raise ConfigError("train.lr_schedule: step needs train.lr_step_every >= 1 (e.g. 2000).")
     decay = cfg.train.ema_decay
     if decay is not None and not 0 < decay < 1:
         raise ConfigError(f"train.ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; "

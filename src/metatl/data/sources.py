@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, List, Optional, Tuple, TypeVar
 
-from ..config import ConfigError, Range, at_least
+from ..config import SEED, ConfigError, Range, at_least
 from ..registry import DATASETS
 from .episode import EpisodeSampler
 
@@ -52,7 +52,7 @@ class Episodes:
     config_ranges: ClassVar[Dict[str, Range]] = {
         "ways": at_least(2, WHY_WAYS), "shots": at_least(1), "queries": at_least(1), "train_ways": at_least(2, WHY_WAYS),
         "train_shots": at_least(1), "train_queries": at_least(0), "image_size": at_least(1),
-        "split_seed": at_least(0)}
+        "split_seed": SEED}
 
     def episode_shape(self, subset: str) -> Tuple[Optional[int], int, int]:
         """``(ways, shots, queries)`` of ``subset``'s episodes (``ways`` None for regression)."""
@@ -188,7 +188,7 @@ class MnistUsps:
     name: ClassVar[str] = ""
     config_ranges: ClassVar[Dict[str, Range]] = {
         "image_size": at_least(1), "target_labels_fraction": Range(0, 1), "max_source": at_least(1),
-        "max_target": at_least(1), "split_seed": at_least(0)}
+        "max_target": at_least(1), "split_seed": SEED}
 
     def sampler(self, subset: str):
         from .digits import digits_adaptation

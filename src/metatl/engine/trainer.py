@@ -203,7 +203,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)
         self.iteration, self.train_seconds, self.best = 0, 0.0, None
         self.snapshots_done: list = []
-        self._val_tasks = None
+        self._val_tasks = self._test_tasks = None
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -277,6 +277,20 @@ class Trainer:
             self._val_tasks = build_sampler(self.cfg.data, "val")
         return self._val_tasks
 
+    @property
+    def test_tasks(self):
+        if self._test_tasks is None:
+            self._test_tasks = build_sampler(self.cfg.data, "test")
+        return self._test_tasks
+
+    def check_splits(self) -> None:
+        """Build the episode source of every split the run uses (validation when ``val_every``, and
+        test) before the first step: a split too small for the episode shape (ways, shots,
+        queries) stops the run now, with the data set's message, instead of after training."""
+        if self.cfg.train.val_every:
+            self.val_tasks
+        self.test_tasks
+
     def _evaluate(self, tasks, episodes: int, seed: int, inner_steps, progress: bool, desc: str) -> dict:
         """The data source's own ``evaluate`` when it has one, else the episodic evaluator."""
         if callable(getattr(tasks, "evaluate", None)):
@@ -346,6 +360,7 @@ class Trainer:
 
     def fit(self) -> "Trainer":
         c, t = self.cfg, self.cfg.train
+        self.check_splits()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             c.dump(self.out / "config.yaml")
@@ -387,7 +402,7 @@ class Trainer:
     def test(self, sampler=None, checkpoint: Optional[str] = None) -> dict:
         """Evaluate on the fixed test episodes and write ``results.json`` in the run folder."""
         c = self.cfg
-        tasks = sampler or build_sampler(c.data, "test")
+        tasks = sampler or self.test_tasks
         res = self._evaluate(tasks, c.eval.episodes, c.eval.seed, c.eval.inner_steps, self.progress, "test")
         results = results_record(c, self.scored, res, self.iteration, self.train_seconds,
                                  checkpoint or str(self.out / "last.pt"),
