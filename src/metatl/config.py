@@ -171,11 +171,10 @@ class Config:
 
 
 def default_data():
-    """The data set of a config without a ``data`` section (kept for configs built in Python)."""
-    from .registry import DATASETS
-    from . import data  # noqa: F401 (registers the data sets)
+    """The data set of a config without a ``data`` section (configs built in Python)."""
+    from .data.sources import default_data
 
-    return DATASETS.get("sinusoid")()
+    return default_data()
 
 
 SECTIONS = {"train": TrainConfig, "eval": EvalConfig}
@@ -363,7 +362,7 @@ def from_dict(raw: dict) -> Config:
         kwargs[section] = cls(**values)
     for section in OPEN_SECTIONS:
         kwargs[section] = _section(raw, section, getattr(Config(), section))
-    kwargs["data"] = _data(_section(raw, "data", {"name": "sinusoid"}))
+    kwargs["data"] = _data(_section(raw, "data")) if raw.get("data") is not None else default_data()
     cfg = Config(**kwargs)
     validate_components(cfg)
     return cfg

@@ -191,7 +191,7 @@ def input_format(learner=None, in_channels=None, image_size=None, invert=None) -
     c = in_channels or spec.get("in_channels", 1)
     s = image_size or spec.get("image_size", 28)
     if invert is None:
-        invert = cfg is not None and cfg.data.name == "omniglot"
+        invert = cfg is not None and getattr(cfg.data, "inverts_images", False)
     return int(c), int(s), bool(invert)
 
 

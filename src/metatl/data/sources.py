@@ -37,6 +37,13 @@ def dataset(name: str) -> Callable[[T], T]:
     return decorator
 
 
+DEFAULT = "sinusoid"  # the data set of a config built in Python without a data section
+
+
+def default_data():
+    return DATASETS.get(DEFAULT)()
+
+
 @dataclass
 class Episodes:
     """The episode shape shared by every data set of few-shot tasks: ``ways`` classes (or none, for
@@ -130,6 +137,8 @@ class Omniglot(ClassEpisodes):
     image_size: int = 28
     data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
+
+    inverts_images: ClassVar[bool] = True  # models see white strokes on black: a user's drawings are inverted
 
     def sampler(self, subset: str) -> EpisodeSampler:
         from .omniglot import omniglot_classes

@@ -51,7 +51,7 @@ def load_learner(checkpoint, weights=None):
     learner.eval()
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
-        check = _image_guard(learner.input_spec, cfg.data.name, checkpoint)
+        check = _image_guard(learner.input_spec, cfg.data, checkpoint)
         if hasattr(learner.model, "input_check"):  # the conv nets: a hook would turn off their folded first layer
             learner.model.input_check = check
         else:  # on the first conv layer: every path to the features (forward, embed, feature maps) passes it
@@ -60,16 +60,16 @@ def load_learner(checkpoint, weights=None):
     return learner
 
 
-def _image_guard(input_spec: dict, dataset: str, checkpoint):
+def _image_guard(input_spec: dict, data, checkpoint):
     expected = (input_spec["in_channels"], input_spec["image_size"], input_spec["image_size"])
 
     def check(x):
         if x.dim() < 3 or tuple(x.shape[-3:]) != expected:
             c, s, _ = expected
-            invert = ", invert=True" if dataset == "omniglot" else ""
+            invert = ", invert=True" if getattr(data, "inverts_images", False) else ""
             raise ValueError(
                 f"the model of {checkpoint} takes images of shape (n, {c}, {s}, {s}) ({c} channel(s), "
-                f"{s}x{s} pixels, as trained on {dataset}); got {tuple(x.shape)}. Give it image files and "
+                f"{s}x{s} pixels, as trained on {data.name}); got {tuple(x.shape)}. Give it image files and "
                 f"it converts them as trained: learner.adapt_images(support_folder).predict_images(paths), "
                 f"or `metatl adapt`; by hand: metatl.data.image_folder.load_images(paths, in_channels={c}, "
                 f"image_size={s}{invert}).")
