@@ -183,10 +183,15 @@ class ImageFolderData(ClassEpisodes):
 @dataset("mnist_usps")
 @dataclass
 class MnistUsps:
-    """MNIST <-> USPS domain adaptation (``data.direction``); labelled source, unlabelled target."""
+    """Digits domain adaptation (MNIST, USPS, scikit-learn digits; ``data.direction``): labelled
+    source, unlabelled target (see :func:`metatl.data.digits.digits_adaptation`)."""
 
-    direction: str = "mnist->usps"  # or usps->mnist
+    direction: str = "mnist->usps"  # source->target among mnist, usps, sklearn_digits
     image_size: int = 28
+    usps_frame: str = "pad"  # pad: 16x16 USPS padded by 6 px to 28x28 (skada-bench); stretch: resized to fill it
+    standardize: str = "none"  # none: values in [0, 1]; domain: each domain by its own training mean and std
+    test_protocol: str = "official"  # official: target test split; holdout: holdout_fraction of target train
+    holdout_fraction: float = 0.2
     target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
     max_source: Optional[int] = None  # use at most this many training rows per domain (quick runs)
     max_target: Optional[int] = None
@@ -197,7 +202,17 @@ class MnistUsps:
     name: ClassVar[str] = ""
     config_ranges: ClassVar[Dict[str, Range]] = {
         "image_size": at_least(1), "target_labels_fraction": Range(0, 1), "max_source": at_least(1),
-        "max_target": at_least(1), "split_seed": SEED}
+        "max_target": at_least(1), "split_seed": SEED,
+        "holdout_fraction": Range(0, 1, open_low=True, open_high=True)}
+
+    def check_config(self, cfg) -> None:
+        from .digits import _check_options, _parse_direction
+
+        try:
+            _parse_direction(self.direction)
+            _check_options(self)
+        except ValueError as err:
+            raise ConfigError(err.args[0]) from None
 
     def sampler(self, subset: str):
         from .digits import digits_adaptation
@@ -211,7 +226,8 @@ LEGACY_DEFAULTS = {
     "ways": 5, "shots": 1, "queries": 15, "train_ways": None, "train_shots": None, "train_queries": None,
     "split": "vinyals", "train_subset": "train", "image_size": 28, "root": None, "in_channels": 1,
     "classes": None, "split_fractions": [0.6, 0.2, 0.2], "split_seed": 0, "data_dir": None, "download": False,
-    "direction": "mnist->usps", "target_labels_fraction": 0.0, "max_source": None, "max_target": None}
+    "direction": "mnist->usps", "target_labels_fraction": 0.0, "max_source": None, "max_target": None,
+    "usps_frame": "pad", "standardize": "none", "test_protocol": "official", "holdout_fraction": 0.2}
 
 
 def build_sampler(data, subset: str):
