@@ -300,7 +300,7 @@ def test_every_shipped_config_loads():
 
 def test_a_backbone_without_parameters_is_refused_before_training(tmp_path):
     cfg = load_config(write_config(tmp_path, dict(SINUSOID, model={"name": "pixels"})))
-    with pytest.raises(ConfigError, match="nothing to train.*'maml'.*'pixels'.*conv4_pool"):
+    with pytest.raises(ConfigError, match="nothing to train.*'maml'.*'pixels'.*backbone with weights"):
         Trainer(cfg, tmp_path / "run", progress=False)
 
 
