@@ -178,9 +178,9 @@ def test_a_data_set_registered_outside_the_package_trains(tmp_path):
     assert trainer.iteration == 2
 
 
-def test_algorithms_check_the_config_themselves():
-    with pytest.raises(ConfigError, match="bfloat16 cannot run with algorithm.batch_tasks=true"):
-        from_dict({"algorithm": {"name": "maml", "batch_tasks": True}, "train": {"precision": "bfloat16"}})
+def test_data_sets_check_the_config_themselves():
+    with pytest.raises(ConfigError, match="unknown data.direction 'mnist->svhn'"):
+        from_dict({"data": {"name": "mnist_usps", "direction": "mnist->svhn"}})
     with pytest.raises(ConfigError, match="set train.val_every=0"):
         from_dict({"data": {"name": "omniglot", "train_subset": "trainval"}})
 
