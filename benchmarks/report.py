@@ -267,6 +267,15 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         evaluation = f", test {r['eval_episodes_per_s']:.1f}/s" if r.get("eval_episodes_per_s") else ""
         rows.append([label, f"training episodes/s ({r['train_episode']})", f"{r['train_episodes_per_s']:.1f}/s{evaluation}",
                      "", "", r["hardware"], code(r["command"])])
+    if (RESULTS / "contention.json").exists():  # the runtime's share of a busy machine
+        contention = load("contention.json")
+        for r in contention["runs"]:
+            slowdown = f", {r['slowdown']:.2f} times slower than alone" if "slowdown" in r else ""
+            rows.append(["ProtoNet 10-minute config beside busy processes",
+                         f"`train.num_threads: {r['threads']}`, {r['busy_processes']} busy single-threaded process(es)",
+                         f"{r['episodes_per_s']:.2f} episodes/s{slowdown}", "",
+                         f"{contention['seconds']:.0f} s", f"{contention['hardware']}, {contention['cores']} cores",
+                         code("python benchmarks/contention.py")])
     out.append(("Speed",
                 ("Omniglot 5-way 1-shot, real data, the trainer's whole step (sampling, meta-loss, backward, "
                 "optimizer). The comparison with learn2learn interleaves both libraries' steps in one process after "
