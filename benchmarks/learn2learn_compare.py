@@ -4,7 +4,8 @@ shared 2-core machines) hits both alike, and the targets can be checked as ratio
 0.40 / 0.65 s (strided net) and 1.25 / 1.9 s (max-pool net) of learn2learn 0.2.0's time.
 
 metatl: the trainer's step of ``configs/maml_omniglot_5w1s.yaml`` with 15 queries per class,
-the execution settings of ``--execution`` (``_step.EXECUTION``; ``tuned``: ``train.executor:
+the execution settings of ``--execution`` (``_step.EXECUTION``; by default the config's own,
+``defaults``; ``tuned``: ``train.executor:
 threads_inner_vmap`` and ``model.fast: true``, today's defaults for this net). learn2learn: its
 documented loop (for each task ``clone()``, ``adapt()`` on the support loss, the query loss divided by
 the meta-batch and ``backward()``; then Adam), with its own Omniglot conv blocks
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds of 2 steps each, per library")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbones", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    ap.add_argument("--execution", default="tuned", choices=list(EXECUTION),
+    ap.add_argument("--execution", default="defaults", choices=list(EXECUTION),
                     help="metatl's execution settings (benchmarks/_step.py's EXECUTION)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn2learn_compare.json"))
     args = ap.parse_args()

@@ -110,7 +110,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
     tta, iterations = maml_time_to_accuracy()
     tta_cmd = ("metatl train configs/maml_omniglot_5w1s.yaml --set train.seed=S train.ema_decay=0.999 "
                "train.time_budget_min=15 \"train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]\" train.num_threads=2 "
-               "algorithm.batch_tasks=true algorithm.compile=true train.val_every=0; "
+               "train.executor=compile train.val_every=0; "
                "python benchmarks/accuracy.py curve RUN")
     ci15 = [c for _, c in tta[(15, "averaged")]]
     rows = [["MAML, averaged weights", "5-way 1-shot, 15 min",
@@ -258,7 +258,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                      f"{r['backbone']}, 15 queries, meta-batch 32: s per step (peak RSS)",
                      f"{r['seconds_per_iter_median']:.3f} s ({r['peak_rss_mb'] / 1024:.2f} GB)", "",
                      f"{r['iters']} steps, fresh process", f"{speed['hardware']}, {speed['date'][:10]}",
-                     code("python benchmarks/maml_speed.py --algorithms maml fomaml --batch-tasks inner --channels-last")])
+                     code("python benchmarks/maml_speed.py --algorithms maml fomaml --executor threads_inner_vmap")])
     for key, label in (("episode_speed_protonet", "Prototypical Networks"), ("episode_speed_protonet_bf16", "Prototypical Networks, bfloat16"),
                        ("episode_speed_matching", "Matching Networks"), ("episode_speed_relation", "Relation Network"),
                        ("episode_speed_mann", "MANN"), ("episode_speed_lstm", "LSTM baseline"),
