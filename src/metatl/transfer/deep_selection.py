@@ -27,7 +27,7 @@ network once per grid point; it is left to the classical estimators, where a ref
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ def snd_score(target_logits, temperature: float = 0.05) -> float:
 
 
 def label_free_scores(learner, source_x: Tensor, source_y: Tensor, target_x: Tensor,
-                      scorers: Sequence[str] = SCORERS) -> Dict[str, float]:
+                      scorers: Sequence[str] = SCORERS) -> dict[str, float]:
     """Every scorer in ``scorers`` for ``learner`` on held-out labelled source rows and unlabelled
     target rows (see the module docstring); no target label is read."""
     unknown = set(scorers) - set(SCORERS)
