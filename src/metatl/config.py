@@ -40,7 +40,7 @@ def load_yaml(text: str, source: str = "<string>"):
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
-        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        problem = "; ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
         raise ConfigError(f"{where}: not valid YAML ({problem or err}); fix the syntax there "
                           f"(quote a value that holds ':', '#', '[' or '{{').") from None
 

@@ -183,8 +183,9 @@ class ImageFolderData(ClassEpisodes):
 @dataset("mnist_usps")
 @dataclass
 class MnistUsps:
-    """Digits domain adaptation (MNIST, USPS, scikit-learn digits; ``data.direction``): labelled
-    source, unlabelled target (see :func:`metatl.data.digits.digits_adaptation`)."""
+    """Digits domain adaptation: MNIST, USPS, scikit-learn digits; labelled source, unlabelled target.
+
+    ``data.direction`` names source and target; see :func:`metatl.data.digits.digits_adaptation`."""
 
     direction: str = "mnist->usps"  # source->target among mnist, usps, sklearn_digits
     image_size: int = 28
