@@ -45,6 +45,32 @@ def task_metric(task_type: str, output: Tensor, y: Tensor) -> float:
 METRIC_NAME = {"classification": "accuracy", "regression": "mse"}
 
 
+def check_support(support_x: Tensor, support_y: Tensor, task_type: str = "classification") -> Tensor:
+    """``support_y`` as ``adapt`` needs it (int64 class labels for classification), or a clear error
+    for a support set it cannot read: not tensors, not one label per example, float class labels."""
+    for name, t in (("support_x", support_x), ("support_y", support_y)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}; use torch.as_tensor(...) "
+                             f"(image files: learner.adapt_images).")
+    n_y = len(support_y) if support_y.dim() else 0
+    if support_x.dim() == 0 or len(support_x) != n_y:
+        raise ValueError(f"support_x has {len(support_x) if support_x.dim() else 0} example(s) but support_y has "
+                         f"{n_y} label(s) (shape {tuple(support_y.shape)}); give one label per example, in order.")
+    if task_type != "classification":
+        if not support_y.dtype.is_floating_point:
+            raise ValueError(f"support_y of a {task_type} task must hold float targets, got dtype "
+                             f"{support_y.dtype}; use support_y.float().")
+        return support_y
+    if support_y.dtype.is_floating_point or support_y.dtype.is_complex or support_y.dtype == torch.bool:
+        raise ValueError(f"support_y must hold integer class labels 0..N-1, got dtype {support_y.dtype}; use "
+                         f"support_y.long() if they are whole numbers (class names: learner.adapt_images "
+                         f"takes them as labels).")
+    if support_y.dim() != 1:
+        raise ValueError(f"support_y must hold one class label per example, shape (n,), got shape "
+                         f"{tuple(support_y.shape)}.")
+    return support_y.long()
+
+
 class Predictor:
     """A learner adapted to one task. ``predictor(x)`` gives logits (or regression outputs),
     ``predict(x)`` class indices, ``predict_proba(x)`` class probabilities."""
@@ -213,6 +239,7 @@ class GradientMetaLearner(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """Adapt a copy of the meta-learned parameters to a support set (no meta-gradient)."""
+        support_y = check_support(support_x, support_y, self.task_type)
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
         params = {k: p.detach() for k, p in self.params().items()}
         steps = self.inner_steps_test if steps is None else steps

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from ..registry import ALGORITHMS
 from ..stats import mean_ci95
 from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
-from .base import MetaLearner, Predictor
+from .base import MetaLearner, Predictor, check_support
 
 State = Dict[str, Tensor]
 
@@ -271,6 +271,7 @@ class MANN(MetaLearner):
         if steps is not None:
             raise ValueError("MANN adapts by reading the support sequence, not by gradient steps; "
                              "leave eval.inner_steps unset.")
+        support_y = check_support(support_x, support_y, self.task_type)
         check_ways(support_y, self.ways, "MANN")
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
         feats = encode(self.model, support_x[order])[None]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
-from .base import MetaLearner, Predictor, task_metric
+from .base import MetaLearner, Predictor, check_support, task_metric
 from .metric import cosine_similarity, embed, full_precision, n_ways
 
 
@@ -133,6 +133,7 @@ class MatchingNet(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """Store the (context) support embeddings; ``steps`` is ignored (no inner loop)."""
+        support_y = check_support(support_x, support_y, self.task_type)
         n = n_ways(support_y)
         with torch.no_grad():
             g = self.support_embeddings(support_x)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
-from .base import MetaLearner, Predictor, task_metric
+from .base import MetaLearner, Predictor, check_support, task_metric
 from .metric import METRICS, embed, n_ways, pairwise_distances, prototypes
 
 
@@ -61,6 +61,7 @@ class ProtoNet(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """The prototypes of the support set (``steps`` is accepted and ignored: no inner loop)."""
+        support_y = check_support(support_x, support_y, self.task_type)
         with torch.no_grad():
             protos = prototypes(embed(self.model, support_x), support_y, n_ways(support_y))
         return Predictor(lambda x: self.logits(protos, x), self.task_type)

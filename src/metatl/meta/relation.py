@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..nn.relation import RelationModule
 from ..registry import ALGORITHMS
-from .base import MetaLearner, Predictor, task_metric
+from .base import MetaLearner, Predictor, check_support, task_metric
 from .metric import n_ways
 
 
@@ -74,6 +74,7 @@ class RelationNet(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
         """Store the class maps ``F_k``; ``steps`` is ignored (no inner loop)."""
+        support_y = check_support(support_x, support_y, self.task_type)
         n = n_ways(support_y)
         with torch.no_grad():
             maps = self.class_maps(support_x, support_y, n)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
 from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
-from .base import MetaLearner, Predictor
+from .base import MetaLearner, Predictor, check_support
 
 
 class CausalConv1d(nn.Module):
@@ -215,6 +215,7 @@ class SNAIL(MetaLearner):
         if steps is not None:
             raise ValueError("SNAIL adapts by attending to the support sequence, not by gradient steps; "
                              "leave eval.inner_steps unset.")
+        support_y = check_support(support_x, support_y, self.task_type)
         self.net.check_length(len(support_y) + 1)
         check_ways(support_y, self.ways, "SNAIL")
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
