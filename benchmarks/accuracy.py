@@ -54,19 +54,20 @@ def curve(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from metatl.config import load_yaml
-    from metatl.engine.trainer import hardware, load_trainer
+    from metatl.engine import checkpoint as ckpt_io
+    from metatl.engine.run import evaluate_checkpoint
+    from metatl.engine.trainer import hardware
 
     points = []
     snaps = sorted(args.run.glob("snapshot_*min.pt"), key=lambda p: float(re.findall(r"[\d.]+", p.name)[0]))
     for snap in snaps:
-        trainer = load_trainer(snap, [f"eval.episodes={args.episodes}", *args.set], progress=False)
-        trainer.out = Path(tempfile.mkdtemp())  # keep the run's own results.json; the numbers go to --out
-        for weights in ("averaged", "raw") if trainer.ema is not None else ("raw",):
-            trainer.cfg.eval.weights = weights  # what trainer.scored (and so test) uses
-            res = trainer.test(checkpoint=str(snap))
-            points.append({"minutes": trainer.train_seconds / 60, "iteration": trainer.iteration, "weights": weights,
+        averaged = ckpt_io.load(snap).get("averaged") is not None
+        for weights in ("averaged", "raw") if averaged else ("raw",):
+            res, _ = evaluate_checkpoint(snap, [f"eval.episodes={args.episodes}", f"eval.weights={weights}", *args.set],
+                                         out=tempfile.mkdtemp(), progress=False)  # the numbers go to --out
+            points.append({"minutes": res["train_seconds"] / 60, "iteration": res["iterations"], "weights": weights,
                            "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
-            print(f"{points[-1]['minutes']:6.2f} min  it {trainer.iteration:6d}  {weights:8s} "
+            print(f"{points[-1]['minutes']:6.2f} min  it {res['iterations']:6d}  {weights:8s} "
                   f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
     run_results = args.run / "results.json"  # the run's own record: versions, training length
     run = json.loads(run_results.read_text()) if run_results.exists() else {}
@@ -117,16 +118,18 @@ def mann_online(argv=None) -> int:
                    help="JSON of scored runs by name; this entry is replaced, the others kept")
     args = p.parse_args(argv)
     from metatl.data import build_sampler
-    from metatl.engine.trainer import hardware, load_trainer
+    from metatl.engine.build import load_learner
+    from metatl.engine.trainer import hardware
     from metatl.meta.mann import mann_online_accuracy
 
-    trainer = load_trainer(args.checkpoint, ["data.ways=5", "data.shots=5", "data.queries=5"], progress=False)
-    acc = mann_online_accuracy(trainer.learner, build_sampler(trainer.cfg.data, args.split), args.episodes, args.seed)
-    result = {"checkpoint": args.checkpoint, "memory": trainer.cfg.algorithm.get("memory", True),
-              "config": trainer.cfg.name, "algorithm": trainer.cfg.algorithm,
-              "backbone": trainer.cfg.model.get("name"), "split": args.split, "episodes": args.episodes,
-              "eval_seed": args.seed, "iterations": trainer.iteration,
-              "train_seconds": trainer.train_seconds,
+    learner = load_learner(args.checkpoint, overrides=["data.ways=5", "data.shots=5", "data.queries=5"])
+    cfg = learner.config
+    acc = mann_online_accuracy(learner, build_sampler(cfg.data, args.split), args.episodes, args.seed)
+    result = {"checkpoint": args.checkpoint, "memory": cfg.algorithm.get("memory", True),
+              "config": cfg.name, "algorithm": cfg.algorithm,
+              "backbone": cfg.model.get("name"), "split": args.split, "episodes": args.episodes,
+              "eval_seed": args.seed, "iterations": learner.trained["iterations"],
+              "train_seconds": learner.trained["train_seconds"],
               "accuracy_by_instance": {str(k): v for k, v in acc.items()},
               "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
               "hardware_of_this_scoring": hardware(), "torch_version": torch.__version__}

@@ -68,8 +68,9 @@ def new_task(root, n_classes=3, shots=2, queries=3, seed=7):
 def test_train_then_adapt_writes_a_prediction_table(trained, tmp_path, capsys, algo):
     _, runs = trained
     support, query = new_task(tmp_path)
-    out = tmp_path / "predictions.csv"
-    assert main(["adapt", str(runs[algo]), "--support", str(support), "--query", str(query), "--out", str(out)]) == 0
+    out = tmp_path / "predictions" / "predictions.csv"
+    assert main(["adapt", str(runs[algo]), "--support", str(support), "--query", str(query),
+                 "--out", str(out.parent)]) == 0
     printed = capsys.readouterr().out
     assert "3 classes from" in printed and "new0, new1, new2" in printed and "accuracy on the 9 labelled" in printed
     rows = list(csv.DictReader(out.open()))
@@ -194,7 +195,7 @@ def test_cli_and_python_give_the_same_predictions(trained, tmp_path, capsys, dat
                                                                                     tmp_path / "omni.pt")
     support, query = glyph_task(tmp_path)
     out = tmp_path / "predictions.csv"
-    assert main(["adapt", str(ckpt), "--support", str(support), "--query", str(query), "--out", str(out)]) == 0
+    assert main(["adapt", str(ckpt), "--support", str(support), "--query", str(query), "--out", str(tmp_path)]) == 0
     assert (" inverted" in capsys.readouterr().out) == (dataset == "omniglot")
     cli = {r["file"]: r for r in csv.DictReader(out.open())}
 

@@ -57,10 +57,10 @@ def test_cli_train_and_eval_sinusoid(tmp_path, algo, capsys):
     assert set(res["by_inner_steps"]) == {"1", "5"}
     printed = capsys.readouterr().out
     assert "mean +- 95% CI" in printed and "learning_curve.png" in printed
-    # eval writes results beside the checkpoint, or to --out
+    # eval writes eval_<checkpoint>_<N>ep.json beside the checkpoint, or in --out
     assert main(["eval", str(out / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress",
                  "--set", "eval.episodes=5"]) == 0
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["episodes"] == 5
+    assert json.loads((tmp_path / "ev" / "eval_last_5ep.json").read_text())["episodes"] == 5
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "protonet_bfloat16"])
@@ -103,7 +103,7 @@ def test_resume_continues_exactly(tmp_path, algo):
     torch.manual_seed(12345)  # whatever happened in between must not matter
     cfg.train.iterations = 8
     resumed = Trainer(cfg, tmp_path / "b", progress=False)
-    resumed.resume()
+    resumed.resume(allow=["train.iterations"])
     assert resumed.iteration == 3
     resumed.fit()
     a, b = _params(straight), _params(resumed)
@@ -151,7 +151,7 @@ def test_checkpoints_from_before_a_new_config_key_still_resume_and_evaluate(tmp_
     ckpt_io.save_atomic(state, path)
     t = Trainer(load_config(write_config(tmp_path, dict(raw, train=dict(raw["train"], iterations=3)))),
                 tmp_path / "run", progress=False)
-    t.resume()
+    t.resume(allow=["train.iterations"])
     assert t.iteration == 2
     assert main(["eval", str(path), "--set", "eval.episodes=3", "--out", str(tmp_path / "ev")]) == 0
 
@@ -385,7 +385,7 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
     Trainer(cfg, tmp_path / "b", progress=False).fit()
     cfg.train.iterations = 8
     resumed = Trainer(cfg, tmp_path / "b", progress=False)
-    resumed.resume()
+    resumed.resume(allow=["train.iterations"])
     resumed.fit()
     a, b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -410,10 +410,10 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
         out = tmp_path / f"eval_{weights}"
         assert main(["eval", str(tmp_path / "a" / "last.pt"), "--no-progress", "--out", str(out),
                      "--set", f"eval.weights={weights}", "eval.episodes=5"]) == 0
-        record = json.loads((out / "results.json").read_text())
+        record = json.loads(next(out.glob("eval_last_5ep*.json")).read_text())
         assert record["weights"] == weights
         assert record["ema_decay"] == (0.9 if weights == "averaged" else None)
-    scores = [json.loads((tmp_path / f"eval_{w}" / "results.json").read_text())["metric"]["mean"]
+    scores = [json.loads(next((tmp_path / f"eval_{w}").glob("eval_last_5ep*.json")).read_text())["metric"]["mean"]
               for w in ("averaged", "raw")]
     assert scores[0] != scores[1]
 
@@ -421,7 +421,7 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
     Trainer(load_config(write_config(tmp_path, plain, "plain.yaml")), tmp_path / "c", progress=False).fit()
     assert main(["eval", str(tmp_path / "c" / "last.pt"), "--no-progress", "--set", "eval.episodes=5",
                  "train.ema_decay=0.9"]) == 0
-    assert json.loads((tmp_path / "c" / "results.json").read_text())["weights"] == "raw"
+    assert json.loads(next((tmp_path / "c").glob("eval_last_5ep*.json")).read_text())["weights"] == "raw"
 
 
 @pytest.mark.parametrize("old, executor", [({"batch_tasks": True}, "vmap"), ({"batch_tasks": True, "compile": True}, "compile"),

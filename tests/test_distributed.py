@@ -40,7 +40,8 @@ def test_a_split_run_resumes_exactly(tmp_path):
     assert main(["train", str(cfg), "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
     assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--set", "train.iterations=3"]) == 0
     assert (tmp_path / "halves" / "last.pt.rng1").exists()  # process 1's own random state
-    assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--resume"]) == 0
+    assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--resume",
+                 "--allow-change", "train.iterations"]) == 0
     a = ckpt_io.load(tmp_path / "straight" / "last.pt")
     b = ckpt_io.load(tmp_path / "halves" / "last.pt")
     assert a["iteration"] == b["iteration"] == 6

@@ -8,7 +8,7 @@ from .meta import MAML, Reptile, adapt  # noqa: E402
 from .registry import ALGORITHMS, BACKBONES, DATASETS, ESTIMATORS  # noqa: E402
 
 
-def load(checkpoint, weights=None):
+def load(checkpoint, weights=None, overrides=None):
     """The learner stored in a checkpoint: ``metatl.load(path).adapt(support_x, support_y)``.
 
     The training data is not needed; ``learner.config`` is the run's config and
@@ -18,7 +18,7 @@ def load(checkpoint, weights=None):
     """
     from .engine.build import load_learner
 
-    return load_learner(checkpoint, weights)
+    return load_learner(checkpoint, weights, overrides)
 
 
 __all__ = ["ALGORITHMS", "BACKBONES", "DATASETS", "ESTIMATORS", "Config", "Episode", "EpisodeSampler",

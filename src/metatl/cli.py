@@ -1,8 +1,8 @@
-"""Command line: parses and dispatches, nothing else.
+"""Command line: parses and dispatches, nothing else (the work is in :mod:`metatl.engine.run`).
 
-    metatl train CONFIG [--set key=value ...] [--out DIR] [--resume]
+    metatl train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-change KEY ...]] [--overwrite]
     metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
-    metatl adapt CHECKPOINT --support DIR --query DIR [--out predictions.csv]
+    metatl adapt CHECKPOINT --support DIR --query DIR [--out DIR]
     metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt] [--trust]
     metatl list
 """
@@ -12,25 +12,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-
-def _table(rows, headers) -> str:
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def results_table(results: dict) -> str:
-    m = results["metric"]
-    fmt = (lambda v: f"{100 * v:.2f}%") if m["name"] == "accuracy" else (lambda v: f"{v:.4f}")
-    setting = results.get("setting") or (f"{results['ways']}-way {results['shots']}-shot" if results.get("ways")
-                                         else f"K={results['shots']}")
-    rows = [[results["algorithm"], results["dataset"], setting, results["inner_steps_test"], m["name"],
-             f"{fmt(m['mean'])} +- {fmt(m['ci95'])}", results["episodes"]]]
-    for steps, r in (results.get("by_inner_steps") or {}).items():
-        rows.append(["", "", "", steps, m["name"], f"{fmt(r['mean'])} +- {fmt(r['ci95'])}", results["episodes"]])
-    return _table(rows, ["algorithm", "dataset", "setting", "test steps", "metric", "mean +- 95% CI", "episodes"])
 
 
 def _data_overrides(args) -> list:
@@ -43,66 +24,32 @@ def _data_overrides(args) -> list:
 
 
 def cmd_train(args) -> int:
-    from .config import ConfigError, load_config
+    from .config import load_config
+    from .engine.run import train
 
     cfg = load_config(args.config, (args.set or []) + _data_overrides(args))
     out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.resume and not args.overwrite and (out / "last.pt").exists():
-        raise ConfigError(f"{out} already holds a run (last.pt): continue it with --resume, replace it "
-                          f"with --overwrite, or train into another folder with --out.")
-    from .engine.trainer import check_device
-
-    device = check_device(cfg.train.device)  # "auto" resolved here, so every process agrees
-    if cfg.train.processes > 1:
-        from .engine import distributed
-
-        distributed.launch(train_and_test, cfg.train.processes, str(device), cfg, out,
-                           not args.no_progress, args.resume)
-    else:
-        train_and_test(cfg, out, not args.no_progress, args.resume)
+    train(cfg, out, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
+          allow_changes=tuple(args.allow_change or ()))
     return 0
 
 
-def train_and_test(cfg, out: Path, progress: bool, resume: bool) -> None:
-    """Train (resuming if asked), then test and report; in every process of a split run."""
-    from .engine import plots
-    from .engine.trainer import Trainer
-
-    trainer = Trainer(cfg, out, progress=progress)
-    if resume:
-        trainer.resume()
-        if trainer.rank == 0:
-            print(f"resumed {out} at iteration {trainer.iteration}")
-    trainer.fit()
-    if trainer.rank != 0:
-        return
-    results = trainer.test()
-    print(results_table(results))
-    procs = f" in {cfg.train.processes} processes" if cfg.train.processes > 1 else ""
-    print(f"trained {trainer.iteration} iterations in {trainer.train_seconds / 60:.1f} min{procs}; run folder: {out}")
-    print(f"results: {out / 'results.json'}")
-    print(f"plot: {plots.learning_curve(out)}")
-    if cfg.data.name == "sinusoid" and cfg.eval.plot_tasks:
-        print(f"plot: {plots.sinusoid_tasks(trainer.scored, trainer.val_tasks, out / 'sinusoid_tasks.png', cfg.eval.plot_tasks, cfg.eval.seed)}")
-
-
 def cmd_eval(args) -> int:
-    from .engine.trainer import load_trainer, write_results
+    from .engine.run import evaluate_checkpoint, results_table
 
-    trainer = load_trainer(args.checkpoint, (args.set or []) + _data_overrides(args), progress=not args.no_progress)
-    if args.out:
-        trainer.out = Path(args.out)
-        trainer.out.mkdir(parents=True, exist_ok=True)
-    results = trainer.test(checkpoint=str(args.checkpoint))
+    results, path = evaluate_checkpoint(args.checkpoint, (args.set or []) + _data_overrides(args), args.out,
+                                        progress=not args.no_progress)
     print(results_table(results))
-    print(f"results: {trainer.out / 'results.json'}")
+    print(f"results: {path}")  # beside the run's results.json, never over it
     return 0
 
 
 def cmd_adapt(args) -> int:
     import metatl
     from .engine.predict import classify_folder, write_predictions
+    from .engine.run import predictions_path, table
 
+    out = predictions_path(args.out)  # checked before any work: nothing but a predictions table is replaced
     learner = metatl.load(args.checkpoint)
     result = classify_folder(learner, args.support, args.query, steps=args.steps, invert=args.invert,
                              transductive=args.transductive)
@@ -112,10 +59,10 @@ def cmd_adapt(args) -> int:
     labelled = result["labelled"] > 0
     rows = [[r["file"], r["predicted"], f"{r['confidence']:.3f}"] + ([r["true"] or "-"] if labelled else [])
             for r in result["rows"]]
-    print(_table(rows, ["file", "predicted", "confidence"] + (["true"] if labelled else [])))
+    print(table(rows, ["file", "predicted", "confidence"] + (["true"] if labelled else [])))
     if result["accuracy"] is not None:
         print(f"accuracy on the {result['labelled']} labelled query images: {100 * result['accuracy']:.1f}%")
-    print(f"predictions: {write_predictions(result, args.out)}")
+    print(f"predictions: {write_predictions(result, out)}")
     return 0
 
 
@@ -145,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.01")
-        p.add_argument("--out", help="output folder")
+        p.add_argument("--out", help="output folder (train: the run folder; eval: where eval_*.json goes, "
+                                     "default the checkpoint's folder)")
         p.add_argument("--data-dir", help="data folder (default: $METATL_DATA_DIR, then ~/.cache/metatl)")
         p.add_argument("--download", action="store_true", help="download missing data files")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -153,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train a config, then evaluate it on the test episodes")
     p.add_argument("config", help="a YAML config (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--allow-change", nargs="+", metavar="KEY",
+                   help="with --resume: config keys that may differ from the run's (e.g. train.iterations)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that already holds a run (replaces it)")
     common(p)
@@ -167,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt checkpoint of any meta-learner")
     p.add_argument("--support", required=True, help="folder with one sub-folder of a few images per new class")
     p.add_argument("--query", required=True, help="folder of images to classify")
-    p.add_argument("--out", default="predictions.csv", help="CSV table to write (default predictions.csv)")
+    p.add_argument("--out", default=".", help="folder to write predictions.csv in (default: the current folder)")
     p.add_argument("--steps", type=int, help="test-time inner steps (MAML / Reptile; default: the checkpoint's)")
     p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
                    help="invert pixel values (default: only for Omniglot checkpoints, which expect ink = 1)")
@@ -190,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
-    from .engine.trainer import NonFiniteLossError
+    from .engine.divergence import DivergenceError
 
     if getattr(args, "resume", False) and not args.out:
         print("metatl: error: --resume needs --out DIR, the run folder to continue.", file=sys.stderr)
@@ -202,7 +152,7 @@ def main(argv=None) -> int:
     except OSError as err:  # str() keeps the file name that args[0] (the errno) would drop
         print(f"metatl: error: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, NonFiniteLossError, DownloadError, ValueError, KeyError) as err:
+    except (ConfigError, DivergenceError, DownloadError, ValueError, KeyError) as err:
         print(f"metatl: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
 

@@ -127,6 +127,7 @@ class TrainConfig:
     executor: str = "auto"
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
     ema_decay: Optional[float] = None  # also keep an exponential moving average of the weights (e.g. 0.999)
+    divergence_factor: Optional[float] = 1000.0  # stop when loss or weight norm grows this much (engine/divergence.py)
 
     config_ranges: ClassVar[Dict[str, Range]] = {
         "iterations": at_least(1), "meta_batch": at_least(1), "lr": above(0), "lr_final": at_least(0),
@@ -134,7 +135,8 @@ class TrainConfig:
         "lr_step_every": at_least(1), "lr_gamma": above(0), "grad_clip": above(0), "val_every": at_least(0),
         "val_episodes": at_least(1), "ckpt_every": at_least(0), "log_every": at_least(1),
         "time_budget_min": above(0), "snapshot_minutes": at_least(0), "seed": SEED,
-        "num_threads": at_least(1), "processes": at_least(1)}  # ema_decay: validate_components
+        "num_threads": at_least(1), "processes": at_least(1),
+        "divergence_factor": above(1)}  # ema_decay: validate_components
 
 
 @dataclass

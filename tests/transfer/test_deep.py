@@ -297,4 +297,4 @@ def test_metatl_train_runs_dann_and_finetune_on_digits_files(fake_digits, tmp_pa
     assert json.loads((ft / "results.json").read_text())["target_labels_fraction"] == 0.2
     assert main(["eval", str(ft / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress",
                  "--data-dir", str(fake_digits)]) == 0
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["episodes"] == 30
+    assert json.loads((tmp_path / "ev" / "eval_last_30ep.json").read_text())["episodes"] == 30

@@ -1,5 +1,6 @@
 """Trainer, evaluator, checkpoints and plots shared by every method."""
+from .divergence import DivergenceError
 from .evaluator import evaluate, mean_ci95
-from .trainer import NonFiniteLossError, Trainer, load_trainer
+from .trainer import NonFiniteLossError, Trainer
 
-__all__ = ["NonFiniteLossError", "Trainer", "evaluate", "load_trainer", "mean_ci95"]
+__all__ = ["DivergenceError", "NonFiniteLossError", "Trainer", "evaluate", "mean_ci95"]

@@ -30,26 +30,57 @@ def build_learner(cfg, sampler):
     return learner_from_spec(cfg, task_spec(sampler))
 
 
-def load_learner(checkpoint, weights=None):
-    """The learner stored in ``checkpoint``, in eval mode, with its config as ``learner.config`` and
-    its input spec as ``learner.input_spec``. The training data is not needed (older checkpoints
-    without a stored task spec fall back to building the training sampler). A run that kept a moving
-    average of its weights (``train.ema_decay``) gives the average; ``weights="raw"`` (or the run's
-    ``eval.weights: raw``) gives the trained weights. Image models check their input: a wrong channel
-    count or size raises a ValueError that says what to pass."""
-    from ..config import from_dict
+# facts of the training run, not choices of an evaluation: overrides may not change them
+_UNSEEN = "would feed it inputs it never saw (images are converted to the checkpoint's format)"
+FIXED_DATA = {"image_size": _UNSEEN, "in_channels": _UNSEEN,
+              "train_subset": "cannot change the classes it was trained on (the test classes are the same)"}
+
+
+def load_learner(checkpoint, weights=None, overrides=None):
+    """The learner stored in ``checkpoint``: the one way to rebuild a learner, for ``metatl eval``,
+    ``metatl adapt`` and Python (``metatl.load``).
+
+    In eval mode, with its config (after ``overrides``, e.g. ``["eval.episodes=1000"]``) as
+    ``learner.config``, its input spec as ``learner.input_spec`` and what the checkpoint says of its
+    training as ``learner.trained`` (``iterations``, ``train_seconds``, ``weights``). The training
+    data is not needed (older checkpoints without a stored task spec fall back to building the
+    training sampler). A run that kept a moving average of its weights (``train.ema_decay``) gives
+    the average; ``weights="raw"`` (or ``eval.weights: raw``) gives the trained weights. Overrides
+    may not change the model or the data it was trained on. Image models check their input: a wrong
+    channel count or size raises a ValueError that says what to pass."""
+    from ..config import ConfigError, apply_overrides, from_dict
     from . import checkpoint as ckpt_io
 
-    state = ckpt_io.load(checkpoint)
-    cfg = from_dict(state["config"])
-    spec = state.get("task") or task_spec(build_sampler(cfg.data, "train"))
-    learner = learner_from_spec(cfg, spec)
     if weights not in (None, "averaged", "raw"):
         raise ValueError(f"weights={weights!r}: use 'averaged' (the moving average of a run with "
                          f"train.ema_decay, the default) or 'raw' (the trained weights).")
-    learner.load_state_dict(ckpt_io.learner_weights(state, weights or cfg.eval.weights))
+    state = ckpt_io.load(checkpoint)
+    trained = from_dict(state["config"])
+    cfg = from_dict(apply_overrides(state["config"], list(overrides))) if overrides else trained
+    for key, why in FIXED_DATA.items():
+        if getattr(cfg.data, key, None) != getattr(trained.data, key, None):
+            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained.data, key, None)!r}; "
+                              f"evaluating with {getattr(cfg.data, key, None)!r} {why}. Leave data.{key} as it is.")
+    spec = state.get("task") or task_spec(build_sampler(trained.data, "train"))
+    uses_head = getattr(ALGORITHMS.get(cfg.algorithm["name"]), "uses_head", True)
+    if (uses_head and spec["task_type"] == "classification"
+            and getattr(cfg.data, "ways", None) != getattr(trained.data, "ways", None)):
+        raise ConfigError(f"data.ways: {checkpoint} has a {trained.data.ways}-way head; evaluating it on "
+                          f"{cfg.data.ways}-way episodes cannot work. Leave data.ways as it is (metric-based "
+                          f"learners such as protonet take any number of ways).")
+    chosen = weights or cfg.eval.weights
+    try:
+        learner = learner_from_spec(cfg, spec)
+        learner.load_state_dict(ckpt_io.learner_weights(state, chosen))
+    except RuntimeError as err:
+        raise ConfigError(f"{checkpoint} does not fit the model of its config after overrides "
+                          f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
+                          f"when evaluating a checkpoint.") from err
     learner.eval()
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
+    averaged = chosen == "averaged" and state.get("averaged") is not None
+    learner.trained = {"iterations": state.get("iteration", 0), "train_seconds": state.get("train_seconds", 0.0),
+                       "weights": "averaged" if averaged else "raw"}
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
         check = _image_guard(learner.input_spec, cfg.data, checkpoint)
         if hasattr(learner.model, "input_check"):  # the conv nets: a hook would turn off their folded first layer

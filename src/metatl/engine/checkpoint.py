@@ -45,6 +45,10 @@ def read(path):
     code runs). A file that asks for other Python objects raises a ValueError naming them."""
     path = Path(path)
     if not path.exists():
+        if path.name == "best.pt" and (path.parent / "last.pt").exists():
+            raise FileNotFoundError(f"{path} does not exist: the run never validated (train.val_every: 0, or "
+                                    f"data.train_subset: trainval, which leaves no validation classes), so it kept "
+                                    f"no best checkpoint; use {path.parent / 'last.pt'}.")
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file in a run folder.")
     try:
         with torch.serialization.safe_globals(_legacy_globals()):

@@ -44,9 +44,11 @@ from ..config import Config, ConfigError, from_dict
 from . import checkpoint as ckpt_io
 from . import distributed as ddp
 from .build import build_learner, build_sampler, task_spec
+from .divergence import DivergenceError, DivergenceGuard
 from .evaluator import evaluate
 from .executors import make_executor
 from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
+from .run import provenance, trim_metrics
 
 
 def to_device(batch, device):
@@ -61,7 +63,7 @@ def to_device(batch, device):
     return batch.to(device) if callable(getattr(batch, "to", None)) else batch
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergenceError):
     """The loss or the meta-gradient became NaN or infinite."""
 
 
@@ -159,15 +161,25 @@ def lr_at(cfg: Config, iteration: int, train_seconds: float = 0.0) -> float:
     raise ConfigError(f"unknown train.lr_schedule {t.lr_schedule!r}; use constant, linear, cosine or step.")
 
 
-def _same_task(a: dict, b: dict) -> list:
-    """Config keys whose change makes a checkpoint unusable for resuming."""
-    diffs = []
-    for section in ("algorithm", "model", "data"):
-        sa, sb = a.get(section, {}), b.get(section, {})
-        for key in sorted(set(sa) | set(sb)):
-            if sa.get(key) != sb.get(key):
-                diffs.append(f"{section}.{key}: checkpoint {sa.get(key)!r}, config {sb.get(key)!r}")
-    return diffs
+# where the data lives, not what it is: a resumed run may read it from elsewhere without naming it
+RESUME_FREE_KEYS = ("data.data_dir", "data.download")
+
+
+def _flatten(config: dict) -> dict:
+    """``{"section.key": value}`` (and ``{"name": value}`` for top-level values)."""
+    flat = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def config_changes(stored: dict, current: dict) -> dict:
+    """``{"section.key": (stored value, current value)}`` for every config value that differs."""
+    a, b = _flatten(stored), _flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 class Trainer:
@@ -203,6 +215,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)
         self.iteration, self.train_seconds, self.best = 0, 0.0, None
         self.snapshots_done: list = []
+        self.resumed_changes: Optional[dict] = None  # set by resume(): the accepted config changes
+        self.guard = DivergenceGuard(t.divergence_factor)
+        self.saved_last: Optional[int] = None  # the iteration of the last.pt this trainer wrote or resumed
         self._val_tasks = self._test_tasks = None
 
     # -- state ------------------------------------------------------------------------------
@@ -214,33 +229,60 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                 "train_seconds": self.train_seconds, "best": self.best,
                 "snapshots_done": self.snapshots_done, "generator": self.generator.get_state(),
-                "rng": ckpt_io.rng_state(), "metatl_version": __version__,
+                "rng": ckpt_io.rng_state(), "divergence": self.guard.state(), "metatl_version": __version__,
                 "torch_version": str(torch.__version__), "format": ckpt_io.FORMAT}
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / name
+        problem = self.guard.weights(self.learner.parameters())
+        if problem:  # never over a checkpoint
+            raise DivergenceError(self._stop_message(problem, f"{name} was not written"))
         if self.rank == 0:  # the processes hold the same state; one writes it ...
             ckpt_io.save_atomic(self.state(), path)
+            if name == "last.pt":
+                self.saved_last = self.iteration
         else:  # ... except their own random streams, kept beside it for an exact resume
             ckpt_io.save_atomic({"iteration": self.iteration, "rng": ckpt_io.rng_state()},
                                 path.with_name(f"{path.name}.rng{self.rank}"))
         return path
 
-    def resume(self, path=None) -> None:
+    def resume(self, path=None, allow=()) -> None:
+        """Continue the run of checkpoint ``path`` (default ``last.pt`` in the run folder) exactly.
+
+        The whole config is compared with the checkpoint's: a change is refused unless its key is
+        in ``allow`` (e.g. ``["train.iterations"]`` to train longer). Accepted changes are appended
+        to ``resume_log.jsonl`` in the run folder, with the iteration they start at."""
         path = Path(path) if path else self.out / "last.pt"
         state = ckpt_io.load(path)
-        diffs = _same_task(from_dict(state["config"]).to_dict(), self.cfg.to_dict())  # defaults for keys added since
-        if diffs:
-            raise ConfigError(f"cannot resume from {path}: it was trained with another config ("
-                              + "; ".join(diffs) + "). Resume with the run's own config.yaml, or "
-                              "start a new run with a different --out.")
-        self.learner.load_state_dict(state["learner"])
+        changes = config_changes(from_dict(state["config"]).to_dict(), self.cfg.to_dict())  # defaults for keys added since
+        refused = {k: v for k, v in changes.items() if k not in allow and k not in RESUME_FREE_KEYS}
+        if refused:
+            listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in refused.items())
+            names = " ".join(f"--allow-change {k}" for k in refused)
+            raise ConfigError(f"cannot resume from {path}: it was trained with another config ({listed}). "
+                              f"Resume with the run's own config.yaml ({self.out / 'config.yaml'}); to continue "
+                              f"with the change on purpose, name it: {names} (it is recorded in "
+                              f"resume_log.jsonl); or start a new run with a different --out.")
+        try:
+            self.learner.load_state_dict(state["learner"])
+        except RuntimeError as err:
+            raise ConfigError(f"cannot resume from {path}: its weights do not fit the model of the changed config "
+                              f"({str(err).splitlines()[0]}).") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self._load_average(state)
         self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
         self.best, self.snapshots_done = state["best"], state.get("snapshots_done", [])
         self.generator.set_state(state["generator"])
         ckpt_io.set_rng_state(state["rng"])
+        self.resumed_changes = changes
+        self.guard.load_state(state.get("divergence"))
+        self.saved_last = self.iteration
+        if self.rank == 0:  # the interrupted run's lines after the checkpoint are logged again
+            trim_metrics(self.out / "metrics.jsonl", self.iteration)
+            record = {"date": provenance()["date"], "checkpoint": path.name, "iteration": self.iteration,
+                      "changes": {k: {"run": a, "now": b} for k, (a, b) in changes.items()}}
+            with open(self.out / "resume_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if self.rank > 0:
             own = path.with_name(f"{path.name}.rng{self.rank}")
             mine = ckpt_io.read(own) if own.exists() else None
@@ -292,12 +334,7 @@ class Trainer:
         self.test_tasks
 
     def _evaluate(self, tasks, episodes: int, seed: int, inner_steps, progress: bool, desc: str) -> dict:
-        """The data source's own ``evaluate`` when it has one, else the episodic evaluator."""
-        if callable(getattr(tasks, "evaluate", None)):
-            return tasks.evaluate(self.scored, episodes=episodes, seed=seed, progress=progress,
-                                  device=self.device, desc=desc)
-        return evaluate(self.scored, tasks, episodes, seed, inner_steps, self.cfg.eval.transductive,
-                        progress, self.device, desc=desc)
+        return evaluate_on(self.scored, tasks, self.cfg, episodes, seed, inner_steps, progress, self.device, desc)
 
     def validate(self) -> dict:
         c = self.cfg
@@ -335,7 +372,10 @@ class Trainer:
             metrics = ddp.average_values({**metrics, "_nonfinite": float(not finite)}, self.device)
             finite = metrics.pop("_nonfinite") == 0
         if not finite:
-            raise NonFiniteLossError(self._nan_message("loss"))
+            raise NonFiniteLossError(self._stop_message("the loss became NaN or infinite"))
+        problem = self.guard.loss(float(metrics.get("loss", loss.detach())))
+        if problem:
+            raise DivergenceError(self._stop_message(problem))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.learner.parameters() if p.grad is not None]
@@ -343,30 +383,48 @@ class Trainer:
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
         if not torch.isfinite(norm):
-            raise NonFiniteLossError(self._nan_message("meta-gradient"))
-        self.optimizer.step()
+            raise NonFiniteLossError(self._stop_message("the meta-gradient became NaN or infinite"))
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:  # e.g. Adam's step size lr / (1 - beta1) beyond float32's range
+            if "overflow" not in str(err):
+                raise
+            raise DivergenceError(self._stop_message(f"the optimizer step overflowed ({err}; train.lr="
+                                                     f"{self.cfg.train.lr:g})")) from None
+        problem = self.guard.weights(self.learner.parameters())
+        if problem:
+            raise DivergenceError(self._stop_message(problem))
         if self.world > 1:
             ddp.average_buffers(self.learner)
         if self.ema is not None:
             self.ema.update_parameters(self.learner)
         return {**metrics, "grad_norm": float(norm)}
 
-    def _nan_message(self, what: str) -> str:
+    def _stop_message(self, problem: str, written: str = "") -> str:
+        """What happened, what is on disk, what to do: every clause true of the run folder now."""
         last = self.out / "last.pt"
-        kept = f"the last good checkpoint {last} is untouched" if last.exists() else "no checkpoint was written"
-        return (f"the {what} became NaN or infinite at iteration {self.iteration}; {kept}. Lower "
-                f"train.lr or the inner learning rate, or set train.grad_clip (e.g. --set train.grad_clip=10), "
-                f"then resume with --resume or start again.")
+        if last.exists():
+            at = f" (iteration {self.saved_last})" if self.saved_last is not None else ""
+            kept = f"the last good checkpoint {last}{at} is untouched"
+        else:
+            kept = "no checkpoint was written"
+        return (f"training diverged in step {self.iteration + 1}: {problem}; {written + ', ' if written else ''}"
+                f"{kept}. Lower train.lr or the inner learning rate, or set train.grad_clip (e.g. --set "
+                f"train.grad_clip=10), then start again with --overwrite"
+                + (", or continue from that checkpoint with --resume and the change named (e.g. "
+                   "--allow-change train.lr)." if last.exists() else "."))
 
     def fit(self) -> "Trainer":
         c, t = self.cfg, self.cfg.train
         self.check_splits()
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            c.dump(self.out / "config.yaml")
+        fresh = self.resumed_changes is None
+        if self.rank == 0 and (fresh or self.resumed_changes or not (self.out / "config.yaml").exists()):
+            c.dump(self.out / "config.yaml")  # resumed unchanged: the record stays as it was written
             if self.iteration == 0:  # a fresh run: no lines of a run this one replaces
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
         budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
+        self.guard.weights(self.learner.parameters())  # the reference norm, on a fresh run
         bar = tqdm(total=t.iterations, initial=self.iteration, desc=c.name,
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         try:
@@ -399,19 +457,36 @@ class Trainer:
         self.save()
         return self
 
-    def test(self, sampler=None, checkpoint: Optional[str] = None) -> dict:
-        """Evaluate on the fixed test episodes and write ``results.json`` in the run folder."""
-        c = self.cfg
-        tasks = sampler or self.test_tasks
-        res = self._evaluate(tasks, c.eval.episodes, c.eval.seed, c.eval.inner_steps, self.progress, "test")
-        results = results_record(c, self.scored, res, self.iteration, self.train_seconds,
-                                 checkpoint or str(self.out / "last.pt"),
-                                 "averaged" if self.scored is not self.learner else "raw")
-        for steps in c.eval.extra_steps:
-            extra = self._evaluate(tasks, c.eval.episodes, c.eval.seed, steps, False, "eval")
-            results.setdefault("by_inner_steps", {})[str(steps)] = {"mean": extra["mean"], "ci95": extra["ci95"]}
-        write_results(results, self.out / "results.json")
+    def test(self, sampler=None, checkpoint: Optional[str] = None, name: str = "results.json") -> dict:
+        """Evaluate on the fixed test episodes and write ``name`` (default ``results.json``) in the
+        run folder."""
+        results = score_on_test(self.cfg, self.scored, sampler or self.test_tasks, self.device,
+                               self.progress, self.iteration, self.train_seconds,
+                               checkpoint or str(self.out / "last.pt"),
+                               "averaged" if self.scored is not self.learner else "raw")
+        write_results(results, self.out / name)
         return results
+
+
+def evaluate_on(learner, tasks, cfg: Config, episodes: int, seed: int, inner_steps, progress: bool, device,
+                desc: str = "eval") -> dict:
+    """The data source's own ``evaluate`` when it has one, else the episodic evaluator."""
+    if callable(getattr(tasks, "evaluate", None)):
+        return tasks.evaluate(learner, episodes=episodes, seed=seed, progress=progress, device=device, desc=desc)
+    return evaluate(learner, tasks, episodes, seed, inner_steps, cfg.eval.transductive, progress, device, desc=desc)
+
+
+def score_on_test(cfg: Config, learner, tasks, device, progress: bool, iterations: int, train_seconds: float,
+                 checkpoint: str, weights: str) -> dict:
+    """The test record of ``learner`` on ``tasks`` (``eval.episodes`` fixed episodes, and each of
+    ``eval.extra_steps``), as written to ``results.json``."""
+    e = cfg.eval
+    res = evaluate_on(learner, tasks, cfg, e.episodes, e.seed, e.inner_steps, progress, device, "test")
+    results = results_record(cfg, learner, res, iterations, train_seconds, checkpoint, weights)
+    for steps in e.extra_steps:
+        extra = evaluate_on(learner, tasks, cfg, e.episodes, e.seed, steps, False, device, "eval")
+        results.setdefault("by_inner_steps", {})[str(steps)] = {"mean": extra["mean"], "ci95": extra["ci95"]}
+    return results
 
 
 def results_record(cfg: Config, learner, res: dict, iterations: int, train_seconds: float,
@@ -430,8 +505,8 @@ def results_record(cfg: Config, learner, res: dict, iterations: int, train_secon
         "backbone": cfg.model["name"], "train_precision": cfg.train.precision,  # evaluation runs in float32
         "train_seconds": train_seconds, "iterations": iterations,
         "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
-        "metatl_version": __version__, "torch_version": torch.__version__, "hardware": hardware(
-            "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device),
+        "metatl_version": __version__, "torch_version": str(torch.__version__), **provenance(),
+        "hardware": hardware("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device),
         **res.get("record", {}),  # extra fields from a data source's own evaluate (e.g. the direction)
     }
 
@@ -454,30 +529,3 @@ def write_results(results: dict, path) -> None:
     tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     tmp.replace(path)
 
-
-def load_trainer(checkpoint, overrides=None, progress: bool = True) -> Trainer:
-    """A trainer restored from a checkpoint, with optional ``eval.*`` (or other) overrides."""
-    from ..config import apply_overrides
-
-    state = ckpt_io.load(checkpoint)
-    cfg = from_dict(apply_overrides(state["config"], overrides or []))
-    trained = from_dict(state["config"]).data
-    unseen = "would feed it inputs it never saw (images are converted to the checkpoint's format)"
-    fixed = {"image_size": unseen, "in_channels": unseen,
-             "train_subset": "cannot change the classes it was trained on (the test classes are the same)"}
-    for key, why in fixed.items():  # facts of the training run, not choices of the evaluation
-        if getattr(cfg.data, key, None) != getattr(trained, key, None):
-            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained, key, None)!r}; "
-                              f"evaluating with {getattr(cfg.data, key, None)!r} {why}. Leave data.{key} as it is.")
-    trainer = Trainer(cfg, Path(checkpoint).parent, progress=progress)
-    try:
-        trainer.learner.load_state_dict(state["learner"])
-    except RuntimeError as err:
-        raise ConfigError(f"{checkpoint} does not fit the model of its config after overrides "
-                          f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
-                          f"when evaluating a checkpoint.") from err
-    if state.get("averaged") is None:  # a checkpoint without an average: score its own weights
-        trainer.ema = None
-    trainer._load_average(state)
-    trainer.iteration, trainer.train_seconds = state["iteration"], state["train_seconds"]
-    return trainer
