@@ -11,7 +11,7 @@ MAML time-to-accuracy protocol:
 
     metatl train configs/maml_omniglot_5w1s.yaml --out runs/maml_tta --set train.ema_decay=0.999 \\
         train.time_budget_min=15 "train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]" train.num_threads=2 \\
-        algorithm.batch_tasks=true algorithm.compile=true train.val_every=0
+        train.executor=compile train.val_every=0
     python benchmarks/accuracy.py curve runs/maml_tta
 
 ``mann-online``: the MANN paper's online protocol (Santoro et al. 2016, table 1): accuracy at the

@@ -84,7 +84,7 @@ def allow_tf32(allowed: bool) -> None:
     """Whether CUDA convolutions and matrix products may compute float32 tensors in TF32 (a 10-bit
     mantissa), for the whole process. Off for ``train.precision: float32`` (PyTorch's default
     allows it for cuDNN convolutions), on for ``tf32``: second-order MAML's float32 meta-gradient
-    moves by up to a quarter of its largest entry with TF32 (docs/results.md). No effect on CPUs."""
+    moves by up to a quarter of its largest entry with TF32 (docs/performance.md). No effect on CPUs."""
     torch.backends.cudnn.allow_tf32 = allowed
     torch.backends.cuda.matmul.allow_tf32 = allowed
 

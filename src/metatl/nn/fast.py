@@ -82,8 +82,7 @@ class BatchStatsNorm2d(nn.BatchNorm2d):
     pytorch/functorch#534, still so in torch 2.13), which is what MAML's meta-batch as one vmap over
     tasks does. Inside ``torch.func`` transforms (and ``torch.compile``) this layer therefore
     computes the formula with elementary operations, whose rules are exact (and faster there);
-    elsewhere it calls the fused kernel, which is faster under plain autograd (1.3-1.7 times for
-    MAML's second-order per-task loop)."""
+    elsewhere it calls the fused kernel, which is faster under plain autograd (docs/performance.md)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__(num_features, eps=eps, affine=True, track_running_stats=False)
@@ -97,8 +96,7 @@ class BatchStatsNorm2d(nn.BatchNorm2d):
         if dtype in (torch.float16, torch.bfloat16):  # statistics in float32, as the fused kernel
             x = x.float()
         # Sums times 1/n rather than means, a product rather than square(), and scale * weight per
-        # channel: their backward and double backward make fewer full-size passes (MAML's vmap step
-        # 11% faster than the plain formula on 2 CPU threads).
+        # channel: their backward and double backward make fewer full-size passes.
         dims, inv_n = (0, 2, 3), 1.0 / (x.shape[0] * x.shape[2] * x.shape[3])
         centred = x - x.sum(dim=dims, keepdim=True) * inv_n
         scale = torch.rsqrt((centred * centred).sum(dim=dims, keepdim=True) * inv_n + self.eps)
@@ -120,8 +118,7 @@ def conv_batch_stats_norm(x, conv: nn.Conv2d, norm: BatchStatsNorm2d):
 
     For grey-scale images the patches have 9 values: their moments cost little beside the
     convolution, and the full-size passes of BatchNorm's forward and backward (and, for
-    second-order MAML, of their derivatives) go away: second-order MAML's 15-query step 10% faster
-    with the strided net and 23% with the max-pool net (``benchmarks/fold_batchnorm.py``). The
+    second-order MAML, of their derivatives) go away (measurements: docs/performance.md). The
     same function as the two layers (tests in float64). The conv bias cancels, and gets a zero
     gradient."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
@@ -169,8 +166,7 @@ class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d(k)`` (stride k, no padding) that is faster on CPUs: the same outputs and
     gradients (on ties, the first maximum of a window gets the gradient, as PyTorch's), computed
     through the channels-last kernel and ``max_unpool2d``. PyTorch's default kernel for the usual
-    (N, C, H, W) layout is not vectorised: for a 2x2 pool of (75, 64, 28, 28), forward and backward
-    took 15.5 ms against 7.6 ms this way (2 CPU threads; ``benchmarks/max_pool.py``). Inside
+    (N, C, H, W) layout is not vectorised (measurements: docs/performance.md). Inside
     ``torch.func`` transforms, under ``torch.compile`` and off the CPU it is plain ``F.max_pool2d``."""
 
     def __init__(self, kernel_size: int):
