@@ -27,13 +27,13 @@ without the package's ``__init__`` (which needs torchvision, gym and compiled ex
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import types
 from pathlib import Path
 
 import torch
-
 from _step import EXECUTION, MAML_5W1S, ROOT, interleaved, machine, matmul_gflops, training_step, write_json
 
 TARGETS = {"conv4_stride": (0.40, 0.65), "conv4_pool": (1.25, 1.9)}  # issue #2: metatl, learn2learn 0.2.0
@@ -158,7 +158,7 @@ def main() -> None:
         optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)
         times = interleaved({"metatl": metatl_step,
-                             "learn2learn": lambda: l2l_step(maml, optimizer, sampler, generator)},
+                             "learn2learn": functools.partial(l2l_step, maml, optimizer, sampler, generator)},
                             args.rounds, 2)
         ours, theirs = (statistics.median(times[k]) for k in ("metatl", "learn2learn"))
         target, l2l_then = TARGETS[backbone]

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatl.stats import mean_ci95
 from metatl.meta.learned_optimizer import LearnedOptimizer, MLPProblem, QuadraticProblem, meta_train, unroll
 from metatl.meta.rules import SGD, Adam
+from metatl.stats import mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         learned[trained_on] = rule.eval()
 
     for name, (sample, trained_on) in families.items():
-        problems = lambda seeds, base: [sample(torch.Generator().manual_seed(base + s)) for s in range(seeds)]  # noqa: E731
+        problems = lambda seeds, base, sample=sample: [sample(torch.Generator().manual_seed(base + s)) for s in range(seeds)]  # noqa: E731
         entry = {"trained_on": trained_on, "curves": {}, "lr": {}, "diverged": {}}
         for opt_name, cls in BASELINES.items():
             tune = {}

@@ -60,11 +60,10 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     import resource
 
     import torch
+    from _step import execution_settings
 
     from metatl.config import from_dict
     from metatl.engine.trainer import Trainer
-
-    from _step import execution_settings
 
     torch.set_num_threads(threads)
     algorithm = dict(SETTINGS[algo])
@@ -139,8 +138,8 @@ def main() -> None:
         return
 
     import torch
-
     from _step import matmul_gflops
+
     from metatl.engine.trainer import hardware
 
     torch.set_num_threads(args.threads)

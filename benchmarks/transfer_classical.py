@@ -31,6 +31,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import clone
+from sklearn.datasets import load_breast_cancer, make_blobs
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+from sklearn.tree import DecisionTreeClassifier
+
 from metatl.data.domains import make_shifted_blobs
 from metatl.transfer import (
     CORAL,
@@ -42,12 +49,6 @@ from metatl.transfer import (
     kmm_weights,
 )
 from metatl.transfer._base import resolve_gamma
-from sklearn.base import clone
-from sklearn.datasets import load_breast_cancer, make_blobs
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
-from sklearn.tree import DecisionTreeClassifier
 
 SEEDS = range(5)
 

@@ -1,10 +1,9 @@
 """End to end: meta-train on a tiny image folder with `metatl train`, then classify new images with
 `metatl adapt` and from Python; the errors a user meets on the way."""
 import csv
-
-import numpy as np
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -173,11 +172,10 @@ def glyph_task(root, n_classes=3, shots=2, queries=3, seed=3):
 
 def as_omniglot_checkpoint(path, out):
     """The same weights, recorded as trained on Omniglot (whose models take inverted images)."""
-    from metatl.engine import checkpoint as ckpt_io
-
     from dataclasses import fields
 
     from metatl.data import Omniglot
+    from metatl.engine import checkpoint as ckpt_io
 
     state = ckpt_io.load(path)
     keep = {f.name for f in fields(Omniglot)}  # the image folder's keys that Omniglot has too

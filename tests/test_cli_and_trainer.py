@@ -8,13 +8,12 @@ import sys
 import pytest
 import torch
 import yaml
+from test_data import fake_omniglot
 
 from metatl.cli import main
 from metatl.config import ConfigError, from_dict, load_config
 from metatl.engine import NonFiniteLossError, Trainer
 from metatl.engine import checkpoint as ckpt_io
-
-from test_data import fake_omniglot
 
 SINUSOID = {
     "name": "t",
@@ -358,7 +357,7 @@ def test_moving_average_follows_its_recursion():
 
     model = torch.nn.BatchNorm1d(3)  # a weight, a bias, running statistics and an integer counter
     ema = moving_average(model, 0.5)
-    expected, counts = None, None
+    expected = None
     for n in range(12):
         with torch.no_grad():
             for p in model.parameters():

@@ -87,8 +87,14 @@ def test_mnist_to_usps_domains():
 # -- frames, standardization, protocols, the third domain ---------------------------------------
 from metatl.config import from_dict  # noqa: E402
 from metatl.data.digits import (  # noqa: E402
-    DIRECTIONS, digits_adaptation, digits_splits, frame_sklearn_digits, frame_usps, holdout_split,
-    load_sklearn_digits)
+    DIRECTIONS,
+    digits_adaptation,
+    digits_splits,
+    frame_sklearn_digits,
+    frame_usps,
+    holdout_split,
+    load_sklearn_digits,
+)
 
 
 def _ink_box(img, thr=0.5):

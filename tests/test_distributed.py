@@ -1,12 +1,11 @@
 """Splitting the meta-batch over processes gives the single-process run (up to float rounding)."""
 import pytest
 import torch
+from test_cli_and_trainer import SINUSOID, write_config
 
 from metatl.cli import main
 from metatl.config import ConfigError, from_dict
 from metatl.engine import checkpoint as ckpt_io
-
-from test_cli_and_trainer import SINUSOID, write_config
 
 
 def test_two_processes_train_the_same_parameters_as_one(tmp_path):

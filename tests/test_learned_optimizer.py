@@ -4,10 +4,17 @@ import math
 import pytest
 import torch
 
-from metatl.meta.learned_optimizer import (LearnedOptimizer, MLPProblem, QuadraticProblem, UnrolledLossError,
-                                           meta_train, preprocess, unroll)
-from metatl.meta.maml import MAML
 from metatl.data.episode import EpisodeSampler, TensorClassPool
+from metatl.meta.learned_optimizer import (
+    LearnedOptimizer,
+    MLPProblem,
+    QuadraticProblem,
+    UnrolledLossError,
+    meta_train,
+    preprocess,
+    unroll,
+)
+from metatl.meta.maml import MAML
 from metatl.nn.backbones import mlp
 
 

@@ -12,7 +12,6 @@ from metatl.engine.executors import ExecutorError, make_executor
 from metatl.meta import MAML, Adam, Reptile
 
 
-
 def run(learner, batch, executor="loop"):
     """``(loss, metrics)`` of a meta-batch through ``executor`` (``train.executor``)."""
     return make_executor(executor, learner)(learner, batch)

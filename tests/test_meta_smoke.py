@@ -8,7 +8,6 @@ from metatl.engine import Trainer, evaluate
 from metatl.meta import MAML
 from metatl.nn import conv4_stride
 
-
 SMOKE = {
     "maml": ({"name": "maml", "inner_lr": 0.01, "inner_steps": 1, "inner_steps_test": 5},
              {"iterations": 400, "meta_batch": 10, "lr": 0.003}),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from metatl.config import from_dict
-from metatl.data import Episode, EpisodeSampler, TensorClassPool
+from metatl.data import EpisodeSampler, TensorClassPool
 from metatl.engine import evaluate
 from metatl.engine.build import build_learner
 from metatl.engine.trainer import lr_at

@@ -11,11 +11,18 @@ import torch
 
 from metatl.data.episode import EpisodeSampler, TensorClassPool
 from metatl.engine.evaluator import evaluate
-from metatl.meta.learned_optimizer import UnrolledLossError
-from metatl.meta.mann import (MANN, MANNCore, cosine_read_weights, least_used, lru_write_weights,
-                              mann_online_accuracy, update_usage)
-from metatl.meta.meta_lstm import MetaLSTM, MetaLSTMRule
 from metatl.meta.adapt import adapt
+from metatl.meta.learned_optimizer import UnrolledLossError
+from metatl.meta.mann import (
+    MANN,
+    MANNCore,
+    cosine_read_weights,
+    least_used,
+    lru_write_weights,
+    mann_online_accuracy,
+    update_usage,
+)
+from metatl.meta.meta_lstm import MetaLSTM, MetaLSTMRule
 from metatl.meta.rules import SGD
 from metatl.meta.snail import SNAIL, SNAILNet
 from metatl.nn.backbones import mlp

@@ -8,12 +8,11 @@ import platform
 import numpy as np
 import pytest
 import torch
+from test_cli_and_trainer import SINUSOID, write_config
 
 import metatl
 from metatl.cli import main
 from metatl.engine import checkpoint as ckpt_io
-
-from test_cli_and_trainer import SINUSOID, write_config
 
 
 class _RunsCode:

@@ -46,6 +46,7 @@ def cmd_eval(args) -> int:
 
 def cmd_adapt(args) -> int:
     import metatl
+
     from .engine.predict import classify_folder, write_predictions
     from .engine.run import predictions_path, table
 
@@ -74,8 +75,9 @@ def cmd_upgrade(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import registry
     import metatl  # noqa: F401  (registers everything)
+
+    from . import registry
 
     for title, reg in (("algorithms", registry.ALGORITHMS), ("datasets", registry.DATASETS),
                        ("backbones", registry.BACKBONES), ("estimators", registry.ESTIMATORS)):

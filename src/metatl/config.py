@@ -14,11 +14,12 @@ import dataclasses
 import inspect
 import math
 import re
+import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import Any, ClassVar
 
 import yaml
 
@@ -61,8 +62,8 @@ class Range:
     unless ``open_low``/``open_high``. Sections and components declare theirs in a class attribute
     ``config_ranges = {"key": Range(...)}``; a list of numbers is checked element by element."""
 
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     open_low: bool = False
     open_high: bool = False
     why: str = ""  # said after the range in the error, e.g. "a 1-way task is always answered right"
@@ -104,20 +105,20 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 penalty added to the gradient (torch.optim's weight_decay)
     lr_schedule: str = "constant"  # constant, linear or cosine (to lr_final at the end of the run), or step
     lr_final: float = 0.0
-    lr_step_every: Optional[int] = None  # step schedule: multiply lr by lr_gamma every this many iterations
+    lr_step_every: int | None = None  # step schedule: multiply lr by lr_gamma every this many iterations
     lr_gamma: float = 0.5
-    grad_clip: Optional[float] = None  # max global norm of the meta-gradient
+    grad_clip: float | None = None  # max global norm of the meta-gradient
     val_every: int = 500
     val_episodes: int = 100
     ckpt_every: int = 500
     log_every: int = 10
-    time_budget_min: Optional[float] = None  # stop after this many minutes of training
-    snapshot_minutes: List[float] = field(default_factory=list)  # keep checkpoints at these minutes
+    time_budget_min: float | None = None  # stop after this many minutes of training
+    snapshot_minutes: list[float] = field(default_factory=list)  # keep checkpoints at these minutes
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when available, else cpu)
     # intra-op threads per process: auto (the cores other processes leave free, re-counted as the run goes),
     # a count, or null (torch's choice, or 1 with processes > 1)
-    num_threads: Union[int, str, None] = "auto"
+    num_threads: int | str | None = "auto"
     processes: int = 1  # split each meta-batch over this many processes (torch.distributed)
     # float32: full float32, also on GPUs (TF32 off); tf32: CUDA convolutions and matrix products in TF32;
     # bfloat16: meta-loss under torch.autocast (parameters stay float32)
@@ -126,10 +127,10 @@ class TrainConfig:
     # vmap, compile, threads or threads_inner_vmap; the same meta-gradient, a question of speed
     executor: str = "auto"
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
-    ema_decay: Optional[float] = None  # also keep an exponential moving average of the weights (e.g. 0.999)
-    divergence_factor: Optional[float] = 1000.0  # stop when loss or weight norm grows this much (engine/divergence.py)
+    ema_decay: float | None = None  # also keep an exponential moving average of the weights (e.g. 0.999)
+    divergence_factor: float | None = 1000.0  # stop when loss or weight norm grows this much (engine/divergence.py)
 
-    config_ranges: ClassVar[Dict[str, Range]] = {
+    config_ranges: ClassVar[dict[str, Range]] = {
         "iterations": at_least(1), "meta_batch": at_least(1), "lr": above(0), "lr_final": at_least(0),
         "momentum": Range(0, 1, open_high=True), "weight_decay": at_least(0),
         "lr_step_every": at_least(1), "lr_gamma": above(0), "grad_clip": above(0), "val_every": at_least(0),
@@ -143,13 +144,13 @@ class TrainConfig:
 class EvalConfig:
     episodes: int = 600
     seed: int = 1234  # the fixed test episodes are drawn from this seed
-    inner_steps: Optional[int] = None  # override the algorithm's test-time inner steps
+    inner_steps: int | None = None  # override the algorithm's test-time inner steps
     transductive: bool = True  # BatchNorm "batch" mode: normalise the query set as one batch
-    extra_steps: List[int] = field(default_factory=list)  # also report these test-time inner steps
+    extra_steps: list[int] = field(default_factory=list)  # also report these test-time inner steps
     plot_tasks: int = 3  # regression: test tasks to plot
     weights: str = "averaged"  # with train.ema_decay: score the averaged weights, or "raw" ones
 
-    config_ranges: ClassVar[Dict[str, Range]] = {
+    config_ranges: ClassVar[dict[str, Range]] = {
         "episodes": at_least(1), "seed": SEED, "inner_steps": at_least(0), "extra_steps": at_least(0),
         "plot_tasks": at_least(0)}
 
@@ -157,8 +158,8 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "run"
-    algorithm: Dict[str, Any] = field(default_factory=lambda: {"name": "maml"})
-    model: Dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
+    algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "maml"})
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
     data: Any = field(default_factory=lambda: default_data())  # an instance of a registered data set
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -197,7 +198,7 @@ _DESCRIBE = {bool: "true or false", int: "a whole number", float: "a number", st
 def _matches(value, tp) -> bool:
     """Whether a YAML value fits the annotation ``tp`` (scalars, Optional, List, Dict)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] or X | None
         return any(_matches(value, a) for a in args)
     if tp is type(None):
         return value is None
@@ -209,21 +210,21 @@ def _matches(value, tp) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is str:
         return isinstance(value, str)
-    if origin in (list, List):
+    if origin in (list, list):
         return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         return isinstance(value, dict)
     return True  # Any, or a type this check does not know
 
 
 def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] or X | None
         parts = [_describe(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin in (list, List):
+    if origin in (list, list):
         return f"a list of {_describe(args[0]).replace('a ', '', 1)}s" if args else "a list"
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         return "a mapping"
     return _DESCRIBE.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -253,7 +254,7 @@ def _check_range(where: str, value, allowed: Range) -> None:
                               f"or with --set {where}=VALUE.")
 
 
-def check_values(where: str, values: dict, types: Dict[str, Any], ranges: Dict[str, Range],
+def check_values(where: str, values: dict, types: dict[str, Any], ranges: dict[str, Range],
                  default: Range = ANY) -> None:
     """Type-check ``values`` (a section's keys without ``name``) against ``types`` and their numbers
     against ``ranges`` (``default`` for a number without a declared range)."""
@@ -263,7 +264,7 @@ def check_values(where: str, values: dict, types: Dict[str, Any], ranges: Dict[s
         _check_range(f"{where}.{key}", value, ranges.get(key, default))
 
 
-def _component_types(obj) -> Dict[str, Any]:
+def _component_types(obj) -> dict[str, Any]:
     """The annotation of each keyword argument of a registered component, else its default's type."""
     target = obj.__init__ if isinstance(obj, type) and not dataclasses.is_dataclass(obj) else obj
     try:
@@ -283,7 +284,7 @@ def _component_types(obj) -> Dict[str, Any]:
     return types
 
 
-def component_keys(obj) -> List[str]:
+def component_keys(obj) -> list[str]:
     """Keyword arguments a registered component accepts (its config keys besides ``name``)."""
     if dataclasses.is_dataclass(obj):  # a data set: its fields
         return [f.name for f in dataclasses.fields(obj) if f.init]
@@ -354,7 +355,7 @@ def from_dict(raw: dict) -> Config:
     raw = migrate(dict(raw or {}))
     top = [f.name for f in dataclasses.fields(Config)]
     _check_keys("the config", raw, top)
-    kwargs: Dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
     if "name" in raw:
         kwargs["name"] = str(raw["name"])
     for section, cls in SECTIONS.items():
@@ -449,7 +450,7 @@ def parse_override(text: str):
     return key.strip().split("."), load_yaml(value, f"--set {text}")
 
 
-def apply_overrides(raw: dict, overrides: List[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = dict(raw or {})
     for text in overrides or []:
         path, value = parse_override(text)
@@ -465,7 +466,7 @@ def apply_overrides(raw: dict, overrides: List[str]) -> dict:
     return raw
 
 
-def load_config(path, overrides: Optional[List[str]] = None) -> Config:
+def load_config(path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples.")

@@ -9,7 +9,8 @@ and is looked up by name from configs and the CLI (``metatl list`` prints every 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -19,7 +20,7 @@ class Registry:
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: Dict[str, object] = {}
+        self._items: dict[str, object] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:

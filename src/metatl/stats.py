@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
 
-def mean_ci95(values: Iterable[float]) -> Dict[str, float]:
+def mean_ci95(values: Iterable[float]) -> dict[str, float]:
     """The mean of ``values`` with the half-width of its normal 95% confidence interval,
     ``1.96 * std / sqrt(n)`` (``std`` with ``ddof=1``; 0 for a single value), and that ``std``."""
     v = np.asarray(list(values), dtype=np.float64)

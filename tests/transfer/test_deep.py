@@ -9,7 +9,6 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from metatl.cli import main
@@ -18,7 +17,7 @@ from metatl.data.adaptation import DomainPairSampler, LabelledSet
 from metatl.data.digits import labelled_subset
 from metatl.engine import checkpoint as ckpt_io
 from metatl.engine.build import build_learner
-from metatl.engine.trainer import Trainer, make_optimizer, to_device
+from metatl.engine.trainer import make_optimizer, to_device
 from metatl.transfer.feature.dann import dann_lambda, grad_reverse
 from metatl.transfer.feature.deep_coral import coral_loss
 from metatl.transfer.feature.mmd import default_bandwidths, mk_mmd

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metatl.transfer.deep_selection import (dev_score, entropy_score, iwv_score, label_free_scores, select,
-                                            snd_score)
+from metatl.transfer.deep_selection import dev_score, entropy_score, iwv_score, label_free_scores, select, snd_score
 from metatl.transfer.selection import dev_risk
 
 

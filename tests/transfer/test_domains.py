@@ -2,8 +2,13 @@
 import numpy as np
 import pytest
 
-from metatl.data.domains import (make_covariate_shift_regression, make_shifted_blobs, make_shifted_moons,
-                                 split_domains, to_domain)
+from metatl.data.domains import (
+    make_covariate_shift_regression,
+    make_shifted_blobs,
+    make_shifted_moons,
+    split_domains,
+    to_domain,
+)
 
 
 @pytest.mark.parametrize("gen", [make_shifted_moons, make_shifted_blobs, make_covariate_shift_regression,

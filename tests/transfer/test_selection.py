@@ -8,8 +8,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.svm import SVC
 
 from metatl.data.domains import make_shifted_blobs
-from metatl.transfer import (CORAL, KMM, DEVScorer, ImportanceWeightedScorer, ReverseValidationScorer,
-                             SourceOnly)
+from metatl.transfer import CORAL, KMM, DEVScorer, ImportanceWeightedScorer, ReverseValidationScorer, SourceOnly
 
 SCORERS = [ImportanceWeightedScorer(), DEVScorer(), ReverseValidationScorer()]
 

@@ -7,8 +7,7 @@ from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 from metatl.data.domains import make_covariate_shift_regression, make_shifted_blobs, make_shifted_moons
-from metatl.transfer import (CORAL, KLIEP, KMM, SourceOnly, TrAdaBoost, TransferLogisticRegression,
-                             TransferRidge)
+from metatl.transfer import CORAL, KLIEP, KMM, SourceOnly, TrAdaBoost, TransferLogisticRegression, TransferRidge
 
 
 def _mean_acc(make, gen, seeds=range(3), pass_domain=True):

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from .episode import ClassPool, Episode, EpisodeSampler, TensorClassPool, fixed_episodes, stack_episodes
 from .sinusoid import SinusoidTasks
-from .sources import (SUBSETS, TRAINING, ClassEpisodes, Episodes, ImageFolderData, MnistUsps, Omniglot, Sinusoid,
-                      build_sampler, dataset)
+from .sources import (
+                      SUBSETS,
+                      TRAINING,
+                      ClassEpisodes,
+                      Episodes,
+                      ImageFolderData,
+                      MnistUsps,
+                      Omniglot,
+                      Sinusoid,
+                      build_sampler,
+                      dataset,
+)
 
 __all__ = ["ClassEpisodes", "ClassPool", "Episode", "EpisodeSampler", "Episodes", "ImageFolderData", "MnistUsps",
            "Omniglot", "Sinusoid", "SinusoidTasks", "SUBSETS", "TRAINING", "TensorClassPool", "build_sampler",

@@ -17,8 +17,6 @@ each scored once), plus ``record``: extra ``results.json`` fields (the adaptatio
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 from torch import Tensor
 
@@ -39,8 +37,8 @@ class DomainPairSampler:
     task_type = "classification"
 
     def __init__(self, source_x: Tensor, source_y: Tensor, target_x: Tensor,
-                 target_y: Optional[Tensor] = None, target_labelled: Optional[Tensor] = None,
-                 out_features: Optional[int] = None):
+                 target_y: Tensor | None = None, target_labelled: Tensor | None = None,
+                 out_features: int | None = None):
         if source_x.shape[1:] != target_x.shape[1:]:
             raise ValueError(f"source images {tuple(source_x.shape[1:])} and target images "
                              f"{tuple(target_x.shape[1:])} differ; resize both to one size first.")
@@ -53,7 +51,7 @@ class DomainPairSampler:
         self.out_features = out_features or int(source_y.max()) + 1
         self.input_spec = _input_spec(source_x)
 
-    def to(self, device) -> "DomainPairSampler":
+    def to(self, device) -> DomainPairSampler:
         for name in ("source_x", "source_y", "target_x", "labelled_x", "labelled_y"):
             value = getattr(self, name)
             if value is not None:
@@ -63,7 +61,7 @@ class DomainPairSampler:
     def _rows(self, x: Tensor, size: int, generator: torch.Generator) -> Tensor:
         return torch.randint(len(x), (size,), generator=generator).to(x.device)
 
-    def sample_batch(self, size: int, generator: torch.Generator) -> Dict[str, Tensor]:
+    def sample_batch(self, size: int, generator: torch.Generator) -> dict[str, Tensor]:
         s, t = self._rows(self.source_x, size, generator), self._rows(self.target_x, size, generator)
         batch = {"source_x": self.source_x[s], "source_y": self.source_y[s], "target_x": self.target_x[t]}
         if self.labelled_x is not None:
@@ -77,13 +75,13 @@ class LabelledSet:
 
     task_type = "classification"
 
-    def __init__(self, x: Tensor, y: Tensor, record: Optional[dict] = None, batch_size: int = 2048,
-                 out_features: Optional[int] = None):
+    def __init__(self, x: Tensor, y: Tensor, record: dict | None = None, batch_size: int = 2048,
+                 out_features: int | None = None):
         self.x, self.y, self.record, self.batch_size = x, y.long(), dict(record or {}), batch_size
         self.out_features = out_features or int(y.max()) + 1
         self.input_spec = _input_spec(x)
 
-    def to(self, device) -> "LabelledSet":
+    def to(self, device) -> LabelledSet:
         self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 

@@ -6,8 +6,8 @@ turns one into a single :class:`Episode` with a leading task dimension (for ``to
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ class Episode:
     def query(self):
         return self.query_x, self.query_y
 
-    def to(self, device) -> "Episode":
+    def to(self, device) -> Episode:
         return Episode(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
@@ -56,7 +56,7 @@ class ClassPool:
     Subclasses may compute examples on the fly (Omniglot's rotated classes do).
     """
 
-    counts: List[int]
+    counts: list[int]
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -64,7 +64,7 @@ class ClassPool:
     def get(self, c: int, idx: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def get_many(self, requests: Sequence[Tuple[int, Tensor]]) -> Tensor:
+    def get_many(self, requests: Sequence[tuple[int, Tensor]]) -> Tensor:
         """``torch.cat([self.get(c, idx) for c, idx in requests])``; pools override it to gather
         all at once (a meta-batch's episodes are one call)."""
         return torch.cat([self.get(c, idx) for c, idx in requests if len(idx)])
@@ -83,7 +83,7 @@ class TensorClassPool(ClassPool):
         self.counts = [len(m) for m in self._members]
 
     @classmethod
-    def from_dataset(cls, dataset) -> "TensorClassPool":
+    def from_dataset(cls, dataset) -> TensorClassPool:
         """Build from any ``Dataset`` whose items are ``(x, y)`` with tensor ``x`` and int ``y``."""
         xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
         return cls(torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
@@ -91,7 +91,7 @@ class TensorClassPool(ClassPool):
     def get(self, c: int, idx: Tensor) -> Tensor:
         return self.x[self._members[c][idx]]
 
-    def get_many(self, requests: Sequence[Tuple[int, Tensor]]) -> Tensor:
+    def get_many(self, requests: Sequence[tuple[int, Tensor]]) -> Tensor:
         return self.x[torch.cat([self._members[c][idx] for c, idx in requests])]
 
 
@@ -106,7 +106,7 @@ class EpisodeSampler:
     task_type = "classification"
 
     def __init__(self, pool: ClassPool, ways: int, shots: int, queries: int,
-                 transform: Optional[Callable[[Tensor], Tensor]] = None):
+                 transform: Callable[[Tensor], Tensor] | None = None):
         if ways < 1 or shots < 1 or queries < 0:
             raise ValueError(f"ways and shots must be >= 1 and queries >= 0 (got ways={ways}, "
                              f"shots={shots}, queries={queries}).")
@@ -124,7 +124,7 @@ class EpisodeSampler:
     def sample(self, generator: torch.Generator) -> Episode:
         return self.sample_batch(1, generator)[0]
 
-    def sample_batch(self, size: int, generator: torch.Generator) -> List[Episode]:
+    def sample_batch(self, size: int, generator: torch.Generator) -> list[Episode]:
         """``size`` episodes, the same as ``size`` calls of :meth:`sample`. The random draws come
         first, episode by episode (the classes, then each class's examples); then all the
         examples are gathered in one :meth:`ClassPool.get_many` call, each episode's support

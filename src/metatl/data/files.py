@@ -12,8 +12,8 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 
 class DownloadError(RuntimeError):
@@ -27,7 +27,7 @@ def user_cache_dir() -> Path:
     return Path(base) / "metatl"
 
 
-def _beside_checkout() -> Optional[Path]:
+def _beside_checkout() -> Path | None:
     here = Path(__file__).resolve()
     for parent in here.parents:
         candidate = parent.parent / "shared" / "data"
@@ -36,7 +36,7 @@ def _beside_checkout() -> Optional[Path]:
     return None
 
 
-def resolve_data_dir(data_dir: Optional[os.PathLike] = None) -> Path:
+def resolve_data_dir(data_dir: os.PathLike | None = None) -> Path:
     """The data folder: argument, then ``$METATL_DATA_DIR``, then ``shared/data`` beside the
     checkout, then the user cache folder."""
     if data_dir:

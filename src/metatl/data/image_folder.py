@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def list_images(folder, recursive: bool = False) -> List[Path]:
+def list_images(folder, recursive: bool = False) -> list[Path]:
     """The visible files of ``folder`` (sorted; with ``recursive``, of its sub-folders too)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -52,7 +52,7 @@ def list_images(folder, recursive: bool = False) -> List[Path]:
     return sorted(found)
 
 
-def _read(path: Path, mode: str, image_size: int) -> Optional[np.ndarray]:
+def _read(path: Path, mode: str, image_size: int) -> np.ndarray | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -83,7 +83,7 @@ def _check_channels(in_channels: int) -> str:
 
 
 def read_images(paths: Sequence, in_channels: int = 1, image_size: int = 28,
-                warn: bool = True) -> Tuple[Tensor, List[Path], List[Path]]:
+                warn: bool = True) -> tuple[Tensor, list[Path], list[Path]]:
     """Decode ``paths`` into a uint8 tensor ``(n, in_channels, image_size, image_size)``.
 
     Returns ``(images, kept, skipped)``: unreadable files are left out (and named in a warning).
@@ -125,14 +125,14 @@ class ImageFolder:
 
     images: Tensor
     labels: Tensor
-    classes: List[str]
-    files: List[Path]
+    classes: list[str]
+    files: list[Path]
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> dict[str, int]:
         n = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
         return dict(zip(self.classes, n))
 
-    def tensors(self, invert: bool = False) -> Tuple[Tensor, Tensor]:
+    def tensors(self, invert: bool = False) -> tuple[Tensor, Tensor]:
         """``(x, y)``: float images in [0, 1] and labels, e.g. a support set for ``learner.adapt``."""
         return to_float(self.images, invert), self.labels.clone()
 
@@ -167,8 +167,8 @@ def read_image_folder(root, in_channels: int = 1, image_size: int = 28) -> Image
     return ImageFolder(torch.cat(images), torch.cat(labels), [d.name for d in class_dirs], files)
 
 
-def load_support_folder(folder, learner=None, in_channels: Optional[int] = None,
-                        image_size: Optional[int] = None, invert: Optional[bool] = None):
+def load_support_folder(folder, learner=None, in_channels: int | None = None,
+                        image_size: int | None = None, invert: bool | None = None):
     """A support set from a folder of class sub-folders: ``(support_x, support_y, class_names)``.
 
     With ``learner`` (from :func:`metatl.load`) the images are converted to the input it was
@@ -184,7 +184,7 @@ def load_support_folder(folder, learner=None, in_channels: Optional[int] = None,
     return x, y, folder.classes
 
 
-def input_format(learner=None, in_channels=None, image_size=None, invert=None) -> Tuple[int, int, bool]:
+def input_format(learner=None, in_channels=None, image_size=None, invert=None) -> tuple[int, int, bool]:
     """``(in_channels, image_size, invert)``: explicit values, else the learner's, else (1, 28, False)."""
     spec = dict(getattr(learner, "input_spec", {}) or {})
     cfg = getattr(learner, "config", None)
@@ -211,8 +211,8 @@ class ImageFolderClasses(ClassPool):
         return to_float(self.images[torch.cat([self._members[c][idx] for c, idx in requests])])
 
 
-def split_classes(names: Sequence[str], classes: Optional[Dict[str, List[str]]] = None,
-                  fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> Dict[str, List[str]]:
+def split_classes(names: Sequence[str], classes: dict[str, list[str]] | None = None,
+                  fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[str]]:
     """Class names per subset: the given lists (checked against ``names``), else a seeded shuffle
     cut by ``fractions`` (train, val, test)."""
     names = sorted(names)
@@ -236,7 +236,7 @@ def split_classes(names: Sequence[str], classes: Optional[Dict[str, List[str]]] 
             "test": sorted(order[n_train + n_val:])}
 
 
-_CACHE: Dict[tuple, ImageFolder] = {}
+_CACHE: dict[tuple, ImageFolder] = {}
 
 
 def _listing_key(root: Path, in_channels: int, image_size: int) -> tuple:

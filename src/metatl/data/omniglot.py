@@ -21,7 +21,6 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -51,7 +50,7 @@ def _zip_dir(data_dir: Path) -> Path:
 def _read_zip(path: Path, image_size: int):
     from PIL import Image
 
-    names: Dict[str, List[np.ndarray]] = {}
+    names: dict[str, list[np.ndarray]] = {}
     try:
         with zipfile.ZipFile(path) as z:
             for entry in sorted(z.namelist()):
@@ -68,7 +67,7 @@ def _read_zip(path: Path, image_size: int):
     return names
 
 
-def load_images(data_dir: Optional[os.PathLike] = None, image_size: int = 28, download_missing: bool = False):
+def load_images(data_dir: os.PathLike | None = None, image_size: int = 28, download_missing: bool = False):
     """All 1623 characters as a uint8 tensor ``(1623, 20, image_size, image_size)`` (ink high)
     and the list of ``"Alphabet/characterNN"`` names in the same order."""
     root = _zip_dir(resolve_data_dir(data_dir))
@@ -96,7 +95,7 @@ def load_images(data_dir: Optional[os.PathLike] = None, image_size: int = 28, do
         except Exception as err:  # a damaged cache (e.g. a full disk) is rebuilt from the zips
             warnings.warn(f"the Omniglot cache {cache} is unreadable ({type(err).__name__}); "
                           f"decoding the zips again and replacing it.", stacklevel=2)
-    names: Dict[str, List[np.ndarray]] = {}
+    names: dict[str, list[np.ndarray]] = {}
     for path in zips.values():
         names.update(_read_zip(path, image_size))
     order = sorted(names)
@@ -111,7 +110,7 @@ def load_images(data_dir: Optional[os.PathLike] = None, image_size: int = 28, do
     return images, order
 
 
-def split_characters(names: List[str], split: str, subset: str) -> List[str]:
+def split_characters(names: list[str], split: str, subset: str) -> list[str]:
     """The characters of ``subset`` ("train", "val", "test", or "trainval") under ``split``."""
     if subset == "trainval":
         return split_characters(names, split, "train") + split_characters(names, split, "val")
@@ -132,7 +131,7 @@ class OmniglotClasses(ClassPool):
     ``get`` returns float32 images ``(n, 1, H, W)`` in [0, 1], ink = 1.
     """
 
-    def __init__(self, images: torch.Tensor, names: List[str], characters: List[str],
+    def __init__(self, images: torch.Tensor, names: list[str], characters: list[str],
                  rotations=(0, 1, 2, 3)):
         index = {n: i for i, n in enumerate(names)}
         missing = [c for c in characters if c not in index]

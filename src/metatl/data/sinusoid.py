@@ -6,7 +6,6 @@ inputs ``x ~ U[-5, 5]``; the learner sees ``K`` support points and is scored by 
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
 
 import torch
 
@@ -24,9 +23,9 @@ class SinusoidTasks:
     out_features = 1
 
     def __init__(self, shots: int = 10, queries: int = 10,
-                 amplitude: Tuple[float, float] = (0.1, 5.0),
-                 phase: Tuple[float, float] = (0.0, math.pi),
-                 x_range: Tuple[float, float] = (-5.0, 5.0)):
+                 amplitude: tuple[float, float] = (0.1, 5.0),
+                 phase: tuple[float, float] = (0.0, math.pi),
+                 x_range: tuple[float, float] = (-5.0, 5.0)):
         if shots < 1 or queries < 1:
             raise ValueError(f"sinusoid tasks need shots >= 1 and queries >= 1 (got {shots}, {queries}).")
         self.shots, self.queries = shots, queries
@@ -47,5 +46,5 @@ class SinusoidTasks:
     def sample(self, generator: torch.Generator) -> Episode:
         return self.sample_task(generator)[0]
 
-    def sample_batch(self, size: int, generator: torch.Generator) -> List[Episode]:
+    def sample_batch(self, size: int, generator: torch.Generator) -> list[Episode]:
         return [self.sample(generator) for _ in range(size)]

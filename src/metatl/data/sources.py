@@ -15,8 +15,9 @@ To add one::
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Optional, Tuple, TypeVar
+from typing import ClassVar, TypeVar
 
 from ..config import SEED, ConfigError, Range, at_least
 from ..registry import DATASETS
@@ -52,16 +53,16 @@ class Episodes:
 
     shots: int = 1
     queries: int = 15
-    train_shots: Optional[int] = None
-    train_queries: Optional[int] = None
+    train_shots: int | None = None
+    train_queries: int | None = None
 
     name: ClassVar[str] = ""
-    config_ranges: ClassVar[Dict[str, Range]] = {
+    config_ranges: ClassVar[dict[str, Range]] = {
         "ways": at_least(2, WHY_WAYS), "shots": at_least(1), "queries": at_least(1), "train_ways": at_least(2, WHY_WAYS),
         "train_shots": at_least(1), "train_queries": at_least(0), "image_size": at_least(1),
         "split_seed": SEED}
 
-    def episode_shape(self, subset: str) -> Tuple[Optional[int], int, int]:
+    def episode_shape(self, subset: str) -> tuple[int | None, int, int]:
         """``(ways, shots, queries)`` of ``subset``'s episodes (``ways`` None for regression)."""
         train = subset in TRAINING
         pick = lambda key: (getattr(self, "train_" + key, None) if train else None)  # noqa: E731
@@ -84,7 +85,7 @@ class ClassEpisodes(Episodes):
     """N-way K-shot classification episodes over disjoint train / val / test classes."""
 
     ways: int = 5
-    train_ways: Optional[int] = None
+    train_ways: int | None = None
     train_subset: str = "train"  # classes of meta-training: train, or trainval (train + val; no validation then)
 
     def check_config(self, cfg) -> None:
@@ -135,7 +136,7 @@ class Omniglot(ClassEpisodes):
 
     split: str = "vinyals"  # vinyals (1028/172/423 characters) or maml (1200/423)
     image_size: int = 28
-    data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
+    data_dir: str | None = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
 
     inverts_images: ClassVar[bool] = True  # models see white strokes on black: a user's drawings are inverted
@@ -155,14 +156,14 @@ class Omniglot(ClassEpisodes):
 class ImageFolderData(ClassEpisodes):
     """Your own images: ``data.root`` with one sub-folder per class, classes split train/val/test."""
 
-    root: Optional[str] = None  # the folder of class sub-folders
+    root: str | None = None  # the folder of class sub-folders
     in_channels: int = 1  # 1 (grayscale) or 3 (RGB); images are converted
     image_size: int = 28
-    classes: Optional[Dict[str, List[str]]] = None  # {train: [...], val: [...], test: [...]}
-    split_fractions: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # else a seeded split
+    classes: dict[str, list[str]] | None = None  # {train: [...], val: [...], test: [...]}
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # else a seeded split
     split_seed: int = 0
 
-    config_ranges: ClassVar[Dict[str, Range]] = {**ClassEpisodes.config_ranges, "split_fractions": Range(0, 1)}
+    config_ranges: ClassVar[dict[str, Range]] = {**ClassEpisodes.config_ranges, "split_fractions": Range(0, 1)}
 
     def check_config(self, cfg) -> None:
         super().check_config(cfg)
@@ -194,14 +195,14 @@ class MnistUsps:
     test_protocol: str = "official"  # official: target test split; holdout: holdout_fraction of target train
     holdout_fraction: float = 0.2
     target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
-    max_source: Optional[int] = None  # use at most this many training rows per domain (quick runs)
-    max_target: Optional[int] = None
+    max_source: int | None = None  # use at most this many training rows per domain (quick runs)
+    max_target: int | None = None
     split_seed: int = 0
-    data_dir: Optional[str] = None  # default: $METATL_DATA_DIR, then the user cache
+    data_dir: str | None = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
 
     name: ClassVar[str] = ""
-    config_ranges: ClassVar[Dict[str, Range]] = {
+    config_ranges: ClassVar[dict[str, Range]] = {
         "image_size": at_least(1), "target_labels_fraction": Range(0, 1), "max_source": at_least(1),
         "max_target": at_least(1), "split_seed": SEED,
         "holdout_fraction": Range(0, 1, open_low=True, open_high=True)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Dict, Iterable, List
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,7 @@ def launch(fn: Callable, processes: int, device: str, *args) -> None:
                                 nprocs=processes, join=True)
 
 
-def _average_in_place(tensors: List[torch.Tensor]) -> None:
+def _average_in_place(tensors: list[torch.Tensor]) -> None:
     """Replace each tensor by its mean over the processes, with one all-reduce for all of them."""
     if world_size() == 1 or not tensors:
         return
@@ -77,11 +77,11 @@ def average_buffers(module: torch.nn.Module) -> None:
     _average_in_place([b for b in module.buffers() if b.is_floating_point()])
 
 
-def average_values(values: Dict[str, float], device) -> Dict[str, float]:
+def average_values(values: dict[str, float], device) -> dict[str, float]:
     """The mean over the processes of each number in ``values`` (same keys in every process)."""
     if world_size() == 1 or not values:
         return values
-    keys: List[str] = sorted(values)
+    keys: list[str] = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / world_size()).tolist()))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -43,22 +43,22 @@ class DivergenceGuard:
     """Tells when training has diverged; its state goes into checkpoints so a resumed run keeps
     the same reference values."""
 
-    def __init__(self, factor: Optional[float] = 1000.0, window: int = 10):
+    def __init__(self, factor: float | None = 1000.0, window: int = 10):
         self.factor, self.window = factor, window
         self.first: list = []  # the first `window` losses
         self.recent: deque = deque(maxlen=window)
-        self.start_norm: Optional[float] = None
+        self.start_norm: float | None = None
 
     def state(self) -> dict:
         return {"first": list(self.first), "recent": list(self.recent), "start_norm": self.start_norm}
 
-    def load_state(self, state: Optional[dict]) -> None:
+    def load_state(self, state: dict | None) -> None:
         if state:
             self.first = list(state["first"])
             self.recent = deque(state["recent"], maxlen=self.window)
             self.start_norm = state["start_norm"]
 
-    def loss(self, value: float) -> Optional[str]:
+    def loss(self, value: float) -> str | None:
         """Record a step's loss; a description of the problem when the loss has exploded."""
         if len(self.first) < self.window:
             self.first.append(value)
@@ -71,7 +71,7 @@ class DivergenceGuard:
                     f"over the first {self.window} (more than train.divergence_factor={self.factor:g} times)")
         return None
 
-    def weights(self, params: Iterable[torch.Tensor]) -> Optional[str]:
+    def weights(self, params: Iterable[torch.Tensor]) -> str | None:
         """A description of the problem when the weights are not finite or their norm has exploded
         (the first call sets the reference norm)."""
         norm = weight_norm(params)

@@ -6,8 +6,6 @@ The interval is ``1.96 * std / sqrt(N)`` over the N episode scores.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import torch
 from tqdm.auto import tqdm
 
@@ -24,9 +22,9 @@ def _predict(predictor, episode, transductive: bool) -> torch.Tensor:
     return torch.cat([predictor(torch.cat([sx, q[None]]))[-1:] for q in episode.query_x])
 
 
-def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_steps: Optional[int] = None,
+def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_steps: int | None = None,
              transductive: bool = True, progress: bool = True, device: str = "cpu",
-             desc: str = "eval") -> Dict:
+             desc: str = "eval") -> dict:
     """Score ``learner`` on ``episodes`` episodes drawn from ``sampler`` with ``seed``.
 
     ``transductive=False`` classifies each query in a batch of its own with the support set, so
@@ -44,7 +42,7 @@ def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_step
     transductive = transductive or not queries_interact(learner)
     was_training = learner.training
     learner.eval()
-    scores: List[float] = []
+    scores: list[float] = []
     kwargs = {} if inner_steps is None else {"steps": inner_steps}
     try:
         for ep in tqdm(fixed_episodes(sampler, episodes, seed), total=episodes, desc=desc,

@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,12 +57,12 @@ class ImageInput:
     invert: bool = False
 
     @classmethod
-    def of(cls, learner, invert: Optional[bool] = None) -> "ImageInput":
+    def of(cls, learner, invert: bool | None = None) -> ImageInput:
         """The input of ``learner``: its ``input_spec`` (channels, size) and ``config`` (inverted for
         a model trained on Omniglot), as :func:`metatl.load` sets them; ``invert`` overrides."""
         return cls(*input_format(learner, invert=invert))
 
-    def read(self, paths: Sequence) -> Tuple[Tensor, List[Path], List[Path]]:
+    def read(self, paths: Sequence) -> tuple[Tensor, list[Path], list[Path]]:
         """``(x, kept, skipped)``: float images ``(len(kept), c, s, s)`` of the readable files;
         unreadable ones are named in one warning."""
         images, kept, skipped = read_images(paths, self.in_channels, self.image_size)
@@ -79,14 +79,14 @@ class ImageInput:
                              f"pass PNG/JPEG/... files.")
         return to_float(images, self.invert)
 
-    def load_folder(self, folder) -> Tuple[Tensor, Tensor, List[str]]:
+    def load_folder(self, folder) -> tuple[Tensor, Tensor, list[str]]:
         """``(x, y, class_names)`` from a folder with one sub-folder of images per class."""
         found = read_image_folder(folder, self.in_channels, self.image_size)
         x, y = found.tensors(self.invert)
         return x, y, found.classes
 
 
-def _path_list(paths, what: str) -> List[Path]:
+def _path_list(paths, what: str) -> list[Path]:
     if isinstance(paths, (str, Path)):
         if Path(paths).is_dir():
             raise ValueError(f"{what}: {paths} is a folder; pass a list of image files, e.g. "
@@ -98,7 +98,7 @@ def _path_list(paths, what: str) -> List[Path]:
     return paths
 
 
-def _class_codes(labels, n: int) -> Tuple[Tensor, list]:
+def _class_codes(labels, n: int) -> tuple[Tensor, list]:
     """``(codes, classes)``: labels (class names, or integer class ids) as ``0..N-1`` in sorted
     order of the distinct labels, with a clear error for float, mixed or missing labels."""
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
@@ -135,7 +135,7 @@ def _class_codes(labels, n: int) -> Tuple[Tensor, list]:
     return torch.tensor([index[v] for v in labels], dtype=torch.long), classes
 
 
-def _check_learner(learner, steps: Optional[int]) -> None:
+def _check_learner(learner, steps: int | None) -> None:
     """Image adaptation needs an episodic image classifier: say so for anything else, and refuse
     inner steps for a learner that takes none."""
     from ..meta.base import GradientMetaLearner, MetaLearner
@@ -219,14 +219,14 @@ class ImagePredictor:
         """The predicted class (an entry of ``classes``) of each file."""
         return [self.classes[k] for k in self.predict_proba_images(paths).argmax(1).tolist()]
 
-    def score_files(self, paths) -> Tuple[Tensor, List[Path]]:
+    def score_files(self, paths) -> tuple[Tensor, list[Path]]:
         """``(probabilities, kept)`` over the readable files of ``paths`` (the others are named in one
         warning and left out): what ``metatl adapt`` prints."""
         x, kept, _ = self.input.read(paths)
         return (self.proba(x) if kept else torch.empty(0, len(self.classes))), kept
 
 
-def adapt_images(learner, support, labels=None, steps: Optional[int] = None, invert: Optional[bool] = None,
+def adapt_images(learner, support, labels=None, steps: int | None = None, invert: bool | None = None,
                  transductive: bool = False) -> ImagePredictor:
     """Adapt ``learner`` to image files converted as its checkpoint expects (:class:`ImageInput`).
 
@@ -259,8 +259,8 @@ def adapt_images(learner, support, labels=None, steps: Optional[int] = None, inv
     return ImagePredictor(learner, predictor, support_x, classes, image_input, transductive)
 
 
-def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None,
-                    invert: Optional[bool] = None, transductive: bool = False) -> Dict:
+def classify_folder(learner, support_dir, query_dir, steps: int | None = None,
+                    invert: bool | None = None, transductive: bool = False) -> dict:
     """Adapt ``learner`` to ``support_dir`` (one sub-folder per class) and classify every image in
     ``query_dir`` (searched recursively; an image in a sub-folder named like a support class is
     taken as labelled, and an accuracy is reported over those): ``metatl adapt``, through
@@ -279,7 +279,7 @@ def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None
         raise ValueError(f"none of the {len(paths)} file(s) in {query_dir} is a readable image.")
     classes = predictor.classes
     confidence, predicted = probs.max(dim=1)
-    rows: List[dict] = []
+    rows: list[dict] = []
     for path, p, conf in zip(kept, predicted.tolist(), confidence.tolist()):
         parent = path.parent.name if path.parent != query_dir else None
         rows.append({"file": str(path.relative_to(query_dir)), "predicted": classes[p], "confidence": conf,
@@ -291,7 +291,7 @@ def classify_folder(learner, support_dir, query_dir, steps: Optional[int] = None
             "input": {"in_channels": i.in_channels, "image_size": i.image_size, "invert": i.invert}}
 
 
-def write_predictions(result: Dict, path) -> Path:
+def write_predictions(result: dict, path) -> Path:
     """A CSV table: file, predicted, confidence (and true, when the query images were labelled)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

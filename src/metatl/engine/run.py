@@ -14,7 +14,6 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import List, Optional
 
 # what a run writes (glob patterns); --overwrite removes these and nothing else
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "snapshot_*min.pt", "*.pt.rng*", ".*.pt.tmp*",
@@ -24,7 +23,7 @@ PREDICTIONS = "predictions.csv"
 PREDICTIONS_HEADER = "file,predicted,confidence"
 
 
-def clear_run(out) -> List[Path]:
+def clear_run(out) -> list[Path]:
     """Remove the files of the run in ``out`` (see :data:`RUN_FILES`); returns what was removed.
     Anything else in the folder stays."""
     out = Path(out)
@@ -37,7 +36,7 @@ def clear_run(out) -> List[Path]:
     return removed
 
 
-def eval_name(checkpoint, episodes: int, overrides: Optional[List[str]] = None) -> str:
+def eval_name(checkpoint, episodes: int, overrides: list[str] | None = None) -> str:
     """``eval_<checkpoint stem>_<N>ep[_<overrides>].json``: an evaluation's file, named by what it
     scored, so that it never replaces the training run's ``results.json`` or another evaluation."""
     extra = [o.split(".", 1)[-1] for o in overrides or [] if not o.startswith("eval.episodes=")]
@@ -85,7 +84,7 @@ def trim_metrics(path, iteration: int) -> int:
     return len(lines) - len(kept)
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     """The commit of the metatl source when it runs from a git checkout (``+dirty`` with local
     changes), else None."""
     src = Path(__file__).resolve().parents[1]

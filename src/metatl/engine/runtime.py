@@ -16,7 +16,6 @@ import os
 import platform
 import random
 import time
-from typing import Optional, Tuple, Union
 
 import torch
 
@@ -31,7 +30,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_counters() -> Optional[Tuple[float, float]]:
+def _cpu_counters() -> tuple[float, float] | None:
     """``(busy, total)`` CPU seconds of the whole machine since boot, from ``/proc/stat``, and
     ``None`` where that file does not exist."""
     try:
@@ -54,11 +53,11 @@ class LoadSample:
     """A point to measure the machine's load from: the counters at one moment."""
 
     def __init__(self):
-        self.machine: Optional[Tuple[float, float]] = _cpu_counters()
+        self.machine: tuple[float, float] | None = _cpu_counters()
         self.own: float = _own_cpu()
 
 
-def free_cores(since: LoadSample, cores: Optional[int] = None) -> int:
+def free_cores(since: LoadSample, cores: int | None = None) -> int:
     """How many of ``cores`` (default: :func:`available_cores`) other processes left idle between
     ``since`` and now, as a whole number of at least 1. Without ``/proc/stat``: ``cores``."""
     cores = cores or available_cores()
@@ -122,8 +121,8 @@ class Runtime:
     ``keep_freed_memory``: tune glibc's malloc for CPU runs (:func:`keep_freed_memory`).
     """
 
-    def __init__(self, threads: Union[int, str, None] = "auto", device: str = "cpu",
-                 precision: str = "float32", keep_freed_memory: bool = True, seed: Optional[int] = None,
+    def __init__(self, threads: int | str | None = "auto", device: str = "cpu",
+                 precision: str = "float32", keep_freed_memory: bool = True, seed: int | None = None,
                  world: int = 1, sample_seconds: float = 0.1):
         self.auto = threads == "auto"
         self.world = max(1, world)

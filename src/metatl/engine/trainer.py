@@ -33,7 +33,6 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -47,8 +46,8 @@ from .build import build_learner, build_sampler, task_spec
 from .divergence import DivergenceError, DivergenceGuard
 from .evaluator import evaluate
 from .executors import make_executor
-from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
 from .run import provenance, trim_metrics
+from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
 
 
 def to_device(batch, device):
@@ -215,9 +214,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)
         self.iteration, self.train_seconds, self.best = 0, 0.0, None
         self.snapshots_done: list = []
-        self.resumed_changes: Optional[dict] = None  # set by resume(): the accepted config changes
+        self.resumed_changes: dict | None = None  # set by resume(): the accepted config changes
         self.guard = DivergenceGuard(t.divergence_factor)
-        self.saved_last: Optional[int] = None  # the iteration of the last.pt this trainer wrote or resumed
+        self.saved_last: int | None = None  # the iteration of the last.pt this trainer wrote or resumed
         self._val_tasks = self._test_tasks = None
 
     # -- state ------------------------------------------------------------------------------
@@ -330,8 +329,8 @@ class Trainer:
         test) before the first step: a split too small for the episode shape (ways, shots,
         queries) stops the run now, with the data set's message, instead of after training."""
         if self.cfg.train.val_every:
-            self.val_tasks
-        self.test_tasks
+            _ = self.val_tasks  # the properties build (and check) the split
+        _ = self.test_tasks
 
     def _evaluate(self, tasks, episodes: int, seed: int, inner_steps, progress: bool, desc: str) -> dict:
         return evaluate_on(self.scored, tasks, self.cfg, episodes, seed, inner_steps, progress, self.device, desc)
@@ -414,7 +413,7 @@ class Trainer:
                 + (", or continue from that checkpoint with --resume and the change named (e.g. "
                    "--allow-change train.lr)." if last.exists() else "."))
 
-    def fit(self) -> "Trainer":
+    def fit(self) -> Trainer:
         c, t = self.cfg, self.cfg.train
         self.check_splits()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -457,7 +456,7 @@ class Trainer:
         self.save()
         return self
 
-    def test(self, sampler=None, checkpoint: Optional[str] = None, name: str = "results.json") -> dict:
+    def test(self, sampler=None, checkpoint: str | None = None, name: str = "results.json") -> dict:
         """Evaluate on the fixed test episodes and write ``name`` (default ``results.json``) in the
         run folder."""
         results = score_on_test(self.cfg, self.scored, sampler or self.test_tasks, self.device,

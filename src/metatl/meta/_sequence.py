@@ -7,8 +7,6 @@ The encoder is the learner's backbone: ``model.embed(x)`` when it has one (conv4
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +23,7 @@ def feature_dim(model: nn.Module) -> int:
     return linears[-1].out_features
 
 
-def infer_ways(model: nn.Module, ways: Optional[int]) -> int:
+def infer_ways(model: nn.Module, ways: int | None) -> int:
     """``ways`` if given, else the width of the backbone's linear head (built for the training ways)."""
     if ways is not None:
         return ways
@@ -64,5 +62,5 @@ def check_ways(support_y: Tensor, ways: int, learner: str) -> None:
                          f"(algorithm.ways={n}).")
 
 
-def shuffle_order(n: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+def shuffle_order(n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
     return torch.randperm(n, generator=generator).to(device)

@@ -16,19 +16,19 @@ meta-learner LSTM needs it).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-Params = Dict[str, Tensor]
+Params = dict[str, Tensor]
 
 
 def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor, y: Tensor,
           loss_fn: Callable[[Tensor, Tensor], Tensor], rule, steps: int, *,
-          create_graph: bool = False, trainable: Optional[Callable[[str], bool]] = None,
-          buffers: Optional[Params] = None, batch_size: Optional[int] = None,
-          generator: Optional[torch.Generator] = None, batched: bool = False) -> Params:
+          create_graph: bool = False, trainable: Callable[[str], bool] | None = None,
+          buffers: Params | None = None, batch_size: int | None = None,
+          generator: torch.Generator | None = None, batched: bool = False) -> Params:
     """Run ``steps`` updates of ``rule`` on the loss of ``forward(params, x)`` against ``y``.
 
     ``forward`` receives the parameters merged with ``buffers`` (e.g. BatchNorm running statistics,

@@ -15,7 +15,7 @@ way other than BatchNorm, so a non-transductive test must classify one query per
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..nn.fast import functional_call
 from .adapt import adapt
 
-Params = Dict[str, Tensor]
+Params = dict[str, Tensor]
 
 
 def task_loss(task_type: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -117,10 +117,10 @@ class MetaLearner(nn.Module):
     def meta_loss(self, batch):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         raise NotImplementedError  # pragma: no cover - interface
 
-    def adapt_images(self, support, labels=None, steps: Optional[int] = None, invert: Optional[bool] = None,
+    def adapt_images(self, support, labels=None, steps: int | None = None, invert: bool | None = None,
                      transductive: bool = False):
         """:meth:`adapt` on image files, converted as the checkpoint expects (channels, size, and
         inverted for Omniglot models): ``support`` is a folder with one sub-folder per class, or a
@@ -156,8 +156,8 @@ class GradientMetaLearner(MetaLearner):
     vmappable = True  # False: the inner loop cannot run under torch.func.vmap (data-dependent control flow)
 
     def __init__(self, model: nn.Module, task_type: str, rule, inner_steps: int,
-                 inner_steps_test: Optional[int] = None, inner_batch: Optional[int] = None,
-                 inner_batch_test: Optional[int] = None):
+                 inner_steps_test: int | None = None, inner_batch: int | None = None,
+                 inner_batch_test: int | None = None):
         super().__init__(model, task_type)
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}.")
@@ -168,26 +168,26 @@ class GradientMetaLearner(MetaLearner):
 
     # -- what one task computes ----------------------------------------------------------------
     def adapted(self, params: Params, support_x: Tensor, support_y: Tensor, *, batched: bool = False,
-                generator: Optional[torch.Generator] = None) -> Params:
+                generator: torch.Generator | None = None) -> Params:
         """``theta'_i``: ``inner_steps`` updates of the rule on the support set, differentiable
         with respect to ``params`` through the inner gradients when ``second_order``."""
         return self.adapt_params(params, support_x, support_y, self.inner_steps, create_graph=self.second_order,
                                  batch_size=self.inner_batch, batched=batched, generator=generator)
 
-    def query_loss(self, params: Params, query_x: Tensor, query_y: Tensor) -> Tuple[Tensor, Tensor]:
+    def query_loss(self, params: Params, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
         """``L^query(params)`` and the query outputs."""
         out = self.functional(params, query_x)
         return self.loss_fn(out, query_y), out
 
     def task_loss(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
-                  batched: bool = False, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+                  batched: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``L_i^query(theta'_i)`` and the query outputs."""
         return self.query_loss(self.adapted(params, support_x, support_y, batched=batched, generator=generator),
                                query_x, query_y)
 
-    outer_loss: Optional[Callable[[Params, List[Params]], Tensor]] = None
+    outer_loss: Callable[[Params, list[Params]], Tensor] | None = None
 
-    def task_generators(self, tasks: int) -> List[Optional[torch.Generator]]:
+    def task_generators(self, tasks: int) -> list[torch.Generator | None]:
         """One generator per task for its inner minibatches, seeded from the global generator
         before any task runs, so that the result does not depend on the order the tasks run in;
         ``None`` for each task when the inner loop takes whole support sets."""
@@ -195,7 +195,7 @@ class GradientMetaLearner(MetaLearner):
             return [None] * tasks
         return [torch.Generator().manual_seed(s) for s in torch.randint(0, 2 ** 62, (tasks,)).tolist()]
 
-    def metrics(self, loss: Tensor, scores: List[float]) -> dict:
+    def metrics(self, loss: Tensor, scores: list[float]) -> dict:
         """The metrics of a meta-batch: the loss and the mean query accuracy (or MSE)."""
         name = "query_acc" if self.task_type == "classification" else "query_mse"
         metrics = {"loss": float(loss.detach())}
@@ -226,9 +226,9 @@ class GradientMetaLearner(MetaLearner):
 
     # -- adaptation ------------------------------------------------------------------------------
     def adapt_params(self, params: Params, x: Tensor, y: Tensor, steps: int, *,
-                     create_graph: bool = False, batch_size: Optional[int] = None,
-                     buffers: Optional[Params] = None, batched: bool = False,
-                     generator: Optional[torch.Generator] = None) -> Params:
+                     create_graph: bool = False, batch_size: int | None = None,
+                     buffers: Params | None = None, batched: bool = False,
+                     generator: torch.Generator | None = None) -> Params:
         """:func:`metatl.meta.adapt.adapt` with this learner's model, loss and rule. ``buffers``
         defaults to the model's own (BatchNorm running statistics are updated in training);
         ``generator`` draws the minibatches (default: the global generator)."""
@@ -237,7 +237,7 @@ class GradientMetaLearner(MetaLearner):
         return adapt(self.functional, params, x, y, self.loss_fn, self.rule, steps, create_graph=create_graph,
                      batch_size=batch_size, buffers=buffers, batched=batched, generator=generator)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Adapt a copy of the meta-learned parameters to a support set (no meta-gradient)."""
         support_y = check_support(support_x, support_y, self.task_type)
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}

@@ -31,13 +31,13 @@ the loss at every step and the LSTM state carried across truncations.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Params = Dict[str, Tensor]
+Params = dict[str, Tensor]
 
 
 class UnrolledLossError(FloatingPointError):
@@ -85,7 +85,7 @@ class LearnedOptimizer(nn.Module):
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, output_scale: float = 0.1,
-                 p: Optional[float] = 10.0, detach_inputs: bool = True):
+                 p: float | None = 10.0, detach_inputs: bool = True):
         super().__init__()
         self.hidden, self.output_scale, self.p, self.detach_inputs = hidden, output_scale, p, detach_inputs
         width = 2 if p is not None else 1
@@ -117,7 +117,7 @@ class LearnedOptimizer(nn.Module):
 class QuadraticProblem:
     """``f(theta) = ||W theta - y||^2`` with ``W`` ``(dim, dim)``, ``y`` and ``theta_0`` drawn from N(0, 1)."""
 
-    def __init__(self, dim: int = 10, generator: Optional[torch.Generator] = None):
+    def __init__(self, dim: int = 10, generator: torch.Generator | None = None):
         g = generator
         self.W = torch.randn(dim, dim, generator=g)
         self.y = torch.randn(dim, generator=g)
@@ -139,7 +139,7 @@ class MLPProblem:
     generalisation variants (40 units, two layers, ReLU)."""
 
     def __init__(self, x: Tensor, y: Tensor, hidden: Sequence[int] = (20,), activation: str = "sigmoid",
-                 batch: int = 128, n_classes: Optional[int] = None, generator: Optional[torch.Generator] = None):
+                 batch: int = 128, n_classes: int | None = None, generator: torch.Generator | None = None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}.")
         self.x, self.y = x.reshape(len(x), -1).float(), y.long()
@@ -200,7 +200,7 @@ def _detach(state):
 
 def meta_train(rule: nn.Module, sample_problem: Callable[[torch.Generator], object], iterations: int,
                unroll_steps: int = 100, truncation: int = 20, lr: float = 1e-3, clip: float = 1.0,
-               seed: int = 0, callback: Optional[Callable[[int, float], None]] = None) -> dict:
+               seed: int = 0, callback: Callable[[int, float], None] | None = None) -> dict:
     """Meta-train ``rule`` on ``iterations`` problems from ``sample_problem(generator)``.
 
     Each problem is optimised for ``unroll_steps`` steps from its ``init_params()``; after every

@@ -20,8 +20,6 @@ vmap over tasks, CPU threads, compiled) is chosen by ``train.executor``
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 
 from ..registry import ALGORITHMS
@@ -44,7 +42,7 @@ class MAML(GradientMetaLearner):
     """
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
-                 inner_steps: int = 1, inner_steps_test: Optional[int] = None, first_order: bool = False):
+                 inner_steps: int = 1, inner_steps_test: int | None = None, first_order: bool = False):
         super().__init__(model, task_type, SGD(inner_lr), inner_steps, inner_steps_test)
         self.inner_lr, self.first_order = inner_lr, first_order
         self.second_order = not first_order

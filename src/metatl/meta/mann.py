@@ -57,7 +57,7 @@ online protocol every class appears equally often (``shots + queries`` times) in
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ from ..stats import mean_ci95
 from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
 from .base import MetaLearner, Predictor, check_support
 
-State = Dict[str, Tensor]
+State = dict[str, Tensor]
 
 
 def cosine_read_weights(keys: Tensor, memory: Tensor, beta: float = 1.0, eps: float = 1e-8) -> Tensor:
@@ -111,7 +111,7 @@ class MANNCore(nn.Module):
     def __init__(self, input_size: int, n_classes: int, hidden: int = 200, memory: bool = True,
                  slots: int = 128, slot_size: int = 40, heads: int = 4, gamma: float = 0.95,
                  beta: float = 1.0, add_vector: bool = False, lru_per_head: bool = False,
-                 erase_slots: Optional[int] = None):
+                 erase_slots: int | None = None):
         super().__init__()
         if memory and heads > slots:
             raise ValueError(f"heads={heads} exceeds memory slots={slots}; use heads <= slots.")
@@ -162,7 +162,7 @@ class MANNCore(nn.Module):
                  "w_lu": self.least_used(w_u)}
         return self.out(torch.cat([h, r], -1)), state
 
-    def forward(self, x_seq: Tensor, y_prev_seq: Tensor, state: Optional[State] = None):
+    def forward(self, x_seq: Tensor, y_prev_seq: Tensor, state: State | None = None):
         """Run a sequence: ``x_seq`` ``(B, T, input_size)``, ``y_prev_seq`` ``(B, T, n_classes)`` ->
         logits ``(B, T, n_classes)`` and the final state."""
         state = self.initial_state(x_seq.shape[0], x_seq) if state is None else state
@@ -198,10 +198,10 @@ class MANN(MetaLearner):
         step of the shuffled support + query sequence, the paper's training).
     """
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", ways: Optional[int] = None,
+    def __init__(self, model: nn.Module, task_type: str = "classification", ways: int | None = None,
                  memory: bool = True, hidden: int = 200, slots: int = 128, slot_size: int = 40,
                  heads: int = 4, gamma: float = 0.95, beta: float = 1.0, objective: str = "episode",
-                 add_vector: bool = False, lru_per_head: bool = False, erase_slots: Optional[int] = None):
+                 add_vector: bool = False, lru_per_head: bool = False, erase_slots: int | None = None):
         super().__init__(model, task_type)
         if task_type != "classification":
             raise ValueError("MANN classifies; use it with classification episodes (e.g. data.name: omniglot).")
@@ -265,7 +265,7 @@ class MANN(MetaLearner):
         return loss, {"loss": loss.item(), name: acc}
 
     @torch.no_grad()
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Read the support set (in a fixed shuffled order); the predictor classifies each query as
         one step after it. ``steps`` must be None: there are no gradient steps."""
         if steps is not None:
@@ -281,7 +281,7 @@ class MANN(MetaLearner):
 
 @torch.no_grad()
 def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234,
-                         instances: Sequence[int] = (1, 2, 5, 10)) -> Dict[int, Dict[str, float]]:
+                         instances: Sequence[int] = (1, 2, 5, 10)) -> dict[int, dict[str, float]]:
     """The paper's online protocol: accuracy of the prediction at the k-th presentation of a class.
 
     Each episode's support and query examples (e.g. 5 ways x 10 examples = 50) are shuffled into one
@@ -294,7 +294,7 @@ def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234
 
     was_training = learner.training
     learner.eval()
-    scores: Dict[int, list] = {k: [] for k in instances}
+    scores: dict[int, list] = {k: [] for k in instances}
     g = torch.Generator().manual_seed(seed + 1)
     try:
         for ep in fixed_episodes(sampler, episodes, seed):
@@ -302,8 +302,8 @@ def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234
             order = torch.randperm(len(y), generator=g)
             x, y = x[order], y[order]
             right = (learner.online_logits(x[None], y[None])[0].argmax(-1) == y).tolist()
-            seen: Dict[int, int] = {}
-            hits: Dict[int, list] = {k: [] for k in instances}
+            seen: dict[int, int] = {}
+            hits: dict[int, list] = {k: [] for k in instances}
             for t, label in enumerate(y.tolist()):
                 seen[label] = seen.get(label, 0) + 1
                 if seen[label] in hits:

@@ -28,8 +28,6 @@ output is ``log P(y | x, S)``, so ``predict_proba`` returns ``P`` itself.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -131,7 +129,7 @@ class MatchingNet(MetaLearner):
         loss = torch.stack(losses).mean()
         return loss, {"loss": loss.item(), "query_acc": sum(scores) / len(scores)}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Store the (context) support embeddings; ``steps`` is ignored (no inner loop)."""
         support_y = check_support(support_x, support_y, self.task_type)
         n = n_ways(support_y)

@@ -27,8 +27,6 @@ evaluation both run the one inner loop :func:`metatl.meta.adapt`. The paper repo
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -93,8 +91,8 @@ class MetaLSTM(GradientMetaLearner):
     """
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_steps: int = 5,
-                 inner_steps_test: Optional[int] = None, inner_batch: Optional[int] = None,
-                 inner_batch_test: Optional[int] = None, hidden: int = 20):
+                 inner_steps_test: int | None = None, inner_batch: int | None = None,
+                 inner_batch_test: int | None = None, hidden: int = 20):
         super().__init__(model, task_type, MetaLSTMRule(hidden), inner_steps, inner_steps_test,
                          inner_batch, inner_batch_test)
 

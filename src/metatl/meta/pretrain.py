@@ -6,8 +6,6 @@ fine-tuned on the support set with the same SGD inner loop as MAML.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -21,7 +19,7 @@ class Pretrain(GradientMetaLearner):
     """Pretrained on all tasks jointly, fine-tuned with ``inner_steps_test`` SGD steps of ``inner_lr``."""
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
-                 inner_steps_test: Optional[int] = 1):
+                 inner_steps_test: int | None = 1):
         super().__init__(model, task_type, SGD(inner_lr), 0, inner_steps_test)
         self.inner_lr = inner_lr
 

@@ -14,8 +14,6 @@ ways than it tests (60-way episodes for Omniglot: ``data.train_ways: 60``).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -59,7 +57,7 @@ class ProtoNet(MetaLearner):
         loss = torch.stack(losses).mean()
         return loss, {"loss": loss.item(), "query_acc": sum(scores) / len(scores)}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """The prototypes of the support set (``steps`` is accepted and ignored: no inner loop)."""
         support_y = check_support(support_x, support_y, self.task_type)
         with torch.no_grad():

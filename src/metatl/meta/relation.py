@@ -12,8 +12,6 @@ The predictor's output is ``log r_{j,k}``: the argmax is the class of highest re
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,7 +70,7 @@ class RelationNet(MetaLearner):
         loss = torch.stack(losses).mean()
         return loss, {"loss": loss.item(), "query_acc": sum(scores) / len(scores)}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Store the class maps ``F_k``; ``steps`` is ignored (no inner loop)."""
         support_y = check_support(support_x, support_y, self.task_type)
         n = n_ways(support_y)

@@ -14,7 +14,7 @@ larger meta-batch the batched version (Algorithm 2).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,9 +40,9 @@ class Reptile(GradientMetaLearner):
     vmappable = False  # minibatches drawn with randperm
 
     def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 1e-3,
-                 inner_steps: int = 5, inner_steps_test: Optional[int] = 50,
+                 inner_steps: int = 5, inner_steps_test: int | None = 50,
                  inner_optimizer: str = "adam", inner_betas: Sequence[float] = (0.0, 0.999),
-                 inner_batch: Optional[int] = 10, inner_batch_test: Optional[int] = None):
+                 inner_batch: int | None = 10, inner_batch_test: int | None = None):
         kwargs = {"betas": tuple(inner_betas)} if inner_optimizer == "adam" else {}
         rule = make_rule(inner_optimizer, lr=inner_lr, **kwargs)
         super().__init__(model, task_type, rule, inner_steps, inner_steps_test, inner_batch, inner_batch_test)
@@ -53,7 +53,7 @@ class Reptile(GradientMetaLearner):
         start = {k: p.detach() for k, p in params.items()}
         return super().adapted(start, support_x, support_y, batched=batched, generator=generator)
 
-    def outer_loss(self, theta: Params, adapted: List[Params]) -> torch.Tensor:
+    def outer_loss(self, theta: Params, adapted: list[Params]) -> torch.Tensor:
         """``1/2 ||theta - stopgrad(mean_i theta'_i)||^2``; the adapted parameters are summed in
         the tasks' order."""
         mean = {k: sum(a[k].detach() for a in adapted) / len(adapted) for k in theta}

@@ -7,12 +7,10 @@ tensors. MAML, Meta-SGD and a learned LSTM optimizer differ only in the rule the
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
 from torch import Tensor
 
-Params = Dict[str, Tensor]
+Params = dict[str, Tensor]
 
 
 class SGD:
@@ -24,7 +22,7 @@ class SGD:
     def init(self, params: Params):
         return ()
 
-    def update(self, grads: Params, state, params: Params) -> Tuple[Params, tuple]:
+    def update(self, grads: Params, state, params: Params) -> tuple[Params, tuple]:
         return {k: -self.lr * g for k, g in grads.items()}, state
 
 

@@ -31,7 +31,7 @@ sequence is refused (build with a larger ``seq_len``): for N ways and K shots, `
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ class SNAIL(MetaLearner):
     attention : ``[key_size, value_size]`` of each attention block (paper: 64/32, 256/128, 512/256).
     """
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", ways: Optional[int] = None,
+    def __init__(self, model: nn.Module, task_type: str = "classification", ways: int | None = None,
                  seq_len: int = 26, filters: int = 128,
                  attention: Sequence[Sequence[int]] = ((64, 32), (256, 128), (512, 256))):
         super().__init__(model, task_type)
@@ -209,7 +209,7 @@ class SNAIL(MetaLearner):
         return loss, {"loss": loss.item(), "query_acc": (logits.argmax(-1) == qy).float().mean().item()}
 
     @torch.no_grad()
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None) -> Predictor:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Embed the support set once (in a fixed shuffled order); each query is one forward pass of
         ``[support, (query, 0)]``. ``steps`` must be None: there are no gradient steps."""
         if steps is not None:

@@ -13,15 +13,23 @@ BatchNorm is an explicit choice, ``bn_mode``:
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..registry import BACKBONES
-from .fast import (BatchStatsNorm2d, MaxPool2d, _compiling, _in_func_transform, _transforms_active,  # noqa: F401
-                   autocast_enabled, conv_batch_stats_norm, to_channels_last)
+from .fast import (  # noqa: F401
+    BatchStatsNorm2d,
+    MaxPool2d,
+    _compiling,
+    _in_func_transform,
+    _transforms_active,
+    autocast_enabled,
+    conv_batch_stats_norm,
+    to_channels_last,
+)
 
 BN_MODES = ("batch", "running", "none")
 FOLD_MAX_PATCH = 9  # input patch size up to which ConvNet folds its first BatchNorm (1 channel, 3 x 3)

@@ -16,7 +16,6 @@ checkpoints load either way.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -188,10 +187,10 @@ class MaxPool2d(nn.MaxPool2d):
 # that the tree is still the same, and rebuilds the plan when it is not. Models with tied or shared
 # tensors, and names that are not a parameter or buffer of the model, go to PyTorch's version.
 
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, _Plan]" = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
 
-def _structure(module: nn.Module) -> List:
+def _structure(module: nn.Module) -> list:
     """The identity of every submodule and of every parameter and buffer (with its name) in
     ``module``'s tree, in a fixed order: it changes when anything in the tree is replaced, added
     or removed."""
@@ -212,9 +211,9 @@ class _Plan:
     submodule). Holding the dictionaries keeps their tensors alive, so while the plan exists no new
     tensor can take an old one's identity and leave the structure looking unchanged."""
 
-    def __init__(self, module: nn.Module, structure: List):
+    def __init__(self, module: nn.Module, structure: list):
         self.structure = structure
-        self.slots: Dict[str, Tuple[dict, str]] = {}
+        self.slots: dict[str, tuple[dict, str]] = {}
         seen = set()
         self.tied = False
         for prefix, m in module.named_modules(remove_duplicate=False):
@@ -227,7 +226,7 @@ class _Plan:
                     seen.add(id(t))
 
 
-def functional_call(module: nn.Module, params: Dict[str, Tensor], args, kwargs=None):
+def functional_call(module: nn.Module, params: dict[str, Tensor], args, kwargs=None):
     """``module(*args, **kwargs)`` with the tensors of ``params`` (dotted names, as
     ``named_parameters()``; a subset is fine: the rest come from the module) in place of its
     parameters and buffers, which are put back afterwards. The same as

@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +32,7 @@ class RelationEmbedding(nn.Module):
         s = ((image_size - 2) // 2 - 2) // 2
         if s < 1:
             raise ValueError(f"image_size {image_size} is too small for conv4_relation (needs >= 10).")
-        self.map_shape: Tuple[int, int, int] = (filters, s, s)
+        self.map_shape: tuple[int, int, int] = (filters, s, s)
         self.bn_mode = bn_mode
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,7 +49,7 @@ def conv4_relation(in_channels: int = 1, out_features: int = 0, bn_mode: str = "
 class RelationModule(nn.Module):
     """``g_phi``: pairs of maps ``(n, 2c, s, s)`` -> relation scores ``(n,)`` in (0, 1)."""
 
-    def __init__(self, map_shape: Tuple[int, int, int], filters: int = 64, hidden: int = 8,
+    def __init__(self, map_shape: tuple[int, int, int], filters: int = 64, hidden: int = 8,
                  bn_mode: str = "batch"):
         super().__init__()
         c, h, w = map_shape

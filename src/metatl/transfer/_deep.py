@@ -16,8 +16,6 @@ whenever the learner is rebuilt from its config (``metatl eval`` of the run incl
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,7 +39,7 @@ def load_model_weights(model: nn.Module, checkpoint: str) -> None:
 class DeepTransfer(nn.Module):
     """Base class: ``model`` plus the hooks the trainer uses (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: Optional[str] = None):
+    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None):
         super().__init__()
         if task_type != "classification":
             raise ValueError(f"{type(self).__name__} is for classification data; got task type {task_type!r}.")
@@ -72,10 +70,10 @@ class DeepTransfer(nn.Module):
     def set_progress(self, p: float) -> None:
         self.progress = float(p)
 
-    def param_groups(self) -> List[Dict]:
+    def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def source_and_target_features(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    def source_and_target_features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The features the domain losses align, for ``source_x`` and ``target_x`` in one forward pass:
         ``features`` after the backbone's dropout (the layer skada-bench aligns on its digits net), so
         ``classify(z, dropped=True)`` gives the training logits of the same rows."""
@@ -87,7 +85,7 @@ class DeepTransfer(nn.Module):
         raise NotImplementedError
 
 
-def labelled_rows(batch: Dict[str, Tensor], labels: str) -> Tuple[Tensor, Tensor]:
+def labelled_rows(batch: dict[str, Tensor], labels: str) -> tuple[Tensor, Tensor]:
     """The labelled rows of a domain batch: ``labels`` = source, target (the revealed target labels)
     or both."""
     has_target = "target_labelled_x" in batch

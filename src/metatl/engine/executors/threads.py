@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Callable, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ def replicate(module: nn.Module) -> nn.Module:
                             f"one after another.") from error
 
 
-def map_shards(learner, fn: Callable, items: Sequence, threads: int) -> List:
+def map_shards(learner, fn: Callable, items: Sequence, threads: int) -> list:
     """``[fn(replica_w, items[w::threads]) for w in range(threads)]``, each call in its own thread
     (the caller's thread runs the first, with ``learner`` itself) with
     ``torch.get_num_threads() // threads`` intra-op threads (at least one) and its own replica of

@@ -17,7 +17,6 @@ The domain classifier is ``d -> hidden -> BatchNorm -> ReLU -> 1`` (as in skada)
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,7 @@ class DANN(DeepTransfer):
     """DANN (Ganin et al. 2016): gradient reversal, domain classifier, lambda schedule 2/(1+exp(-10p))-1."""
 
     def __init__(self, model: nn.Module, task_type: str = "classification", weight: float = 1.0,
-                 gamma: float = 10.0, hidden: int = 100, init_checkpoint: Optional[str] = None):
+                 gamma: float = 10.0, hidden: int = 100, init_checkpoint: str | None = None):
         super().__init__(model, task_type, init_checkpoint)
         if not hasattr(model, "embedding_dim"):
             raise ValueError("dann needs model.embedding_dim (the feature width) to size its domain classifier.")

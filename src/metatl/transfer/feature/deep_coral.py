@@ -11,8 +11,6 @@ aligns on its digits net).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,7 +36,7 @@ class DeepCORAL(DeepTransfer):
     """Deep CORAL (Sun & Saenko 2016): CE + weight * ||C_s - C_t||_F^2 / (4 d^2) on the features."""
 
     def __init__(self, model: nn.Module, task_type: str = "classification", weight: float = 1.0,
-                 init_checkpoint: Optional[str] = None):
+                 init_checkpoint: str | None = None):
         super().__init__(model, task_type, init_checkpoint)
         self.weight = weight
 

@@ -11,8 +11,6 @@ use (e.g. a scikit-learn classifier or a classical estimator from :mod:`metatl.t
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +34,7 @@ def extract_features(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Ten
 class LinearProbe(DeepTransfer):
     """Linear probe: a frozen pretrained feature extractor (eval mode) and a trained linear head."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: Optional[str] = None,
+    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None,
                  labels: str = "target", reset_head: bool = True):
         super().__init__(model, task_type, init_checkpoint)
         if reset_head:

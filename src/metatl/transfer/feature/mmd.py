@@ -26,7 +26,7 @@ The objective (on the ``embed`` features after the backbone's dropout, and on th
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ def multi_kernel(a: Tensor, b: Tensor, bandwidths: Tensor) -> Tensor:
     return torch.stack([torch.exp(-sq / s) for s in bandwidths]).mean(0)
 
 
-def mk_mmd(source: Tensor, target: Tensor, bandwidths: Optional[Tensor] = None, estimator: str = "unbiased",
+def mk_mmd(source: Tensor, target: Tensor, bandwidths: Tensor | None = None, estimator: str = "unbiased",
            multipliers: Sequence[float] = MULTIPLIERS) -> Tensor:
     """Multi-kernel ``MMD^2`` between ``source (n_s, d)`` and ``target (n_t, d)`` (see the module docstring)."""
     if bandwidths is None:
@@ -87,7 +87,7 @@ class DAN(DeepTransfer):
 
     def __init__(self, model: nn.Module, task_type: str = "classification", weight: float = 1.0,
                  estimator: str = "unbiased", layers: Sequence[str] = ("features",),
-                 multipliers: Sequence[float] = MULTIPLIERS, init_checkpoint: Optional[str] = None):
+                 multipliers: Sequence[float] = MULTIPLIERS, init_checkpoint: str | None = None):
         super().__init__(model, task_type, init_checkpoint)
         unknown = set(layers) - {"features", "logits"}
         if unknown or not layers:

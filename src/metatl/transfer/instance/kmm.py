@@ -101,7 +101,7 @@ def kmm_weights(X_source, X_target, *, gamma=1.0, B=1000.0, eps=None, solver="au
 
     beta = project_box_slab(np.ones(n_s), B, lo, hi)
     z, t = beta.copy(), 1.0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (reported after the loop)
         beta_new = project_box_slab(z - (Kv(z) - kappa) / L, B, lo, hi)
         if (z - beta_new) @ (beta_new - beta) > 0:  # adaptive restart of the momentum
             t = 1.0

@@ -16,8 +16,8 @@ multiplied by the group's ``lr_scale``). ``reset_head=True`` re-initialises the 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fnmatch import fnmatch
-from typing import Dict, List, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch(name, p) for p in patterns)
 
 
-def freeze_by_filter(model: nn.Module, patterns: Sequence[str]) -> List[str]:
+def freeze_by_filter(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Set ``requires_grad=False`` on every parameter whose name matches a pattern; returns their names."""
     frozen = [name for name, p in model.named_parameters() if matches(name, patterns)]
     for name, p in model.named_parameters():
@@ -41,7 +41,7 @@ def freeze_by_filter(model: nn.Module, patterns: Sequence[str]) -> List[str]:
     return frozen
 
 
-def param_groups(named_params, lr_scales: Optional[Dict[str, float]] = None) -> List[Dict]:
+def param_groups(named_params, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Optimizer groups of the trainable parameters: one per ``lr_scales`` pattern (first match wins)
     with ``lr_scale`` set, and one with scale 1 for the rest; empty groups are dropped."""
     lr_scales = dict(lr_scales or {})
@@ -60,8 +60,8 @@ def param_groups(named_params, lr_scales: Optional[Dict[str, float]] = None) -> 
 class Finetune(DeepTransfer):
     """Fine-tuning: all layers, head only, or a freeze filter (fnmatch); per-pattern lr scales."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: Optional[str] = None,
-                 strategy: str = "all", freeze: Sequence[str] = (), lr_scales: Optional[Dict[str, float]] = None,
+    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None,
+                 strategy: str = "all", freeze: Sequence[str] = (), lr_scales: dict[str, float] | None = None,
                  labels: str = "target", reset_head: bool = False):
         super().__init__(model, task_type, init_checkpoint)
         if strategy not in STRATEGIES:
@@ -77,10 +77,10 @@ class Finetune(DeepTransfer):
             raise ValueError(f"the freeze filter {list(freeze)} freezes every parameter; nothing would train.")
         self.lr_scales, self.labels, self.reset_head = dict(lr_scales or {}), labels, reset_head
 
-    def param_groups(self) -> List[Dict]:
+    def param_groups(self) -> list[dict]:
         return param_groups(self.model.named_parameters(), self.lr_scales)
 
-    def regularizer(self) -> Optional[Tensor]:
+    def regularizer(self) -> Tensor | None:
         """Extra penalty added to the loss (none here; see :class:`~metatl.transfer.parameter.l2sp.L2SP`)."""
         return None
 

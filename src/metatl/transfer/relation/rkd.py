@@ -27,7 +27,6 @@ Two uses, one objective (:class:`RKD`), ``L = ce_weight * CE(f(x), y) + L_RKD(st
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +74,8 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class RKD(DeepTransfer):
     """Relational KD (Park et al. 2019): distance- and angle-wise Huber losses to a frozen teacher."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", teacher_checkpoint: Optional[str] = None,
-                 init_checkpoint: Optional[str] = None, distance_weight: float = 25.0, angle_weight: float = 50.0,
+    def __init__(self, model: nn.Module, task_type: str = "classification", teacher_checkpoint: str | None = None,
+                 init_checkpoint: str | None = None, distance_weight: float = 25.0, angle_weight: float = 50.0,
                  ce_weight: float = 1.0, on: str = "source", labels: str = "source"):
         super().__init__(model, task_type, init_checkpoint)
         if on not in ("source", "target", "both"):
