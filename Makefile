@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch: small and fast to install. Users elsewhere get any torch>=2.3 from pyproject.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/metatl train configs/maml_sinusoid_demo.yaml --out runs/demo --overwrite
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# ruff's rules and format, as configured in pyproject.toml; `make format` applies them
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # make bench BENCH="transfer --quick": any entry point of benchmarks/README.md
 BENCH ?= speed
