@@ -12,6 +12,7 @@ Each benchmark is a script in this folder that can also be run on its own with m
 ``--quick`` runs a small smoke version of each script and writes to a temporary folder, so the
 checked-in results are never overwritten by it. benchmarks/README.md says what each one measures.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,55 +31,111 @@ def _learn2learn() -> list[str] | None:
         return ["--learn2learn-src", os.environ["LEARN2LEARN_SRC"]]
     if importlib.util.find_spec("learn2learn") is not None:
         return []
-    print("learn2learn not found (pip install learn2learn==0.2.0, or LEARN2LEARN_SRC=its package folder): "
-          "learn2learn_compare.py skipped", file=sys.stderr)
+    print(
+        "learn2learn not found (pip install learn2learn==0.2.0, or LEARN2LEARN_SRC=its package folder): "
+        "learn2learn_compare.py skipped",
+        file=sys.stderr,
+    )
     return None
 
 
 def _speed(quick: bool, tmp: str) -> list[list[str]]:
     l2l = _learn2learn()
     if not quick:
-        return [["maml_speed.py"], *([["learn2learn_compare.py", *l2l]] if l2l is not None else []),
-                ["episode_speed.py"]]
-    runs = [["maml_speed.py", "--algorithms", "maml", "--backbones", "conv4_stride", "--iters", "1", "--warmup", "1",
-             "--out", f"{tmp}/maml_speed.json"],
-            ["episode_speed.py", "--seconds", "0.5", "--methods", "protonet", "mann", "--out", f"{tmp}/episode_speed.json"]]
+        return [
+            ["maml_speed.py"],
+            *([["learn2learn_compare.py", *l2l]] if l2l is not None else []),
+            ["episode_speed.py"],
+        ]
+    runs = [
+        [
+            "maml_speed.py",
+            "--algorithms",
+            "maml",
+            "--backbones",
+            "conv4_stride",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            f"{tmp}/maml_speed.json",
+        ],
+        ["episode_speed.py", "--seconds", "0.5", "--methods", "protonet", "mann", "--out", f"{tmp}/episode_speed.json"],
+    ]
     if l2l is not None:
-        runs.append(["learn2learn_compare.py", *l2l, "--rounds", "1", "--backbones", "conv4_stride",
-                     "--out", f"{tmp}/learn2learn_compare.json"])
+        runs.append(
+            [
+                "learn2learn_compare.py",
+                *l2l,
+                "--rounds",
+                "1",
+                "--backbones",
+                "conv4_stride",
+                "--out",
+                f"{tmp}/learn2learn_compare.json",
+            ]
+        )
     return runs
 
 
 def _accuracy(quick: bool, tmp: str) -> list[list[str]]:
     if not quick:
         return [["accuracy.py"]]
-    return [["accuracy.py", "metric", "--only", "protonet_omniglot_5w1s", "--budget-min", "0.05", "--runs", tmp,
-             "--out", tmp, "--set", "eval.episodes=20", "train.val_every=0"]]
+    return [
+        [
+            "accuracy.py",
+            "metric",
+            "--only",
+            "protonet_omniglot_5w1s",
+            "--budget-min",
+            "0.05",
+            "--runs",
+            tmp,
+            "--out",
+            tmp,
+            "--set",
+            "eval.episodes=20",
+            "train.val_every=0",
+        ]
+    ]
 
 
 def _transfer(quick: bool, tmp: str) -> list[list[str]]:
     if not quick:
         return [["transfer_classical.py"], ["transfer_classical.py", "--cost"], ["transfer_digits.py"]]
-    return [["transfer_classical.py", "--cost", "--sizes", "500", "--out", f"{tmp}/transfer_classical.json"],
-            ["transfer_digits.py", "--device", "cpu", "--quick", "--out", f"{tmp}/transfer_digits.json"]]
+    return [
+        ["transfer_classical.py", "--cost", "--sizes", "500", "--out", f"{tmp}/transfer_classical.json"],
+        ["transfer_digits.py", "--device", "cpu", "--quick", "--out", f"{tmp}/transfer_digits.json"],
+    ]
 
 
 def _learned_optimizer(quick: bool, tmp: str) -> list[list[str]]:
-    return [["learned_optimizer.py", "--quick", "--only", "quadratic", "--out", tmp] if quick else
-            ["learned_optimizer.py"]]
+    return [
+        ["learned_optimizer.py", "--quick", "--only", "quadratic", "--out", tmp] if quick else ["learned_optimizer.py"]
+    ]
 
 
 def _contention(quick: bool, tmp: str) -> list[list[str]]:
-    return [["contention.py", "--seconds", "5", "--busy", "0", "--out", f"{tmp}/contention.json"] if quick else
-            ["contention.py"]]
+    return [
+        ["contention.py", "--seconds", "5", "--busy", "0", "--out", f"{tmp}/contention.json"]
+        if quick
+        else ["contention.py"]
+    ]
 
 
 def _report(quick: bool, tmp: str) -> list[list[str]]:
     return [["report.py", "--check"] if quick else ["report.py"]]
 
 
-BENCHMARKS = {"speed": _speed, "accuracy": _accuracy, "transfer": _transfer,
-              "learned-optimizer": _learned_optimizer, "contention": _contention, "report": _report}
+BENCHMARKS = {
+    "speed": _speed,
+    "accuracy": _accuracy,
+    "transfer": _transfer,
+    "learned-optimizer": _learned_optimizer,
+    "contention": _contention,
+    "report": _report,
+}
 
 
 def main(argv=None) -> int:
@@ -93,8 +150,11 @@ def main(argv=None) -> int:
         runs = BENCHMARKS[name](quick, tmp)
         if rest:  # extra options go to the benchmark's one script
             if len(runs) != 1:
-                print(f"`{name}` runs {len(runs)} scripts; pass options to one of them: "
-                      + ", ".join(f"python benchmarks/{r[0]}" for r in runs), file=sys.stderr)
+                print(
+                    f"`{name}` runs {len(runs)} scripts; pass options to one of them: "
+                    + ", ".join(f"python benchmarks/{r[0]}" for r in runs),
+                    file=sys.stderr,
+                )
                 return 2
             runs[0] = runs[0] + rest
         for script, *args in runs:

@@ -1,6 +1,7 @@
 """What the speed benchmarks share: the execution settings they pass (:data:`EXECUTION`), a config's
 training step as the trainer runs it, steps of several variants interleaved, and the facts about the
 machine that every benchmark JSON records."""
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,7 @@ def matmul_gflops(threads: int, size: int = 1024, calls: int = 30) -> float:
         start = time.perf_counter()
         for _ in range(calls):
             a @ b
-        return 2 * size ** 3 * calls / (time.perf_counter() - start) / 1e9
+        return 2 * size**3 * calls / (time.perf_counter() - start) / 1e9
     finally:
         torch.set_num_threads(previous)
 
@@ -97,9 +98,14 @@ def machine(threads: int) -> dict:
     moment (:func:`matmul_gflops`); call it before timing."""
     from metatl.engine.trainer import hardware
 
-    return {"hardware": hardware(), "torch": torch.__version__, "threads": threads,
-            "load_average_at_start": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "matmul_gflops_at_start": matmul_gflops(threads)}
+    return {
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load_average_at_start": list(os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "matmul_gflops_at_start": matmul_gflops(threads),
+    }
 
 
 def write_json(path, record: dict) -> None:

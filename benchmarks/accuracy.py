@@ -25,6 +25,7 @@ configs/<name>.yaml --out runs/metric/<name> --set train.time_budget_min=<budget
 then runs the test episodes). A finished run (results.json present) is skipped unless ``--force``.
 The table goes to stdout and to ``--out``/metric_results.md, the numbers to metric_results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,12 @@ def curve(argv=None) -> int:
     """Score a run's snapshots: the time-to-accuracy curve."""
     ap = argparse.ArgumentParser(prog="accuracy.py curve", description=curve.__doc__)
     ap.add_argument("run", type=Path)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "time_to_accuracy.json",
-                    help="JSON of runs by folder name; this run's entry is replaced, the others kept")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "time_to_accuracy.json",
+        help="JSON of runs by folder name; this run's entry is replaced, the others kept",
+    )
     ap.add_argument("--plot", type=Path, default=None, help="also plot the curve to this .png")
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--reference", type=float, nargs="*", default=[0.95, 0.97])
@@ -63,20 +68,42 @@ def curve(argv=None) -> int:
     for snap in snaps:
         averaged = ckpt_io.load(snap).get("averaged") is not None
         for weights in ("averaged", "raw") if averaged else ("raw",):
-            res, _ = evaluate_checkpoint(snap, [f"eval.episodes={args.episodes}", f"eval.weights={weights}", *args.set],
-                                         out=tempfile.mkdtemp(), progress=False)  # the numbers go to --out
-            points.append({"minutes": res["train_seconds"] / 60, "iteration": res["iterations"], "weights": weights,
-                           "accuracy": res["metric"]["mean"], "ci95": res["metric"]["ci95"]})
-            print(f"{points[-1]['minutes']:6.2f} min  it {res['iterations']:6d}  {weights:8s} "
-                  f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%", flush=True)
+            res, _ = evaluate_checkpoint(
+                snap,
+                [f"eval.episodes={args.episodes}", f"eval.weights={weights}", *args.set],
+                out=tempfile.mkdtemp(),
+                progress=False,
+            )  # the numbers go to --out
+            points.append(
+                {
+                    "minutes": res["train_seconds"] / 60,
+                    "iteration": res["iterations"],
+                    "weights": weights,
+                    "accuracy": res["metric"]["mean"],
+                    "ci95": res["metric"]["ci95"],
+                }
+            )
+            print(
+                f"{points[-1]['minutes']:6.2f} min  it {res['iterations']:6d}  {weights:8s} "
+                f"{100 * res['metric']['mean']:.2f} +- {100 * res['metric']['ci95']:.2f}%",
+                flush=True,
+            )
     run_results = args.run / "results.json"  # the run's own record: versions, training length
     run = json.loads(run_results.read_text()) if run_results.exists() else {}
     config = args.run / "config.yaml"
-    record = {"run": str(args.run), "episodes": args.episodes, "hardware": hardware(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": run.get("torch_version"),
-              "metatl": run.get("metatl_version"), "train_seconds": run.get("train_seconds"),
-              "iterations": run.get("iterations"), "overrides": args.set,
-              "config": load_yaml(config.read_text()) if config.exists() else None, "points": points}
+    record = {
+        "run": str(args.run),
+        "episodes": args.episodes,
+        "hardware": hardware(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": run.get("torch_version"),
+        "metatl": run.get("metatl_version"),
+        "train_seconds": run.get("train_seconds"),
+        "iterations": run.get("iterations"),
+        "overrides": args.set,
+        "config": load_yaml(config.read_text()) if config.exists() else None,
+        "points": points,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs[args.run.name] = record
@@ -94,8 +121,14 @@ def curve(argv=None) -> int:
     for weights in kinds:
         these = [p for p in points if p["weights"] == weights]
         label = "metatl MAML" + (f", {weights} weights" if len(kinds) > 1 else "") + " (test, 600 episodes)"
-        ax.errorbar([p["minutes"] for p in these], [100 * p["accuracy"] for p in these],
-                    yerr=[100 * p["ci95"] for p in these], marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [p["minutes"] for p in these],
+            [100 * p["accuracy"] for p in these],
+            yerr=[100 * p["ci95"] for p in these],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     for r in args.reference:
         ax.axhline(100 * r, ls=":", color="gray")
     ax.set(xlabel="training minutes", ylabel="5-way 1-shot accuracy (%)", title=args.run.name)
@@ -114,8 +147,11 @@ def mann_online(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--name", default=None, help="the entry's name in --out (default: the run folder's name)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mann_online.json"),
-                   help="JSON of scored runs by name; this entry is replaced, the others kept")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks" / "results" / "mann_online.json"),
+        help="JSON of scored runs by name; this entry is replaced, the others kept",
+    )
     args = p.parse_args(argv)
     from metatl.data import build_sampler
     from metatl.engine.build import load_learner
@@ -125,14 +161,22 @@ def mann_online(argv=None) -> int:
     learner = load_learner(args.checkpoint, overrides=["data.ways=5", "data.shots=5", "data.queries=5"])
     cfg = learner.config
     acc = mann_online_accuracy(learner, build_sampler(cfg.data, args.split), args.episodes, args.seed)
-    result = {"checkpoint": args.checkpoint, "memory": cfg.algorithm.get("memory", True),
-              "config": cfg.name, "algorithm": cfg.algorithm,
-              "backbone": cfg.model.get("name"), "split": args.split, "episodes": args.episodes,
-              "eval_seed": args.seed, "iterations": learner.trained["iterations"],
-              "train_seconds": learner.trained["train_seconds"],
-              "accuracy_by_instance": {str(k): v for k, v in acc.items()},
-              "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
-              "hardware_of_this_scoring": hardware(), "torch_version": torch.__version__}
+    result = {
+        "checkpoint": args.checkpoint,
+        "memory": cfg.algorithm.get("memory", True),
+        "config": cfg.name,
+        "algorithm": cfg.algorithm,
+        "backbone": cfg.model.get("name"),
+        "split": args.split,
+        "episodes": args.episodes,
+        "eval_seed": args.seed,
+        "iterations": learner.trained["iterations"],
+        "train_seconds": learner.trained["train_seconds"],
+        "accuracy_by_instance": {str(k): v for k, v in acc.items()},
+        "published_mann": {"2": 0.828, "5": 0.949},  # Santoro et al. 2016, table 1
+        "hardware_of_this_scoring": hardware(),
+        "torch_version": torch.__version__,
+    }
     print(" ".join(f"instance {k}: {100 * v['mean']:.1f} +- {100 * v['ci95']:.1f}%" for k, v in acc.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +203,20 @@ def run_names():
 
 def train(name: str, budget: float, runs: Path, overrides) -> int:
     """``metatl train`` one config under a budget; ``overrides`` join the budget in one ``--set``."""
-    cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml"),
-           "--out", str(runs / name), "--no-progress", "--overwrite", "--set", f"train.time_budget_min={budget}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "metatl.cli",
+        "train",
+        str(ROOT / "configs" / f"{name}.yaml"),
+        "--out",
+        str(runs / name),
+        "--no-progress",
+        "--overwrite",
+        "--set",
+        f"train.time_budget_min={budget}",
+        *overrides,
+    ]
     print("$", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -171,9 +227,14 @@ def collect(runs: Path) -> dict:
         path = runs / name / "results.json"
         if path.exists():
             r = json.loads(path.read_text())
-            table[name] = {"mean": 100 * r["metric"]["mean"], "ci95": 100 * r["metric"]["ci95"],
-                           "episodes": r["episodes"], "iterations": r["iterations"],
-                           "train_minutes": r["train_seconds"] / 60, "hardware": r["hardware"]}
+            table[name] = {
+                "mean": 100 * r["metric"]["mean"],
+                "ci95": 100 * r["metric"]["ci95"],
+                "episodes": r["episodes"],
+                "iterations": r["iterations"],
+                "train_minutes": r["train_seconds"] / 60,
+                "hardware": r["hardware"],
+            }
     return table
 
 
@@ -185,8 +246,11 @@ def markdown(table: dict) -> str:
         cells = []
         for s in SETTINGS:
             r = table.get(f"{m}_omniglot_{s}")
-            cells.append(f"{r['mean']:.1f} +- {r['ci95']:.1f} ({r['train_minutes']:.0f} min, {r['iterations']} it)"
-                         if r else "not yet run")
+            cells.append(
+                f"{r['mean']:.1f} +- {r['ci95']:.1f} ({r['train_minutes']:.0f} min, {r['iterations']} it)"
+                if r
+                else "not yet run"
+            )
         lines.append(f"| {title} (metatl) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

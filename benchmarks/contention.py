@@ -8,6 +8,7 @@ slower beside one busy process than alone on 2 cores.
 
     python benchmarks/contention.py [--seconds 60] [--threads auto 2] [--out benchmarks/results/contention.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,23 @@ def run_child(seconds: float, threads: str) -> dict:
     from metatl.engine.trainer import Trainer
 
     value = "auto" if threads == "auto" else int(threads)
-    cfg = load_config(CONFIG, [f"train.time_budget_min={seconds / 60}", "train.ckpt_every=0",
-                               f"train.num_threads={json.dumps(value)}"])
+    cfg = load_config(
+        CONFIG,
+        [f"train.time_budget_min={seconds / 60}", "train.ckpt_every=0", f"train.num_threads={json.dumps(value)}"],
+    )
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out, progress=False)
         start = time.perf_counter()
         trainer.fit()
         wall = time.perf_counter() - start
     episodes = trainer.iteration * cfg.train.meta_batch
-    return {"episodes": episodes, "episodes_per_s": episodes / trainer.train_seconds,
-            "train_seconds": trainer.train_seconds, "wall_seconds": wall,
-            "threads_at_end": trainer.runtime.threads}
+    return {
+        "episodes": episodes,
+        "episodes_per_s": episodes / trainer.train_seconds,
+        "train_seconds": trainer.train_seconds,
+        "wall_seconds": wall,
+        "threads_at_end": trainer.runtime.threads,
+    }
 
 
 def measure(seconds: float, threads: str, busy: int) -> dict:
@@ -52,8 +59,12 @@ def measure(seconds: float, threads: str, busy: int) -> dict:
     for hog in hogs:
         hog.start()
     try:
-        out = subprocess.run([sys.executable, __file__, "--child", "--seconds", str(seconds), "--threads", threads],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--seconds", str(seconds), "--threads", threads],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     finally:
         for hog in hogs:
             hog.terminate()
@@ -81,15 +92,23 @@ def main() -> None:
         for busy in args.busy:
             res = {"threads": threads, "busy_processes": busy, **measure(args.seconds, threads, busy)}
             runs.append(res)
-            print(f"num_threads={threads:>4} beside {busy} busy: {res['episodes']:6d} episodes "
-                  f"({res['episodes_per_s']:.2f}/s, {res['threads_at_end']} threads at the end)", flush=True)
+            print(
+                f"num_threads={threads:>4} beside {busy} busy: {res['episodes']:6d} episodes "
+                f"({res['episodes_per_s']:.2f}/s, {res['threads_at_end']} threads at the end)",
+                flush=True,
+            )
     for threads in args.threads:
         alone = next((r for r in runs if r["threads"] == threads and r["busy_processes"] == 0), None)
         for r in runs:
             if alone and r["threads"] == threads and r is not alone:
                 r["slowdown"] = alone["episodes_per_s"] / r["episodes_per_s"]
-    record = {"config": str(CONFIG.relative_to(ROOT)), "seconds": args.seconds, "cores": available_cores(),
-              "hardware": hardware(), "runs": runs}
+    record = {
+        "config": str(CONFIG.relative_to(ROOT)),
+        "seconds": args.seconds,
+        "cores": available_cores(),
+        "hardware": hardware(),
+        "runs": runs,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")

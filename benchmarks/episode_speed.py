@@ -18,6 +18,7 @@ when found, else random images of the same shape (speed does not depend on pixel
 ``--set`` overrides every method's config (as ``metatl train --set``); ``train.precision=bfloat16``
 times the meta-loss under bfloat16 autocast as the trainer runs it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,13 @@ from pathlib import Path
 import torch
 
 METHODS = {  # name -> (config, overrides, has a test-time adapt to time)
-    "protonet": ("protonet", [], True), "matching": ("matching", [], True), "relation": ("relation", [], True),
-    "mann": ("mann", [], False), "lstm": ("mann", ["algorithm.memory=false"], False),
-    "snail": ("snail", [], False), "meta_lstm": ("meta_lstm", [], False),
+    "protonet": ("protonet", [], True),
+    "matching": ("matching", [], True),
+    "relation": ("relation", [], True),
+    "mann": ("mann", [], False),
+    "lstm": ("mann", ["algorithm.memory=false"], False),
+    "snail": ("snail", [], False),
+    "meta_lstm": ("meta_lstm", [], False),
 }
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def random_sampler(cfg_data, subset):
     from metatl.data import EpisodeSampler, TensorClassPool
 
-    ways, shots, queries = ((cfg_data.train_ways or cfg_data.ways), (cfg_data.train_shots or cfg_data.shots),
-                            (cfg_data.train_queries or cfg_data.queries)) if subset == "train" else \
-        (cfg_data.ways, cfg_data.shots, cfg_data.queries)
+    ways, shots, queries = (
+        (
+            (cfg_data.train_ways or cfg_data.ways),
+            (cfg_data.train_shots or cfg_data.shots),
+            (cfg_data.train_queries or cfg_data.queries),
+        )
+        if subset == "train"
+        else (cfg_data.ways, cfg_data.shots, cfg_data.queries)
+    )
     x = torch.rand(100 * 20, 1, cfg_data.image_size, cfg_data.image_size)
     s = EpisodeSampler(TensorClassPool(x, torch.arange(100).repeat_interleave(20)), ways, shots, queries)
     s.input_spec = {"in_channels": 1, "image_size": cfg_data.image_size}
@@ -88,17 +99,22 @@ def measure(method: str, seconds: float, data: str, overrides=(), device: str = 
     learner.train()
     steps, t_train = timed(train_step, seconds)
     d = cfg.data
-    out = {"train_episodes_per_s": steps * cfg.train.meta_batch / t_train,
-           "train_steps_per_s": steps / t_train,
-           "train_episode": f"{d.train_ways or d.ways}-way {d.train_shots or d.shots}-shot, "
-                            f"{d.train_queries or d.queries} queries/class, meta-batch {cfg.train.meta_batch}",
-           "timed_train_steps": steps,
-           "config": f"configs/{config}_omniglot_5w1s.yaml" + (f" --set {' '.join(own)}" if own else "")}
+    out = {
+        "train_episodes_per_s": steps * cfg.train.meta_batch / t_train,
+        "train_steps_per_s": steps / t_train,
+        "train_episode": f"{d.train_ways or d.ways}-way {d.train_shots or d.shots}-shot, "
+        f"{d.train_queries or d.queries} queries/class, meta-batch {cfg.train.meta_batch}",
+        "timed_train_steps": steps,
+        "config": f"configs/{config}_omniglot_5w1s.yaml" + (f" --set {' '.join(own)}" if own else ""),
+    }
     if timed_eval and device == "cpu":
         learner.eval()
         episodes, t_eval = timed(eval_episode, seconds)
-        out.update(eval_episodes_per_s=episodes / t_eval, timed_eval_episodes=episodes,
-                   eval_episode=f"{d.ways}-way {d.shots}-shot, {d.queries} queries/class")
+        out.update(
+            eval_episodes_per_s=episodes / t_eval,
+            timed_eval_episodes=episodes,
+            eval_episode=f"{d.ways}-way {d.shots}-shot, {d.queries} queries/class",
+        )
     return out
 
 
@@ -122,13 +138,25 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError):
         data = "random images (Omniglot not found)"
     hardware_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else hardware()
-    results = {"data": data, "seconds_per_measurement": args.seconds, "threads": args.threads,
-               "device": args.device, "hardware": hardware_name, "torch_version": torch.__version__, "overrides": args.set, "methods": {}}
+    results = {
+        "data": data,
+        "seconds_per_measurement": args.seconds,
+        "threads": args.threads,
+        "device": args.device,
+        "hardware": hardware_name,
+        "torch_version": torch.__version__,
+        "overrides": args.set,
+        "methods": {},
+    }
     for m in args.methods:
         kind = "omniglot" if data == "omniglot" else "random"
         results["methods"][m] = r = measure(m, args.seconds, kind, args.set, args.device)
-        evaluation = f"; eval {r['eval_episodes_per_s']:8.1f} episodes/s ({r['eval_episode']})" if "eval_episode" in r else ""
-        print(f"{m:<9} train {r['train_episodes_per_s']:8.1f} episodes/s ({r['train_episode']}){evaluation}", flush=True)
+        evaluation = (
+            f"; eval {r['eval_episodes_per_s']:8.1f} episodes/s ({r['eval_episode']})" if "eval_episode" in r else ""
+        )
+        print(
+            f"{m:<9} train {r['train_episodes_per_s']:8.1f} episodes/s ({r['train_episode']}){evaluation}", flush=True
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

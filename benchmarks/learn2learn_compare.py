@@ -24,6 +24,7 @@ without the package's ``__init__`` (which needs torchvision, gym and compiled ex
     python benchmarks/learn2learn_compare.py [--learn2learn-src DIR] [--rounds 6] [--threads 2]
         [--out benchmarks/results/learn2learn_compare.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,16 @@ def import_learn2learn(src):
     if src:
         src = Path(src).resolve()
         if not (src / "algorithms" / "maml.py").is_file():
-            raise SystemExit(f"--learn2learn-src {src}: expected the 'learn2learn' package folder "
-                             f"(with algorithms/maml.py) of learn2learn's unpacked source archive.")
-        for name, folder in [("learn2learn", src), ("learn2learn.algorithms", src / "algorithms"),
-                             ("learn2learn.vision", src / "vision"),
-                             ("learn2learn.vision.models", src / "vision" / "models")]:
+            raise SystemExit(
+                f"--learn2learn-src {src}: expected the 'learn2learn' package folder "
+                f"(with algorithms/maml.py) of learn2learn's unpacked source archive."
+            )
+        for name, folder in [
+            ("learn2learn", src),
+            ("learn2learn.algorithms", src / "algorithms"),
+            ("learn2learn.vision", src / "vision"),
+            ("learn2learn.vision.models", src / "vision" / "models"),
+        ]:
             package = types.ModuleType(name)
             package.__path__ = [str(folder)]
             sys.modules[name] = package
@@ -59,11 +65,14 @@ def import_learn2learn(src):
         try:
             import learn2learn
         except ImportError as error:
-            raise SystemExit(f"learn2learn is not importable ({error}); install it or pass --learn2learn-src "
-                             f"(see this script's docstring).") from error
+            raise SystemExit(
+                f"learn2learn is not importable ({error}); install it or pass --learn2learn-src "
+                f"(see this script's docstring)."
+            ) from error
         version = learn2learn.__version__
     from learn2learn.algorithms.maml import MAML
     from learn2learn.vision.models.cnn4 import ConvBase
+
     return MAML, ConvBase, version
 
 
@@ -102,15 +111,18 @@ def same_meta_gradient(maml_cls, l2l_net, learner, sampler) -> float:
     l2l_net, model = l2l_net.double(), learner.model.double()
     ours = list(model.parameters())  # per block: conv weight and bias, BatchNorm weight and bias; head
     named = dict(l2l_net.named_parameters())
-    theirs = [named[f"base.{i}.{layer}.{p}"] for i in range(4) for layer in ("conv", "normalize")
-              for p in ("weight", "bias")] + [named["head.weight"], named["head.bias"]]
+    theirs = [
+        named[f"base.{i}.{layer}.{p}"] for i in range(4) for layer in ("conv", "normalize") for p in ("weight", "bias")
+    ] + [named["head.weight"], named["head.bias"]]
     if [p.shape for p in ours] != [p.shape for p in theirs]:
         raise RuntimeError("the two nets' parameters do not line up")
     with torch.no_grad():
         for a, b in zip(theirs, ours):
             a.copy_(b)
-    batch = [Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
-             for ep in sampler.sample_batch(4, torch.Generator().manual_seed(1))]
+    batch = [
+        Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
+        for ep in sampler.sample_batch(4, torch.Generator().manual_seed(1))
+    ]
     maml = maml_cls(l2l_net, lr=learner.inner_lr, first_order=False)
     loss_fn = torch.nn.CrossEntropyLoss()
     for ep in batch:
@@ -128,12 +140,18 @@ def same_meta_gradient(maml_cls, l2l_net, learner, sampler) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--learn2learn-src", default=None, help="learn2learn's package folder, imported without its __init__")
+    ap.add_argument(
+        "--learn2learn-src", default=None, help="learn2learn's package folder, imported without its __init__"
+    )
     ap.add_argument("--rounds", type=int, default=6, help="rounds of 2 steps each, per library")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbones", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    ap.add_argument("--execution", default="defaults", choices=list(EXECUTION),
-                    help="metatl's execution settings (benchmarks/_step.py's EXECUTION)")
+    ap.add_argument(
+        "--execution",
+        default="defaults",
+        choices=list(EXECUTION),
+        help="metatl's execution settings (benchmarks/_step.py's EXECUTION)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn2learn_compare.json"))
     args = ap.parse_args()
     maml_cls, conv_base, version = import_learn2learn(args.learn2learn_src)
@@ -142,10 +160,17 @@ def main() -> None:
 
     keep_freed_memory()  # as the trainer does on CPUs; the same process serves both libraries
     torch.set_num_threads(args.threads)
-    record = {"benchmark": "learn2learn_compare", **machine(args.threads), "learn2learn": version,
-              "execution": EXECUTION[args.execution],
-              "rounds": args.rounds, "meta_batch": 32, "queries_per_class": 15, "inner_lr": 0.4,
-              "results": {}}
+    record = {
+        "benchmark": "learn2learn_compare",
+        **machine(args.threads),
+        "learn2learn": version,
+        "execution": EXECUTION[args.execution],
+        "rounds": args.rounds,
+        "meta_batch": 32,
+        "queries_per_class": 15,
+        "inner_lr": 0.4,
+        "results": {},
+    }
     for backbone in args.backbones:
         overrides = [f"model.name={backbone}", "data.train_queries=15", *EXECUTION[args.execution]]
         cfg, sampler, learner, metatl_step = training_step(MAML_5W1S, overrides)
@@ -157,19 +182,31 @@ def main() -> None:
         maml = maml_cls(net, lr=0.4, first_order=False)
         optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)
-        times = interleaved({"metatl": metatl_step,
-                             "learn2learn": functools.partial(l2l_step, maml, optimizer, sampler, generator)},
-                            args.rounds, 2)
+        times = interleaved(
+            {"metatl": metatl_step, "learn2learn": functools.partial(l2l_step, maml, optimizer, sampler, generator)},
+            args.rounds,
+            2,
+        )
         ours, theirs = (statistics.median(times[k]) for k in ("metatl", "learn2learn"))
         target, l2l_then = TARGETS[backbone]
-        res = {name: {"seconds_median": statistics.median(t), "seconds_min": min(t), "seconds": t}
-               for name, t in times.items()}
-        res.update(ratio=ours / theirs, target_seconds=target, learn2learn_seconds_in_issue=l2l_then,
-                   target_ratio=target / l2l_then, meta_gradient_max_rel_difference_float64=check)
+        res = {
+            name: {"seconds_median": statistics.median(t), "seconds_min": min(t), "seconds": t}
+            for name, t in times.items()
+        }
+        res.update(
+            ratio=ours / theirs,
+            target_seconds=target,
+            learn2learn_seconds_in_issue=l2l_then,
+            target_ratio=target / l2l_then,
+            meta_gradient_max_rel_difference_float64=check,
+        )
         record["results"][backbone] = res
-        print(f"{backbone}: metatl {ours:.3f} s, learn2learn {theirs:.3f} s, ratio {ours / theirs:.3f} "
-              f"(target {target} / {l2l_then} = {target / l2l_then:.3f}); float64 meta-gradients differ by "
-              f"{check:.1e}", flush=True)
+        print(
+            f"{backbone}: metatl {ours:.3f} s, learn2learn {theirs:.3f} s, ratio {ours / theirs:.3f} "
+            f"(target {target} / {l2l_then} = {target / l2l_then:.3f}); float64 meta-gradients differ by "
+            f"{check:.1e}",
+            flush=True,
+        )
     record["matmul_gflops_at_end"] = matmul_gflops(args.threads)
     write_json(args.out, record)
 

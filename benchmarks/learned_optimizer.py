@@ -18,6 +18,7 @@ skipped (and the JSON says so).
     tiny check (< 90 s):
     OMP_NUM_THREADS=1 python benchmarks/learned_optimizer.py --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,12 @@ def make_families(mnist, batch: int):
     fams = {"quadratic": (lambda g: QuadraticProblem(generator=g), "quadratic")}
     if mnist is not None:
         x, y = mnist
-        for name, hidden, act in (("mnist_mlp", (20,), "sigmoid"), ("mnist_40_hidden", (40,), "sigmoid"),
-                                  ("mnist_2_layers", (20, 20), "sigmoid"), ("mnist_relu", (20,), "relu")):
+        for name, hidden, act in (
+            ("mnist_mlp", (20,), "sigmoid"),
+            ("mnist_40_hidden", (40,), "sigmoid"),
+            ("mnist_2_layers", (20, 20), "sigmoid"),
+            ("mnist_relu", (20,), "relu"),
+        ):
             fams[name] = ((lambda g, h=hidden, a=act: MLPProblem(x, y, h, a, batch, 10, generator=g)), "mnist_mlp")
     return fams
 
@@ -92,7 +97,12 @@ def make_families(mnist, batch: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny version (< 90 s on one core)")
-    p.add_argument("--meta-iterations", type=int, default=None, help="problems to meta-train on (default 300 quadratic / 200 MNIST)")
+    p.add_argument(
+        "--meta-iterations",
+        type=int,
+        default=None,
+        help="problems to meta-train on (default 300 quadratic / 200 MNIST)",
+    )
     p.add_argument("--unroll", type=int, default=100)
     p.add_argument("--truncation", type=int, default=20)
     p.add_argument("--steps", type=int, default=100)
@@ -117,8 +127,14 @@ def main(argv=None) -> int:
     families = make_families(mnist_data(), args.batch)
     if args.only:
         families = {k: v for k, v in families.items() if k in args.only}
-    results = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "meta_iterations": iters,
-               "mnist": "mnist_mlp" in families, "torch_version": torch.__version__, "problems": {}, "meta_training": {}}
+    results = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "meta_iterations": iters,
+        "mnist": "mnist_mlp" in families,
+        "torch_version": torch.__version__,
+        "problems": {},
+        "meta_training": {},
+    }
 
     learned = {}
     for trained_on in sorted({src for _, src in families.values()}):
@@ -128,13 +144,18 @@ def main(argv=None) -> int:
         hist = meta_train(rule, sample, iters[trained_on], args.unroll, args.truncation, lr=args.meta_lr, seed=0)
         hist["seconds"] = time.time() - t0
         results["meta_training"][trained_on] = hist
-        print(f"meta-trained on {trained_on}: {iters[trained_on]} problems in {hist['seconds']:.0f}s, "
-              f"meta-loss {hist['meta_loss'][0]:.3g} -> {hist['meta_loss'][-1]:.3g}, "
-              f"{hist['clipped']}/{hist['truncations']} meta-gradients clipped", flush=True)
+        print(
+            f"meta-trained on {trained_on}: {iters[trained_on]} problems in {hist['seconds']:.0f}s, "
+            f"meta-loss {hist['meta_loss'][0]:.3g} -> {hist['meta_loss'][-1]:.3g}, "
+            f"{hist['clipped']}/{hist['truncations']} meta-gradients clipped",
+            flush=True,
+        )
         learned[trained_on] = rule.eval()
 
     for name, (sample, trained_on) in families.items():
-        problems = lambda seeds, base, sample=sample: [sample(torch.Generator().manual_seed(base + s)) for s in range(seeds)]  # noqa: E731
+        problems = lambda seeds, base, sample=sample: [
+            sample(torch.Generator().manual_seed(base + s)) for s in range(seeds)
+        ]  # noqa: E731
         entry = {"trained_on": trained_on, "curves": {}, "lr": {}, "diverged": {}}
         for opt_name, cls in BASELINES.items():
             tune = {}
@@ -144,30 +165,50 @@ def main(argv=None) -> int:
             best = min(tune, key=tune.get)
             entry["lr"][opt_name] = best
             entry["diverged"][opt_name + "_lrs"] = [lr for lr, v in tune.items() if not math.isfinite(v)]
-            entry["curves"][opt_name] = np.stack([run(cls(lr=best), prob, args.steps)
-                                                  for prob in problems(args.seeds, 0)])
-        entry["curves"]["LSTM"] = np.stack([run(learned[trained_on], prob, args.steps) for prob in problems(args.seeds, 0)])
+            entry["curves"][opt_name] = np.stack(
+                [run(cls(lr=best), prob, args.steps) for prob in problems(args.seeds, 0)]
+            )
+        entry["curves"]["LSTM"] = np.stack(
+            [run(learned[trained_on], prob, args.steps) for prob in problems(args.seeds, 0)]
+        )
         entry["diverged"]["LSTM_runs"] = int(np.isnan(entry["curves"]["LSTM"]).any(1).sum())
         # each seed's mean loss over the steps (the meta-objective); mean +- 95% CI over the seeds
         per_run = {k: np.nanmean(c, 1) for k, c in entry["curves"].items()}
         best = min(BASELINES, key=lambda k: float(np.nanmean(per_run[k])))
         diff = per_run["LSTM"] - per_run[best]  # paired over the same problems
         paired = mean_ci95(diff)
-        entry["lstm_minus_best"] = {"baseline": best, "mean": paired["mean"], "ci95": paired["ci95"],
-                                    "lstm_lower_on": int((diff < 0).sum()), "seeds": len(diff)}
+        entry["lstm_minus_best"] = {
+            "baseline": best,
+            "mean": paired["mean"],
+            "ci95": paired["ci95"],
+            "lstm_lower_on": int((diff < 0).sum()),
+            "seeds": len(diff),
+        }
         for k, c in entry["curves"].items():
             final, run_mean = mean_ci95(c[:, -1]), mean_ci95(per_run[k])
-            entry["curves"][k] = {"mean": np.nanmean(c, 0).tolist(), "std": np.nanstd(c, 0).tolist(),
-                                  "final_mean": final["mean"], "final_ci95": final["ci95"],
-                                  "run_mean": run_mean["mean"], "run_mean_ci95": run_mean["ci95"]}
+            entry["curves"][k] = {
+                "mean": np.nanmean(c, 0).tolist(),
+                "std": np.nanstd(c, 0).tolist(),
+                "final_mean": final["mean"],
+                "final_ci95": final["ci95"],
+                "run_mean": run_mean["mean"],
+                "run_mean_ci95": run_mean["ci95"],
+            }
         results["problems"][name] = entry
-        print(f"{name:<16} mean loss over the run " + "  ".join(
-            f"{k} {v['run_mean']:.4g}+-{v['run_mean_ci95']:.2g}" for k, v in entry["curves"].items())
-              + "; final loss " + "  ".join(f"{k} {v['final_mean']:.4g}" for k, v in entry["curves"].items())
-              + f"  (lr: {entry['lr']})", flush=True)
+        print(
+            f"{name:<16} mean loss over the run "
+            + "  ".join(f"{k} {v['run_mean']:.4g}+-{v['run_mean_ci95']:.2g}" for k, v in entry["curves"].items())
+            + "; final loss "
+            + "  ".join(f"{k} {v['final_mean']:.4g}" for k, v in entry["curves"].items())
+            + f"  (lr: {entry['lr']})",
+            flush=True,
+        )
         d = entry["lstm_minus_best"]
-        print(f"{'':<16} LSTM minus {d['baseline']}, paired: {d['mean']:.4g} +- {d['ci95']:.2g}; "
-              f"LSTM lower on {d['lstm_lower_on']}/{d['seeds']} problems", flush=True)
+        print(
+            f"{'':<16} LSTM minus {d['baseline']}, paired: {d['mean']:.4g} +- {d['ci95']:.2g}; "
+            f"LSTM lower on {d['lstm_lower_on']}/{d['seeds']} problems",
+            flush=True,
+        )
 
     results["seconds"] = time.time() - start
     out = Path(args.out)

@@ -12,6 +12,7 @@ found (else random images of the same shape; the speed does not depend on pixel 
 With ``--processes N`` the trainer splits each meta-batch over N processes (``train.processes``,
 ``--threads`` threads each); the time is process 0's, and the peak memory is per process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,16 @@ SETTINGS = {
 BACKBONES = ("conv4_stride", "conv4_pool")
 
 
-def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
-          processes: int = 1, options: dict = None) -> dict:
+def child(
+    algo: str,
+    backbone: str,
+    iters: int,
+    warmup: int,
+    threads: int,
+    device: str,
+    processes: int = 1,
+    options: dict = None,
+) -> dict:
     """``options``: ``plain`` (``model.fast=false``), a bool; ``executor``: ``train.executor``."""
     options = options or {}
     if processes > 1:
@@ -41,8 +50,20 @@ def child(algo: str, backbone: str, iters: int, warmup: int, threads: int, devic
 
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "rank0.json"
-            distributed.launch(_rank_child, processes, device, algo, backbone, iters, warmup, threads,
-                               device, processes, str(result), options)
+            distributed.launch(
+                _rank_child,
+                processes,
+                device,
+                algo,
+                backbone,
+                iters,
+                warmup,
+                threads,
+                device,
+                processes,
+                str(result),
+                options,
+            )
             return json.loads(result.read_text())
     return _measure(algo, backbone, iters, warmup, threads, device, 1, options)
 
@@ -55,8 +76,9 @@ def _rank_child(algo, backbone, iters, warmup, threads, device, processes, resul
         Path(result_path).write_text(json.dumps(res))
 
 
-def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str,
-             processes: int, options: dict) -> dict:
+def _measure(
+    algo: str, backbone: str, iters: int, warmup: int, threads: int, device: str, processes: int, options: dict
+) -> dict:
     import resource
 
     import torch
@@ -69,10 +91,19 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
     algorithm = dict(SETTINGS[algo])
     train, model = execution_settings(maml=algorithm["name"] == "maml", **options)
     fast = model["fast"]
-    raw = {"algorithm": algorithm, "model": {"name": backbone, **model},
-           "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
-           "train": {"meta_batch": 32, "iterations": iters + warmup, "device": device,
-                     "num_threads": threads, "processes": processes, "executor": train["executor"]}}
+    raw = {
+        "algorithm": algorithm,
+        "model": {"name": backbone, **model},
+        "data": {"name": "omniglot", "ways": 5, "shots": 1, "queries": 15, "split": "maml"},
+        "train": {
+            "meta_batch": 32,
+            "iterations": iters + warmup,
+            "device": device,
+            "num_threads": threads,
+            "processes": processes,
+            "executor": train["executor"],
+        },
+    }
     data = "omniglot"
     try:
         trainer = Trainer(from_dict(raw), "/dev/null", progress=False)
@@ -105,12 +136,22 @@ def _measure(algo: str, backbone: str, iters: int, warmup: int, threads: int, de
         if i >= warmup:
             times.append(time.perf_counter() - start)
     times.sort()
-    out = {"algorithm": algo, "backbone": backbone, "data": data, "iters": iters,
-           "seconds_per_iter_median": times[len(times) // 2], "seconds_per_iter_mean": sum(times) / len(times),
-           "seconds_per_iter_min": times[0], "first_iter_seconds": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_loop_mb": rss0 / 1024, "processes": processes, "fast": fast,
-           "executor": trainer.executor.name,
-           "executors_chosen": [e.name for e in getattr(trainer.executor, "chosen", {}).values()]}
+    out = {
+        "algorithm": algo,
+        "backbone": backbone,
+        "data": data,
+        "iters": iters,
+        "seconds_per_iter_median": times[len(times) // 2],
+        "seconds_per_iter_mean": sum(times) / len(times),
+        "seconds_per_iter_min": times[0],
+        "first_iter_seconds": first,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_loop_mb": rss0 / 1024,
+        "processes": processes,
+        "fast": fast,
+        "executor": trainer.executor.name,
+        "executors_chosen": [e.name for e in getattr(trainer.executor, "chosen", {}).values()],
+    }
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -126,15 +167,20 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(SETTINGS))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--plain", action="store_true", help="model.fast=false (every layer as it is)")
-    ap.add_argument("--executor", default="auto", help="train.executor (auto, loop, inner_vmap, vmap, compile, "
-                    "threads, threads_inner_vmap); with compile the warm-up iterations include the compilation")
+    ap.add_argument(
+        "--executor",
+        default="auto",
+        help="train.executor (auto, loop, inner_vmap, vmap, compile, "
+        "threads, threads_inner_vmap); with compile the warm-up iterations include the compilation",
+    )
     ap.add_argument("--out", default="benchmarks/results/maml_speed.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     options = {"plain": args.plain, "executor": args.executor}
     if args.child:
-        print(json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes,
-                               options)))
+        print(
+            json.dumps(child(*args.child, args.iters, args.warmup, args.threads, args.device, args.processes, options))
+        )
         return
 
     import torch
@@ -147,21 +193,46 @@ def main() -> None:
     results = []
     for algo in args.algorithms:
         for backbone in args.backbones:
-            cmd = [sys.executable, __file__, "--child", algo, backbone, "--iters", str(args.iters),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-                   "--processes", str(args.processes)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                algo,
+                backbone,
+                "--iters",
+                str(args.iters),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--processes",
+                str(args.processes),
+            ]
             for key, value in options.items():
                 if value:
                     cmd += [f"--{key.replace('_', '-')}"] + ([value] if isinstance(value, str) else [])
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            print(f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{algo:8s} {backbone:13s} {res['seconds_per_iter_median']:.3f} s/iter  "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
             results.append(res)
-    record = {"benchmark": "maml_speed", "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, "
-              "1 inner step, float32", "hardware": hardware(args.device), "device": args.device, "threads": args.threads,
-              "processes": args.processes, **options,
-              "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+    record = {
+        "benchmark": "maml_speed",
+        "setting": "Omniglot 5-way 1-shot, meta-batch 32, 15 queries/class, 1 inner step, float32",
+        "hardware": hardware(args.device),
+        "device": args.device,
+        "threads": args.threads,
+        "processes": args.processes,
+        **options,
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": results,
+    }
     if args.device == "cpu":  # how fast the machine ran around the measurement (GFLOP/s of a matrix product)
         record.update(matmul_gflops_at_start=speed_at_start, matmul_gflops_at_end=matmul_gflops(args.threads))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Every number comes from a file in benchmarks/results/: the JSON each benchmark r
 hardware, date and source). What is typed here is the layout, the published numbers and the
 settings' descriptions, never a measured number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,112 +96,232 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         for key, method in ((f"sinusoid_maml_k{k}", "MAML"), (f"sinusoid_pretrain_k{k}", "pretrained, fine-tuned")):
             r = rec[key]
             mse = " / ".join(pm(*r["mse_by_steps"][s], 3) for s in ("1", "5", "10"))
-            rows.append([method, f"K={k}, MSE after 1 / 5 / 10 steps", mse, "Fig. 3 (curves only)", r["budget"],
-                         r["hardware"], code(r["command"])])
+            rows.append(
+                [
+                    method,
+                    f"K={k}, MSE after 1 / 5 / 10 steps",
+                    mse,
+                    "Fig. 3 (curves only)",
+                    r["budget"],
+                    r["hardware"],
+                    code(r["command"]),
+                ]
+            )
     r = rec["sinusoid_demo"]
-    rows.append(["MAML (`make demo`, vmap over tasks)", "K=10, MSE after 1 / 5 / 10 steps",
-                 " / ".join(pm(*r["mse_by_steps"][s], 3) for s in ("1", "5", "10")), "", r["budget"], r["hardware"],
-                 code(r["command"])])
-    out.append(("Sinusoid regression (MAML paper, sec. 5.1)",
-                ("Amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]; MLP 1-40-40-1; inner SGD 0.01; meta-batch 25; "
+    rows.append(
+        [
+            "MAML (`make demo`, vmap over tasks)",
+            "K=10, MSE after 1 / 5 / 10 steps",
+            " / ".join(pm(*r["mse_by_steps"][s], 3) for s in ("1", "5", "10")),
+            "",
+            r["budget"],
+            r["hardware"],
+            code(r["command"]),
+        ]
+    )
+    out.append(
+        (
+            "Sinusoid regression (MAML paper, sec. 5.1)",
+            (
+                "Amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]; MLP 1-40-40-1; inner SGD 0.01; meta-batch 25; "
                 "600 fixed test tasks of 100 points; mean squared error (lower is better). The paper trains 70,000 "
                 "iterations and shows curves only; MAML beats the jointly pretrained baseline by a factor of 5 (K=5) "
-                "to 13 (K=10) after 10 steps, as the paper's figure shows in kind."), table(rows)))
+                "to 13 (K=10) after 10 steps, as the paper's figure shows in kind."
+            ),
+            table(rows),
+        )
+    )
     # ---- optimization-based, Omniglot
     tta, iterations = maml_time_to_accuracy()
-    tta_cmd = ("metatl train configs/maml_omniglot_5w1s.yaml --set train.seed=S train.ema_decay=0.999 "
-               "train.time_budget_min=15 \"train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]\" train.num_threads=2 "
-               "train.executor=compile train.val_every=0; "
-               "python benchmarks/accuracy.py curve RUN")
+    tta_cmd = (
+        "metatl train configs/maml_omniglot_5w1s.yaml --set train.seed=S train.ema_decay=0.999 "
+        'train.time_budget_min=15 "train.snapshot_minutes=[2.5,5,7.5,10,12.5,15]" train.num_threads=2 '
+        "train.executor=compile train.val_every=0; "
+        "python benchmarks/accuracy.py curve RUN"
+    )
     ci15 = [c for _, c in tta[(15, "averaged")]]
-    rows = [["MAML, averaged weights", "5-way 1-shot, 15 min",
-             over_seeds([a for a, _ in tta[(15, "averaged")]]) + f"; each ± {min(ci15):.2f}-{max(ci15):.2f}",
-             "98.7 ± 0.4", f"15 min ({min(iterations)}-{max(iterations)} iterations)", CPU2 + ", warm compile cache",
-             code(tta_cmd)],
-            ["MAML, averaged weights", "5-way 1-shot, 10 min", over_seeds([a for a, _ in tta[(10, "averaged")]]),
-             "98.7 ± 0.4", "10 min (same runs)", CPU2, "as above"],
-            ["MAML, raw weights", "5-way 1-shot, 15 min", over_seeds([a for a, _ in tta[(15, "raw")]]),
-             "98.7 ± 0.4", "15 min (same runs)", CPU2, "as above"],
-            rec.row("maml_5w1s_10min_raw_seed0", "MAML, raw weights, no compile", "5-way 1-shot, 10 min",
-                    "98.7 ± 0.4", over_seeds([rec[f"maml_5w1s_10min_raw_seed{s}"]["accuracy"][0] for s in range(3)]))]
+    rows = [
+        [
+            "MAML, averaged weights",
+            "5-way 1-shot, 15 min",
+            over_seeds([a for a, _ in tta[(15, "averaged")]]) + f"; each ± {min(ci15):.2f}-{max(ci15):.2f}",
+            "98.7 ± 0.4",
+            f"15 min ({min(iterations)}-{max(iterations)} iterations)",
+            CPU2 + ", warm compile cache",
+            code(tta_cmd),
+        ],
+        [
+            "MAML, averaged weights",
+            "5-way 1-shot, 10 min",
+            over_seeds([a for a, _ in tta[(10, "averaged")]]),
+            "98.7 ± 0.4",
+            "10 min (same runs)",
+            CPU2,
+            "as above",
+        ],
+        [
+            "MAML, raw weights",
+            "5-way 1-shot, 15 min",
+            over_seeds([a for a, _ in tta[(15, "raw")]]),
+            "98.7 ± 0.4",
+            "15 min (same runs)",
+            CPU2,
+            "as above",
+        ],
+        rec.row(
+            "maml_5w1s_10min_raw_seed0",
+            "MAML, raw weights, no compile",
+            "5-way 1-shot, 10 min",
+            "98.7 ± 0.4",
+            over_seeds([rec[f"maml_5w1s_10min_raw_seed{s}"]["accuracy"][0] for s in range(3)]),
+        ),
+    ]
     rows[-1][-1] = code(rec["maml_5w1s_10min_raw_seed0"]["command"].replace("train.seed=0", "train.seed=S"))
-    rows += [rec.row("maml_5w5s_8min", "MAML", "5-way 5-shot", "99.9 ± 0.1"),
-             rec.row("fomaml_5w1s_8min", "first-order MAML", "5-way 1-shot", "98.3 ± 0.5"),
-             rec.row("fomaml_5w5s_8min", "first-order MAML", "5-way 5-shot", "99.2 ± 0.2"),
-             rec.row("reptile_reptile_5w1s_8min", "Reptile (transductive)", "5-way 1-shot", "97.68"),
-             rec.row("reptile_reptile_5w1s_nontransductive_8min", "Reptile (non-transductive)", "5-way 1-shot", "95.39"),
-             rec.row("reptile_reptile_5w5s_8min", "Reptile (transductive)", "5-way 5-shot", "")]
-    out.append(("Omniglot: optimization-based meta-learning",
-                ("MAML paper protocol (1200 / 423 characters x 4 rotations, meta-batch 32, inner step 0.4, 1 step "
+    rows += [
+        rec.row("maml_5w5s_8min", "MAML", "5-way 5-shot", "99.9 ± 0.1"),
+        rec.row("fomaml_5w1s_8min", "first-order MAML", "5-way 1-shot", "98.3 ± 0.5"),
+        rec.row("fomaml_5w5s_8min", "first-order MAML", "5-way 5-shot", "99.2 ± 0.2"),
+        rec.row("reptile_reptile_5w1s_8min", "Reptile (transductive)", "5-way 1-shot", "97.68"),
+        rec.row("reptile_reptile_5w1s_nontransductive_8min", "Reptile (non-transductive)", "5-way 1-shot", "95.39"),
+        rec.row("reptile_reptile_5w5s_8min", "Reptile (transductive)", "5-way 5-shot", ""),
+    ]
+    out.append(
+        (
+            "Omniglot: optimization-based meta-learning",
+            (
+                "MAML paper protocol (1200 / 423 characters x 4 rotations, meta-batch 32, inner step 0.4, 1 step "
                 "in training and 3 at test, strided conv net), 600 fixed test episodes of 15 queries per class, "
                 "transductive BatchNorm as the reference code. Published: Finn et al. 2017 and Nichol et al. 2018, "
                 "Table 1, after 60,000 and 100,000 iterations; ours are minutes of CPU. The 15-minute runs score an "
                 "exponential moving average of the weights (`train.ema_decay`); intervals over seeds leave out the "
-                "test set's own sampling error, which all runs share."), table(rows)))
+                "test set's own sampling error, which all runs share."
+            ),
+            table(rows),
+        )
+    )
     # ---- metric-based
     metric = load("metric_results.json")
     names = {"protonet": "Prototypical Networks", "matching": "Matching Networks", "relation": "Relation Network"}
     settings = ("5w1s", "5w5s", "20w1s", "20w5s")
     protonet = [rec[f"protonet_5w1s_10min_seed{s}"]["accuracy"][0] for s in range(5)]
-    rows = [rec.row("protonet_5w1s_10min_seed0", "Prototypical Networks", "5-way 1-shot, 1200 training characters",
-                    "98.8", over_seeds(protonet))]
+    rows = [
+        rec.row(
+            "protonet_5w1s_10min_seed0",
+            "Prototypical Networks",
+            "5-way 1-shot, 1200 training characters",
+            "98.8",
+            over_seeds(protonet),
+        )
+    ]
     rows[-1][-1] = code("metatl train configs/protonet_omniglot_5w1s_10min.yaml --set train.seed=S")
-    rows += [rec.row("matching_5w1s_10min_bf16", "Matching Networks (learned scale, bfloat16)", "5-way 1-shot", "98.1"),
-             rec.row("matching_5w1s_30min_bf16", "Matching Networks (learned scale, bfloat16)", "5-way 1-shot", "98.1"),
-             rec.row("relation_5w1s_30min_bf16", "Relation Network (bfloat16)", "5-way 1-shot", "99.6")]
+    rows += [
+        rec.row("matching_5w1s_10min_bf16", "Matching Networks (learned scale, bfloat16)", "5-way 1-shot", "98.1"),
+        rec.row("matching_5w1s_30min_bf16", "Matching Networks (learned scale, bfloat16)", "5-way 1-shot", "98.1"),
+        rec.row("relation_5w1s_30min_bf16", "Relation Network (bfloat16)", "5-way 1-shot", "99.6"),
+    ]
     for method, title in names.items():
         for i, s in enumerate(settings):
             r = metric["ours"].get(f"{method}_omniglot_{s}")
             if r is None:
                 continue
             ways, shots = s[:-1].split("w")
-            rows.append([title, f"{ways}-way {shots}-shot", pm(r["mean"], r["ci95"]), f"{metric['published'][method][i]}",
-                         f"6 min ({r['iterations']} iterations)", H200,
-                         code(f"metatl train configs/{method}_omniglot_{s}.yaml --set train.time_budget_min=6 "
-                              "train.device=cuda train.num_threads=1")])
-    out.append(("Omniglot: metric-based meta-learning",
-                ("Vinyals split, 1000 fixed test episodes of 15 queries per class, the papers' settings "
+            rows.append(
+                [
+                    title,
+                    f"{ways}-way {shots}-shot",
+                    pm(r["mean"], r["ci95"]),
+                    f"{metric['published'][method][i]}",
+                    f"6 min ({r['iterations']} iterations)",
+                    H200,
+                    code(
+                        f"metatl train configs/{method}_omniglot_{s}.yaml --set train.time_budget_min=6 "
+                        "train.device=cuda train.num_threads=1"
+                    ),
+                ]
+            )
+    out.append(
+        (
+            "Omniglot: metric-based meta-learning",
+            (
+                "Vinyals split, 1000 fixed test episodes of 15 queries per class, the papers' settings "
                 "(`configs/{protonet,matching,relation}_omniglot_*.yaml`). Published: Snell et al. 2017, Vinyals "
                 "et al. 2016 (no fine-tuning), Sung et al. 2018, Table 1. The H200 rows trained all twelve configs "
                 "at once (`python benchmarks/accuracy.py metric --collect` tabulates them). Method guide: "
-                "[metric.md](metric.md)."), table(rows)))
+                "[metric.md](metric.md)."
+            ),
+            table(rows),
+        )
+    )
     # ---- RNN-based
     mann = load("mann_online.json")
     rows = []
     online = "metatl train configs/mann_omniglot_online.yaml --set train.num_threads=1 train.val_every=0 "
     for name, title, published, train in (
-            ("mann_online_erase1", "MANN (online protocol)", "82.8 / 94.9", online + "train.time_budget_min=40"),
-            ("lstm_online_pixels", "LSTM baseline (online protocol)", "",
-             online + "train.time_budget_min=25 algorithm.memory=false")):
+        ("mann_online_erase1", "MANN (online protocol)", "82.8 / 94.9", online + "train.time_budget_min=40"),
+        (
+            "lstm_online_pixels",
+            "LSTM baseline (online protocol)",
+            "",
+            online + "train.time_budget_min=25 algorithm.memory=false",
+        ),
+    ):
         r = mann[name]
         acc = r["accuracy_by_instance"]
-        rows.append([title, "2nd / 5th instance of a class",
-                     " / ".join(pm(100 * acc[k]["mean"], 100 * acc[k]["ci95"], 1) for k in ("2", "5")), published,
-                     f"{r['train_seconds'] / 60:.0f} min ({r['iterations']} iterations)", "Intel Xeon, 1 thread",
-                     code(train) + "; " + code(f"python benchmarks/accuracy.py mann-online RUN/last.pt --name {name}")])
-    rows += [rec.row("mann_5w1s_40min", "MANN (episode protocol)", "5-way 1-shot", ""),
-             rec.row("mann_5w5s_40min", "MANN (episode protocol)", "5-way 5-shot", ""),
-             rec.row("snail_5w1s_40min", "SNAIL", "5-way 1-shot", "99.07 ± 0.16"),
-             rec.row("snail_5w5s_35min", "SNAIL", "5-way 5-shot", "99.78 ± 0.09"),
-             rec.row("meta_lstm_5w1s_6min", "meta-learner LSTM", "5-way 1-shot", ""),
-             rec.row("meta_lstm_5w5s_6min", "meta-learner LSTM", "5-way 5-shot", "")]
+        rows.append(
+            [
+                title,
+                "2nd / 5th instance of a class",
+                " / ".join(pm(100 * acc[k]["mean"], 100 * acc[k]["ci95"], 1) for k in ("2", "5")),
+                published,
+                f"{r['train_seconds'] / 60:.0f} min ({r['iterations']} iterations)",
+                "Intel Xeon, 1 thread",
+                code(train) + "; " + code(f"python benchmarks/accuracy.py mann-online RUN/last.pt --name {name}"),
+            ]
+        )
+    rows += [
+        rec.row("mann_5w1s_40min", "MANN (episode protocol)", "5-way 1-shot", ""),
+        rec.row("mann_5w5s_40min", "MANN (episode protocol)", "5-way 5-shot", ""),
+        rec.row("snail_5w1s_40min", "SNAIL", "5-way 1-shot", "99.07 ± 0.16"),
+        rec.row("snail_5w5s_35min", "SNAIL", "5-way 5-shot", "99.78 ± 0.09"),
+        rec.row("meta_lstm_5w1s_6min", "meta-learner LSTM", "5-way 1-shot", ""),
+        rec.row("meta_lstm_5w5s_6min", "meta-learner LSTM", "5-way 5-shot", ""),
+    ]
     lo = load("learned_optimizer.json")
-    for problem, setting in (("quadratic", "10-d quadratics"), ("mnist_mlp", "MNIST MLP, 20 sigmoid units"),
-                             ("mnist_relu", "MNIST MLP, ReLU (trained on sigmoid)")):
+    for problem, setting in (
+        ("quadratic", "10-d quadratics"),
+        ("mnist_mlp", "MNIST MLP, 20 sigmoid units"),
+        ("mnist_relu", "MNIST MLP, ReLU (trained on sigmoid)"),
+    ):
         p = lo["problems"].get(problem)
         if p is None:
             continue
         c = p["curves"]
         best = min(("SGD", "RMSprop", "Adam"), key=lambda k: c[k]["final_mean"])
-        rows.append(["learned LSTM optimizer", f"{setting}: final loss (best tuned baseline: {best})",
-                     (f"{c['LSTM']['final_mean']:.3g} ± {c['LSTM']['final_ci95']:.2g} "
-                     f"({best} {c[best]['final_mean']:.3g} ± {c[best]['final_ci95']:.2g})"), "Fig. 4 (curves only)",
-                     f"{lo['settings']['steps']} steps, {lo['settings']['seeds']} problems", "Intel Xeon, 1 thread",
-                     code("OMP_NUM_THREADS=1 python benchmarks/learned_optimizer.py")])
-    out.append(("RNN-based meta-learning",
-                ("Omniglot, Vinyals split. The online protocol (Santoro et al. 2016, table 1) shows sequences of 5 "
+        rows.append(
+            [
+                "learned LSTM optimizer",
+                f"{setting}: final loss (best tuned baseline: {best})",
+                (
+                    f"{c['LSTM']['final_mean']:.3g} ± {c['LSTM']['final_ci95']:.2g} "
+                    f"({best} {c[best]['final_mean']:.3g} ± {c[best]['final_ci95']:.2g})"
+                ),
+                "Fig. 4 (curves only)",
+                f"{lo['settings']['steps']} steps, {lo['settings']['seeds']} problems",
+                "Intel Xeon, 1 thread",
+                code("OMP_NUM_THREADS=1 python benchmarks/learned_optimizer.py"),
+            ]
+        )
+    out.append(
+        (
+            "RNN-based meta-learning",
+            (
+                "Omniglot, Vinyals split. The online protocol (Santoro et al. 2016, table 1) shows sequences of 5 "
                 "classes x 10 instances with shuffled labels; the episode protocol 600 test episodes of 15 queries "
-                "per class. Published SNAIL: Mishra et al. 2018. Method guide: [rnn.md](rnn.md)."), table(rows)))
+                "per class. Published SNAIL: Mishra et al. 2018. Method guide: [rnn.md](rnn.md)."
+            ),
+            table(rows),
+        )
+    )
     # ---- transfer
     current = load("transfer_digits_selection.json")  # skada-bench's protocol, padded USPS
     dev = current["reference_skada_bench_dev"]
@@ -208,95 +329,205 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         direction = r["direction"].replace(" (holdout)", "")
         protocol = r.get("protocol", "holdout" if "holdout" in r["direction"] else "official")
         published = dev.get(direction, {}).get(r["method"])
-        command = next((c["command"] for c in current["commands"] if f'"{direction}"' in c["command"]
-                        and ("--protocol holdout" in c["command"]) == (protocol == "holdout")),
-                       f"metatl train configs/{r['method']}_{direction.replace('->', '_')}.yaml")
+        command = next(
+            (
+                c["command"]
+                for c in current["commands"]
+                if f'"{direction}"' in c["command"]
+                and ("--protocol holdout" in c["command"]) == (protocol == "holdout")
+            ),
+            f"metatl train configs/{r['method']}_{direction.replace('->', '_')}.yaml",
+        )
         accuracy = f"{r['accuracy']:.3f}" + (f" ± {r['ci95']:.3f}" if r.get("ci95") else "")
-        rows.append([r["method"].replace("_", " "),
-                     f"{direction.replace('->', ' → ')}, {protocol} test set, accuracy (1 seed)", accuracy,
-                     f"skada-bench DEV {published:.3f}" if published else "", f"{r['iterations']} steps",
-                     f"{current['hardware']['cpu']}, shared (load 14-19)", code(command)])
+        rows.append(
+            [
+                r["method"].replace("_", " "),
+                f"{direction.replace('->', ' → ')}, {protocol} test set, accuracy (1 seed)",
+                accuracy,
+                f"skada-bench DEV {published:.3f}" if published else "",
+                f"{r['iterations']} steps",
+                f"{current['hardware']['cpu']}, shared (load 14-19)",
+                code(command),
+            ]
+        )
     digits = load("transfer_digits.json")  # the earlier protocol: stretched USPS, Adam, 2,000 steps
     hw = f"{digits['hardware']['gpu']}"
-    labels = {"source_only": "source only", "dann": "DANN", "deep_coral": "Deep CORAL", "dan": "DAN (MK-MMD)",
-              "finetune_1pct": "fine-tuning, 1% target labels"}
+    labels = {
+        "source_only": "source only",
+        "dann": "DANN",
+        "deep_coral": "Deep CORAL",
+        "dan": "DAN (MK-MMD)",
+        "finetune_1pct": "fine-tuning, 1% target labels",
+    }
     for method, label in labels.items():
         for direction in ("mnist->usps", "usps->mnist"):
             s = digits["summary"][method][direction]
             published = dev[direction].get(method)
-            rows.append([label, (direction.replace("->", " → ") + ", earlier protocol (USPS stretched, Adam 1e-3, "
-                                 "[0, 1] pixels), accuracy (± std over seeds)"),
-                         f"{s['mean']:.3f} ± {s['std']:.3f}", f"skada-bench DEV {published:.3f}" if published else "",
-                         f"{digits['settings']['iterations']} steps, {s['n']} seeds", hw,
-                         code("git show 5c36247:benchmarks/transfer_digits.py (--device cuda --seeds 0 1 2)")])
+            rows.append(
+                [
+                    label,
+                    (
+                        direction.replace("->", " → ") + ", earlier protocol (USPS stretched, Adam 1e-3, "
+                        "[0, 1] pixels), accuracy (± std over seeds)"
+                    ),
+                    f"{s['mean']:.3f} ± {s['std']:.3f}",
+                    f"skada-bench DEV {published:.3f}" if published else "",
+                    f"{digits['settings']['iterations']} steps, {s['n']} seeds",
+                    hw,
+                    code("git show 5c36247:benchmarks/transfer_digits.py (--device cuda --seeds 0 1 2)"),
+                ]
+            )
     classical = load("transfer_classical.json")
     skada = {"source only": ".881", "KMM": ".890", "KLIEP": ".888", "target trained": ".915"}
     for method, s in classical["covariate_shift"].items():
-        rows.append([method, "simulated covariate shift, SVC, accuracy (± std over 5 seeds)",
-                     f"{s['mean']:.3f} ± {s['std']:.3f}", f"skada-bench {skada[method]}" if method in skada else "",
-                     "100 + 100 samples", "CPU", code("OMP_NUM_THREADS=1 python benchmarks/transfer_classical.py")])
+        rows.append(
+            [
+                method,
+                "simulated covariate shift, SVC, accuracy (± std over 5 seeds)",
+                f"{s['mean']:.3f} ± {s['std']:.3f}",
+                f"skada-bench {skada[method]}" if method in skada else "",
+                "100 + 100 samples",
+                "CPU",
+                code("OMP_NUM_THREADS=1 python benchmarks/transfer_classical.py"),
+            ]
+        )
     tb = classical["tradaboost_breast_cancer"]
     for method, s in tb["table"].items():
-        rows.append([method, f"breast cancer split by texture, {tb['n_labelled_target']} target labels",
-                     f"{s['mean']:.3f} ± {s['std']:.3f}", "", "decision trees, 5 seeds", "CPU",
-                     code("OMP_NUM_THREADS=1 python benchmarks/transfer_classical.py")])
+        rows.append(
+            [
+                method,
+                f"breast cancer split by texture, {tb['n_labelled_target']} target labels",
+                f"{s['mean']:.3f} ± {s['std']:.3f}",
+                "",
+                "decision trees, 5 seeds",
+                "CPU",
+                code("OMP_NUM_THREADS=1 python benchmarks/transfer_classical.py"),
+            ]
+        )
     for r in classical["kmm_kliep_cost"]["results"]:
-        rows.append([r["method"].upper(), f"weights for {r['n_source']:,} source rows: seconds / peak MiB",
-                     f"{r['seconds']:.2f} s / {r['peak_mib']:.0f} MiB", "", "", f"CPU ({classical['kmm_kliep_cost']['machine']})",
-                     code("python benchmarks/transfer_classical.py --cost")])
-    out.append(("Transfer learning",
-                ("MNIST ↔ USPS (and scikit-learn's digits) with a small CNN on the full data, no target label used for any "
+        rows.append(
+            [
+                r["method"].upper(),
+                f"weights for {r['n_source']:,} source rows: seconds / peak MiB",
+                f"{r['seconds']:.2f} s / {r['peak_mib']:.0f} MiB",
+                "",
+                "",
+                f"CPU ({classical['kmm_kliep_cost']['machine']})",
+                code("python benchmarks/transfer_classical.py --cost"),
+            ]
+        )
+    out.append(
+        (
+            "Transfer learning",
+            (
+                "MNIST ↔ USPS (and scikit-learn's digits) with a small CNN on the full data, no target label used for any "
                 "choice; the first rows follow skada-bench's protocol (padded USPS, SGD, standardized), the rows "
                 "marked 'earlier protocol' were measured before it (fixed hyper-parameters, last iterate); "
                 "classical estimators with their default hyper-parameters. "
                 "skada-bench's numbers come from a different network and protocol, so they place ours, they do "
-                "not rank it. Method guide, protocols and model selection: [transfer.md](transfer.md)."),
-                table(rows)))
+                "not rank it. Method guide, protocols and model selection: [transfer.md](transfer.md)."
+            ),
+            table(rows),
+        )
+    )
     # ---- speed
     l2l = load("learn2learn_compare.json")
     rows = []
     for backbone, net in (("conv4_stride", "strided net"), ("conv4_pool", "max-pool net")):
         r = l2l["results"][backbone]
-        rows.append(["second-order MAML step vs learn2learn 0.2.0", f"{net}, 15 queries, meta-batch 32",
-                     (f"{r['metatl']['seconds_median']:.3f} s vs {r['learn2learn']['seconds_median']:.3f} s: "
-                     f"{r['ratio']:.3f} of its time (target ≤ {r['target_ratio']:.3f})"), "",
-                     f"{l2l['rounds']} rounds, interleaved", f"{l2l['hardware']}, {l2l['date'][:10]}",
-                     code("python benchmarks/learn2learn_compare.py")])
+        rows.append(
+            [
+                "second-order MAML step vs learn2learn 0.2.0",
+                f"{net}, 15 queries, meta-batch 32",
+                (
+                    f"{r['metatl']['seconds_median']:.3f} s vs {r['learn2learn']['seconds_median']:.3f} s: "
+                    f"{r['ratio']:.3f} of its time (target ≤ {r['target_ratio']:.3f})"
+                ),
+                "",
+                f"{l2l['rounds']} rounds, interleaved",
+                f"{l2l['hardware']}, {l2l['date'][:10]}",
+                code("python benchmarks/learn2learn_compare.py"),
+            ]
+        )
     earlier = [rec[f"learn2learn_compare_{i}"]["ratio"] for i in range(1, 6)]
-    rows.append(["the same, five earlier measurements", "strided / max-pool net",
-                 (f"{min(e['conv4_stride'] for e in earlier):.3f}-{max(e['conv4_stride'] for e in earlier):.3f} / "
-                 f"{min(e['conv4_pool'] for e in earlier):.3f}-{max(e['conv4_pool'] for e in earlier):.3f} of its time"),
-                 "", "", CPU2, "as above"])
+    rows.append(
+        [
+            "the same, five earlier measurements",
+            "strided / max-pool net",
+            (
+                f"{min(e['conv4_stride'] for e in earlier):.3f}-{max(e['conv4_stride'] for e in earlier):.3f} / "
+                f"{min(e['conv4_pool'] for e in earlier):.3f}-{max(e['conv4_pool'] for e in earlier):.3f} of its time"
+            ),
+            "",
+            "",
+            CPU2,
+            "as above",
+        ]
+    )
     speed = load("maml_speed.json")
     for r in speed["results"]:
-        rows.append([{"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}[r["algorithm"]],
-                     f"{r['backbone']}, 15 queries, meta-batch 32: s per step (peak RSS)",
-                     f"{r['seconds_per_iter_median']:.3f} s ({r['peak_rss_mb'] / 1024:.2f} GB)", "",
-                     f"{r['iters']} steps, fresh process", f"{speed['hardware']}, {speed['date'][:10]}",
-                     code("python benchmarks/maml_speed.py --algorithms maml fomaml --executor threads_inner_vmap")])
-    for key, label in (("episode_speed_protonet", "Prototypical Networks"), ("episode_speed_protonet_bf16", "Prototypical Networks, bfloat16"),
-                       ("episode_speed_matching", "Matching Networks"), ("episode_speed_relation", "Relation Network"),
-                       ("episode_speed_mann", "MANN"), ("episode_speed_lstm", "LSTM baseline"),
-                       ("episode_speed_snail", "SNAIL"), ("episode_speed_meta_lstm", "meta-learner LSTM")):
+        rows.append(
+            [
+                {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}[r["algorithm"]],
+                f"{r['backbone']}, 15 queries, meta-batch 32: s per step (peak RSS)",
+                f"{r['seconds_per_iter_median']:.3f} s ({r['peak_rss_mb'] / 1024:.2f} GB)",
+                "",
+                f"{r['iters']} steps, fresh process",
+                f"{speed['hardware']}, {speed['date'][:10]}",
+                code("python benchmarks/maml_speed.py --algorithms maml fomaml --executor threads_inner_vmap"),
+            ]
+        )
+    for key, label in (
+        ("episode_speed_protonet", "Prototypical Networks"),
+        ("episode_speed_protonet_bf16", "Prototypical Networks, bfloat16"),
+        ("episode_speed_matching", "Matching Networks"),
+        ("episode_speed_relation", "Relation Network"),
+        ("episode_speed_mann", "MANN"),
+        ("episode_speed_lstm", "LSTM baseline"),
+        ("episode_speed_snail", "SNAIL"),
+        ("episode_speed_meta_lstm", "meta-learner LSTM"),
+    ):
         r = rec[key]
         evaluation = f", test {r['eval_episodes_per_s']:.1f}/s" if r.get("eval_episodes_per_s") else ""
-        rows.append([label, f"training episodes/s ({r['train_episode']})", f"{r['train_episodes_per_s']:.1f}/s{evaluation}",
-                     "", "", r["hardware"], code(r["command"])])
+        rows.append(
+            [
+                label,
+                f"training episodes/s ({r['train_episode']})",
+                f"{r['train_episodes_per_s']:.1f}/s{evaluation}",
+                "",
+                "",
+                r["hardware"],
+                code(r["command"]),
+            ]
+        )
     if (RESULTS / "contention.json").exists():  # the runtime's share of a busy machine
         contention = load("contention.json")
         for r in contention["runs"]:
             slowdown = f", {r['slowdown']:.2f} times slower than alone" if "slowdown" in r else ""
-            rows.append(["ProtoNet 10-minute config beside busy processes",
-                         f"`train.num_threads: {r['threads']}`, {r['busy_processes']} busy single-threaded process(es)",
-                         f"{r['episodes_per_s']:.2f} episodes/s{slowdown}", "",
-                         f"{contention['seconds']:.0f} s", f"{contention['hardware']}, {contention['cores']} cores",
-                         code("python benchmarks/contention.py")])
-    out.append(("Speed",
-                ("Omniglot 5-way 1-shot, real data, the trainer's whole step (sampling, meta-loss, backward, "
+            rows.append(
+                [
+                    "ProtoNet 10-minute config beside busy processes",
+                    f"`train.num_threads: {r['threads']}`, {r['busy_processes']} busy single-threaded process(es)",
+                    f"{r['episodes_per_s']:.2f} episodes/s{slowdown}",
+                    "",
+                    f"{contention['seconds']:.0f} s",
+                    f"{contention['hardware']}, {contention['cores']} cores",
+                    code("python benchmarks/contention.py"),
+                ]
+            )
+    out.append(
+        (
+            "Speed",
+            (
+                "Omniglot 5-way 1-shot, real data, the trainer's whole step (sampling, meta-loss, backward, "
                 "optimizer). The comparison with learn2learn interleaves both libraries' steps in one process after "
                 "checking in float64 that they compute the same meta-gradient; ratios do not depend on the shared "
                 "machine's speed, which moves by 20-40% within minutes. Why the defaults are what they are: "
-                "[performance.md](performance.md)."), table(rows)))
+                "[performance.md](performance.md)."
+            ),
+            table(rows),
+        )
+    )
     return out
 
 
@@ -307,33 +538,69 @@ def headline(rec: Records) -> str:
     mann = load("mann_online.json")["mann_online_erase1"]["accuracy_by_instance"]
     digits = load("transfer_digits.json")["summary"]
     protonet = [rec[f"protonet_5w1s_10min_seed{s}"]["accuracy"][0] for s in range(5)]
-    rows = [["MAML", "5-way 1-shot", over_seeds(averaged), "15 min, 2 CPU cores", "98.7 ± 0.4"],
-            ["Prototypical Networks", "5-way 1-shot", over_seeds(protonet), "10 min, 2 CPU cores", "98.8"],
-            ["Prototypical Networks", "20-way 5-shot", pm(metric["protonet_omniglot_20w5s"]["mean"],
-                                                          metric["protonet_omniglot_20w5s"]["ci95"]), "6 min, shared H200", "98.9"],
-            ["Matching Networks (learned scale)", "5-way 1-shot", rec.acc("matching_5w1s_10min_bf16"), "10 min, 2 CPU cores", "98.1"],
-            ["Relation Network", "5-way 5-shot", pm(metric["relation_omniglot_5w5s"]["mean"], metric["relation_omniglot_5w5s"]["ci95"]),
-             "6 min, shared H200", "99.8"],
-            ["MANN (online protocol)", "2nd / 5th instance of a class",
-             " / ".join(pm(100 * mann[k]["mean"], 100 * mann[k]["ci95"], 1) for k in ("2", "5")), "40 min, 1 CPU core", "82.8 / 94.9"],
-            ["SNAIL", "5-way 1-shot", rec.acc("snail_5w1s_40min"), "40 min, 2 CPU cores", "99.07 ± 0.16"],
-            ["Deep CORAL", "USPS → MNIST, earlier protocol (stretched USPS), accuracy (± std over 3 seeds)",
-             (f"{digits['deep_coral']['usps->mnist']['mean']:.3f} ± {digits['deep_coral']['usps->mnist']['std']:.3f} "
-             f"(source only {digits['source_only']['usps->mnist']['mean']:.3f})"), "full data, H100", "skada-bench DEV .878"]]
+    rows = [
+        ["MAML", "5-way 1-shot", over_seeds(averaged), "15 min, 2 CPU cores", "98.7 ± 0.4"],
+        ["Prototypical Networks", "5-way 1-shot", over_seeds(protonet), "10 min, 2 CPU cores", "98.8"],
+        [
+            "Prototypical Networks",
+            "20-way 5-shot",
+            pm(metric["protonet_omniglot_20w5s"]["mean"], metric["protonet_omniglot_20w5s"]["ci95"]),
+            "6 min, shared H200",
+            "98.9",
+        ],
+        [
+            "Matching Networks (learned scale)",
+            "5-way 1-shot",
+            rec.acc("matching_5w1s_10min_bf16"),
+            "10 min, 2 CPU cores",
+            "98.1",
+        ],
+        [
+            "Relation Network",
+            "5-way 5-shot",
+            pm(metric["relation_omniglot_5w5s"]["mean"], metric["relation_omniglot_5w5s"]["ci95"]),
+            "6 min, shared H200",
+            "99.8",
+        ],
+        [
+            "MANN (online protocol)",
+            "2nd / 5th instance of a class",
+            " / ".join(pm(100 * mann[k]["mean"], 100 * mann[k]["ci95"], 1) for k in ("2", "5")),
+            "40 min, 1 CPU core",
+            "82.8 / 94.9",
+        ],
+        ["SNAIL", "5-way 1-shot", rec.acc("snail_5w1s_40min"), "40 min, 2 CPU cores", "99.07 ± 0.16"],
+        [
+            "Deep CORAL",
+            "USPS → MNIST, earlier protocol (stretched USPS), accuracy (± std over 3 seeds)",
+            (
+                f"{digits['deep_coral']['usps->mnist']['mean']:.3f} ± {digits['deep_coral']['usps->mnist']['std']:.3f} "
+                f"(source only {digits['source_only']['usps->mnist']['mean']:.3f})"
+            ),
+            "full data, H100",
+            "skada-bench DEV .878",
+        ],
+    ]
     return table(rows, ["method", "setting", "metatl", "budget", "published"])
 
 
 def render_page() -> str:
     rec = Records()
-    parts = ["# Results", "",
-             "<!-- generated by `python -m benchmarks report` from benchmarks/results/*.json; do not edit by hand -->",
-             "",
-             ("Every number comes from a JSON file in `benchmarks/results/`: the one each benchmark regenerates, or "
-             "`records.json` for runs that no script regenerates (with command, hardware, date and source). "
-             "Accuracies are in %, mean ± 95% confidence interval over the fixed test episodes (drawn from "
-             "`eval.seed: 1234`, the same for every method) unless marked; an interval over seeds uses Student's t. "
-             "\"Intel Xeon\" is our development machine (2 cores, shared with other jobs; torch 2.13 CPU). "
-             "Budgets are minutes of training; published numbers are the papers' after their full schedules."), ""]
+    parts = [
+        "# Results",
+        "",
+        "<!-- generated by `python -m benchmarks report` from benchmarks/results/*.json; do not edit by hand -->",
+        "",
+        (
+            "Every number comes from a JSON file in `benchmarks/results/`: the one each benchmark regenerates, or "
+            "`records.json` for runs that no script regenerates (with command, hardware, date and source). "
+            "Accuracies are in %, mean ± 95% confidence interval over the fixed test episodes (drawn from "
+            "`eval.seed: 1234`, the same for every method) unless marked; an interval over seeds uses Student's t. "
+            '"Intel Xeon" is our development machine (2 cores, shared with other jobs; torch 2.13 CPU). '
+            "Budgets are minutes of training; published numbers are the papers' after their full schedules."
+        ),
+        "",
+    ]
     for title, text, body in sections(rec):
         parts += [f"## {title}", "", text, "", body, ""]
     return "\n".join(parts)

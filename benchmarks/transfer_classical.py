@@ -21,6 +21,7 @@
 
 Each run replaces its own sections of ``--out`` and keeps the others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,9 +94,11 @@ def tradaboost_three_classes(n_estimators=20):
     fits = {
         "one depth-2 tree": clone(tree).fit(X, y),
         "TrAdaBoost (SAMME, default)": TrAdaBoost(tree, n_estimators=n_estimators, random_state=0).fit(
-            X, y, sample_domain=sd),
-        "TrAdaBoost (paper's second-half vote)": TrAdaBoost(tree, n_estimators=n_estimators, vote="second_half",
-                                                            random_state=0).fit(X, y, sample_domain=sd),
+            X, y, sample_domain=sd
+        ),
+        "TrAdaBoost (paper's second-half vote)": TrAdaBoost(
+            tree, n_estimators=n_estimators, vote="second_half", random_state=0
+        ).fit(X, y, sample_domain=sd),
     }
     return {k: float(np.mean(m.predict(X) == y)) for k, m in fits.items()}
 
@@ -122,13 +125,19 @@ def tradaboost_table(n_labelled=20, n_estimators=20):
             "target only": clone(base).fit(Z[lab], y[lab]),
             "source + target": clone(base).fit(pooled_X, pooled_y),
             "TrAdaBoost": TrAdaBoost(base, n_estimators=n_estimators, random_state=seed).fit(
-                pooled_X, pooled_y, sample_domain=sd),
+                pooled_X, pooled_y, sample_domain=sd
+            ),
         }
         for name, model in fits.items():
             acc[name].append(float(np.mean(model.predict(Z[test]) == y[test])))
     table = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v} for k, v in acc.items()}
-    return {"n_source": int(src.sum()), "n_target": int((~src).sum()), "n_labelled_target": n_labelled,
-            "n_estimators": n_estimators, "table": table}
+    return {
+        "n_source": int(src.sum()),
+        "n_target": int((~src).sum()),
+        "n_labelled_target": n_labelled,
+        "n_estimators": n_estimators,
+        "table": table,
+    }
 
 
 def _traced(fn):
@@ -151,13 +160,21 @@ def kmm_kliep_cost(sizes=(5000, 50000), n_target=1000, n_features=5):
         gamma = resolve_gamma("scale", X)
         runs = {
             "kmm": lambda Xs=Xs, Xt=Xt, gamma=gamma: kmm_weights(Xs, Xt, gamma=gamma, random_state=0, return_info=True),
-            "kliep": lambda Xs=Xs, Xt=Xt, gamma=gamma: kliep_weights(Xs, Xt, gamma=[gamma * g for g in (0.1, 0.3, 1, 3, 10)], random_state=0,
-                                           return_info=True),
+            "kliep": lambda Xs=Xs, Xt=Xt, gamma=gamma: kliep_weights(
+                Xs, Xt, gamma=[gamma * g for g in (0.1, 0.3, 1, 3, 10)], random_state=0, return_info=True
+            ),
         }
         for name, fn in runs.items():
             (w, info), seconds, peak = _traced(fn)
-            row = {"method": name, "n_source": n, "n_target": len(Xt), "n_features": Xs.shape[1],
-                   "seconds": round(seconds, 2), "peak_mib": round(peak, 1), "mean_weight": float(w.mean())}
+            row = {
+                "method": name,
+                "n_source": n,
+                "n_target": len(Xt),
+                "n_features": Xs.shape[1],
+                "seconds": round(seconds, 2),
+                "peak_mib": round(peak, 1),
+                "mean_weight": float(w.mean()),
+            }
             if name == "kmm":
                 row.update(solver=info["solver"], n_iter=info["n_iter"])
             else:
@@ -168,8 +185,9 @@ def kmm_kliep_cost(sizes=(5000, 50000), n_target=1000, n_features=5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transfer_classical.json"))
     parser.add_argument("--cost", action="store_true", help="only the KMM / KLIEP time and memory section")
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000], help="source sizes for --cost")

@@ -17,6 +17,7 @@ the target accuracy of that pick is reported. ``oracle`` is the weight the targe
 pick (the best accuracy in the grid): a bound, not a result a user can reach. Writes every run,
 the picks and the hardware to ``--out`` (JSON) and prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,25 @@ from metatl.data.digits import DIRECTIONS, digits_splits
 from metatl.engine.trainer import Trainer, check_device, hardware
 from metatl.transfer.deep_selection import SCORERS, label_free_scores, select
 
-METHODS = {"source_only": {"name": "source_only"}, "dann": {"name": "dann", "gamma": 10.0},
-           "deep_coral": {"name": "deep_coral"}, "dan": {"name": "dan", "estimator": "unbiased"}}
+METHODS = {
+    "source_only": {"name": "source_only"},
+    "dann": {"name": "dann", "gamma": 10.0},
+    "deep_coral": {"name": "deep_coral"},
+    "dan": {"name": "dan", "estimator": "unbiased"},
+}
 GRIDS = {"dann": [0.01, 0.1, 1.0], "deep_coral": [0.1, 1.0, 10.0], "dan": [0.1, 1.0, 10.0]}
-OPTIM = {"default": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.6, "weight_decay": 1e-5},
-         "dann": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5}}
+OPTIM = {
+    "default": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.6, "weight_decay": 1e-5},
+    "dann": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5},
+}
 TRAIN_ROWS = {"mnist": 60000, "usps": 7291, "sklearn_digits": 1198}
 PRIMARY = "dev"  # the scorer of the "label-free" column (skada-bench's DEV rows)
 # skada-bench (Lalou et al. 2024), scored on 20% of the target training split: DEV-selected and
 # target-label-selected ("supervised") rows, MNIST->USPS / USPS->MNIST (issue 24)
-SKADA_BENCH_DEV = {"mnist->usps": {"source_only": 0.942, "dann": 0.936, "deep_coral": 0.964, "dan": 0.962},
-                   "usps->mnist": {"source_only": 0.734, "dann": 0.870, "deep_coral": 0.878, "dan": 0.860}}
+SKADA_BENCH_DEV = {
+    "mnist->usps": {"source_only": 0.942, "dann": 0.936, "deep_coral": 0.964, "dan": 0.962},
+    "usps->mnist": {"source_only": 0.734, "dann": 0.870, "deep_coral": 0.878, "dan": 0.860},
+}
 
 
 def iterations_for(method: str, direction: str, epochs: float, batch: int) -> int:
@@ -61,13 +70,32 @@ def run_config(method, direction, seed, weight, args) -> dict:
         algo["weight"] = weight
     iterations = args.iterations or iterations_for(method, direction, args.epochs, args.batch)
     tag = "" if weight is None else f"_w{weight:g}"
-    return {"name": f"{method}{tag}_{direction.replace('->', '_')}_s{seed}", "algorithm": algo,
-            "model": {"name": "digits_cnn"},
-            "data": {"name": "mnist_usps", "direction": direction, "image_size": args.image_size,
-                     "data_dir": args.data_dir, "max_source": args.max_rows, "max_target": args.max_rows,
-                     "usps_frame": args.usps_frame, "standardize": "domain", "test_protocol": args.protocol},
-            "train": {"iterations": iterations, "meta_batch": args.batch, **OPTIM.get(method, OPTIM["default"]),
-                      "val_every": 0, "ckpt_every": 0, "log_every": 100, "seed": seed, "device": args.device}}
+    return {
+        "name": f"{method}{tag}_{direction.replace('->', '_')}_s{seed}",
+        "algorithm": algo,
+        "model": {"name": "digits_cnn"},
+        "data": {
+            "name": "mnist_usps",
+            "direction": direction,
+            "image_size": args.image_size,
+            "data_dir": args.data_dir,
+            "max_source": args.max_rows,
+            "max_target": args.max_rows,
+            "usps_frame": args.usps_frame,
+            "standardize": "domain",
+            "test_protocol": args.protocol,
+        },
+        "train": {
+            "iterations": iterations,
+            "meta_batch": args.batch,
+            **OPTIM.get(method, OPTIM["default"]),
+            "val_every": 0,
+            "ckpt_every": 0,
+            "log_every": 100,
+            "seed": seed,
+            "device": args.device,
+        },
+    }
 
 
 def one_run(method, direction, seed, weight, args, workdir) -> dict:
@@ -82,13 +110,23 @@ def one_run(method, direction, seed, weight, args, workdir) -> dict:
     g = torch.Generator().manual_seed(seed)
     xs, ys = parts["source_test"]
     xt = parts["target_train"][0]
-    i = torch.randperm(len(xs), generator=g)[:args.selection_rows]
-    j = torch.randperm(len(xt), generator=g)[:args.selection_rows]
+    i = torch.randperm(len(xs), generator=g)[: args.selection_rows]
+    j = torch.randperm(len(xt), generator=g)[: args.selection_rows]
     scores = label_free_scores(trainer.learner, xs[i], ys[i], xt[j])
-    return {"method": method, "direction": direction, "seed": seed, "weight": weight,
-            "accuracy": res["metric"]["mean"], "test_images": res["episodes"], "scores": scores,
-            "iterations": trainer.iteration, "train_seconds": trainer.train_seconds,
-            "wall_seconds": time.perf_counter() - start, "train_and_test_seconds": train_wall, "config": raw}
+    return {
+        "method": method,
+        "direction": direction,
+        "seed": seed,
+        "weight": weight,
+        "accuracy": res["metric"]["mean"],
+        "test_images": res["episodes"],
+        "scores": scores,
+        "iterations": trainer.iteration,
+        "train_seconds": trainer.train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "train_and_test_seconds": train_wall,
+        "config": raw,
+    }
 
 
 def pick(runs) -> dict:
@@ -115,15 +153,19 @@ def summarise(picks) -> dict:
             row = {}
             for key in (*SCORERS, "oracle"):
                 v = [e[key]["accuracy"] for e in by_seed.values()]
-                row[key] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                            "n": len(v)}
+                row[key] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
             out.setdefault(m, {})[d] = row
     return out
 
 
 def table(summary, directions, protocol) -> str:
-    head = "| method | " + " | ".join(f"{d} {k}" for d in directions for k in
-                                      ("label-free (DEV)", "oracle (target labels)", "skada-bench DEV")) + " |"
+    head = (
+        "| method | "
+        + " | ".join(
+            f"{d} {k}" for d in directions for k in ("label-free (DEV)", "oracle (target labels)", "skada-bench DEV")
+        )
+        + " |"
+    )
     lines = [head, "|---|" + "---:|" * (3 * len(directions))]
     for m in METHODS:
         cells = []
@@ -143,8 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--directions", nargs="+", default=["mnist->usps", "usps->mnist"], choices=DIRECTIONS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--grid", nargs="+", default=[], metavar="METHOD=W1,W2",
-                   help="override a method's weight grid, e.g. dann=0.1,1")
+    p.add_argument(
+        "--grid", nargs="+", default=[], metavar="METHOD=W1,W2", help="override a method's weight grid, e.g. dann=0.1,1"
+    )
     p.add_argument("--protocol", choices=("official", "holdout"), default="official")
     p.add_argument("--usps-frame", choices=("pad", "stretch"), default="pad")
     p.add_argument("--epochs", type=float, default=10.0)
@@ -156,8 +199,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 rows, 20 steps, 2-point grids")
     p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
-    p.add_argument("--out", default="benchmarks/results/transfer_digits_selection.json",
-                   help="(results/transfer_digits.json holds the earlier format that benchmarks/report.py reads)")
+    p.add_argument(
+        "--out",
+        default="benchmarks/results/transfer_digits_selection.json",
+        help="(results/transfer_digits.json holds the earlier format that benchmarks/report.py reads)",
+    )
     args = p.parse_args(argv)
     grids = dict(GRIDS)
     for item in args.grid:
@@ -180,22 +226,39 @@ def main(argv=None) -> int:
                         r = one_run(method, direction, seed, weight, args, workdir)
                         runs.append(r)
                         scores = " ".join(f"{k} {v:.4f}" for k, v in r["scores"].items())
-                        print(f"{method:<11} w={weight!s:<5} {direction:<22} seed {seed}: accuracy "
-                              f"{r['accuracy']:.4f}  {scores}  train {r['train_seconds']:.0f}s  "
-                              f"wall {r['wall_seconds']:.0f}s", flush=True)
+                        print(
+                            f"{method:<11} w={weight!s:<5} {direction:<22} seed {seed}: accuracy "
+                            f"{r['accuracy']:.4f}  {scores}  train {r['train_seconds']:.0f}s  "
+                            f"wall {r['wall_seconds']:.0f}s",
+                            flush=True,
+                        )
     total = time.perf_counter() - start
     picks = pick(runs)
     summary = summarise(picks)
     result = {
-        "command": " ".join(["python", "benchmarks/transfer_digits.py",
-                             *(f'"{a}"' if ">" in a else a for a in (argv if argv is not None else sys.argv[1:]))]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}, "grids": grids,
+        "command": " ".join(
+            [
+                "python",
+                "benchmarks/transfer_digits.py",
+                *(f'"{a}"' if ">" in a else a for a in (argv if argv is not None else sys.argv[1:])),
+            ]
+        ),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
+        "grids": grids,
         "model_selection": f"per scorer, the grid weight with the greatest label-free score ({', '.join(SCORERS)}); "
-                           f"'oracle' uses the target test labels and is a bound, not a usable result",
-        "hardware": {"device": str(device), "cpu": hardware(str(device)), "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "python": platform.python_version()},
-        "total_wall_seconds": total, "summary": summary, "picks": picks,
-        "reference_skada_bench_dev": SKADA_BENCH_DEV, "runs": runs,
+        f"'oracle' uses the target test labels and is a bound, not a usable result",
+        "hardware": {
+            "device": str(device),
+            "cpu": hardware(str(device)),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "total_wall_seconds": total,
+        "summary": summary,
+        "picks": picks,
+        "reference_skada_bench_dev": SKADA_BENCH_DEV,
+        "runs": runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """End to end: meta-train on a tiny image folder with `metatl train`, then classify new images with
 `metatl adapt` and from Python; the errors a user meets on the way."""
+
 import csv
 from unittest import mock
 
@@ -17,7 +18,7 @@ from metatl.data.image_folder import load_support_folder
 def blob_png(path, center, width, rng, size=24):
     yy, xx = np.mgrid[0:size, 0:size]
     c = np.asarray(center) + rng.randn(2)
-    img = np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * width ** 2)) + 0.1 * rng.randn(size, size)
+    img = np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * width**2)) + 0.1 * rng.randn(size, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
 
@@ -37,12 +38,25 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     make_classes(tmp / "train_imgs", n_classes=10, per_class=6, seed=0)
     runs = {}
-    for algo, extra, iters in (("protonet", {}, 6), ("maml", {"inner_lr": 0.1, "inner_steps": 1, "first_order": True}, 2)):
-        config = {"algorithm": {"name": algo, **extra}, "model": {"name": "conv4_pool", "filters": 8},
-                  "data": {"name": "image_folder", "root": str(tmp / "train_imgs"), "image_size": 16,
-                           "ways": 3, "shots": 1, "queries": 2, "split_fractions": [0.7, 0.0, 0.3]},
-                  "train": {"iterations": iters, "meta_batch": 2, "val_every": 0, "ckpt_every": 0, "log_every": 5},
-                  "eval": {"episodes": 3}}
+    for algo, extra, iters in (
+        ("protonet", {}, 6),
+        ("maml", {"inner_lr": 0.1, "inner_steps": 1, "first_order": True}, 2),
+    ):
+        config = {
+            "algorithm": {"name": algo, **extra},
+            "model": {"name": "conv4_pool", "filters": 8},
+            "data": {
+                "name": "image_folder",
+                "root": str(tmp / "train_imgs"),
+                "image_size": 16,
+                "ways": 3,
+                "shots": 1,
+                "queries": 2,
+                "split_fractions": [0.7, 0.0, 0.3],
+            },
+            "train": {"iterations": iters, "meta_batch": 2, "val_every": 0, "ckpt_every": 0, "log_every": 5},
+            "eval": {"episodes": 3},
+        }
         path = tmp / f"{algo}.yaml"
         path.write_text(yaml.safe_dump(config))
         assert main(["train", str(path), "--out", str(tmp / algo), "--no-progress"]) == 0
@@ -68,8 +82,10 @@ def test_train_then_adapt_writes_a_prediction_table(trained, tmp_path, capsys, a
     _, runs = trained
     support, query = new_task(tmp_path)
     out = tmp_path / "predictions" / "predictions.csv"
-    assert main(["adapt", str(runs[algo]), "--support", str(support), "--query", str(query),
-                 "--out", str(out.parent)]) == 0
+    assert (
+        main(["adapt", str(runs[algo]), "--support", str(support), "--query", str(query), "--out", str(out.parent)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "3 classes from" in printed and "new0, new1, new2" in printed and "accuracy on the 9 labelled" in printed
     rows = list(csv.DictReader(out.open()))
@@ -105,13 +121,27 @@ def test_python_api_and_no_training_data_needed(trained, tmp_path):
 def test_adapt_errors_name_the_fix(trained, tmp_path, capsys):
     _, runs = trained
     support, query = new_task(tmp_path, n_classes=4)
-    assert main(["adapt", str(runs["maml"]), "--support", str(support), "--query", str(query),
-                 "--out", str(tmp_path / "p.csv")]) == 2
+    assert (
+        main(
+            [
+                "adapt",
+                str(runs["maml"]),
+                "--support",
+                str(support),
+                "--query",
+                str(query),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "3-way head but the support folder has 4 classes" in err and "metric-based" in err
     (tmp_path / "empty_query").mkdir()
-    assert main(["adapt", str(runs["protonet"]), "--support", str(support), "--query",
-                 str(tmp_path / "empty_query")]) == 2
+    assert (
+        main(["adapt", str(runs["protonet"]), "--support", str(support), "--query", str(tmp_path / "empty_query")]) == 2
+    )
     assert "holds no images" in capsys.readouterr().err
     assert main(["adapt", str(tmp_path / "missing.pt"), "--support", str(support), "--query", str(query)]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -152,7 +182,7 @@ def glyph_png(path, strokes, rng, size=40):
 
     img = Image.new("L", (size, size), 255)
     draw = ImageDraw.Draw(img)
-    for (x0, y0, x1, y1) in strokes:
+    for x0, y0, x1, y1 in strokes:
         jitter = rng.randint(-2, 3, 4)
         draw.line([x0 + jitter[0], y0 + jitter[1], x1 + jitter[2], y1 + jitter[3]], fill=0, width=3)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +219,11 @@ def test_cli_and_python_give_the_same_predictions(trained, tmp_path, capsys, dat
     from metatl.data.image_folder import list_images
 
     _, runs = trained
-    ckpt = runs["protonet"] if dataset == "image_folder" else as_omniglot_checkpoint(runs["protonet"],
-                                                                                    tmp_path / "omni.pt")
+    ckpt = (
+        runs["protonet"]
+        if dataset == "image_folder"
+        else as_omniglot_checkpoint(runs["protonet"], tmp_path / "omni.pt")
+    )
     support, query = glyph_task(tmp_path)
     out = tmp_path / "predictions.csv"
     assert main(["adapt", str(ckpt), "--support", str(support), "--query", str(query), "--out", str(tmp_path)]) == 0
@@ -216,7 +249,9 @@ def test_cli_and_python_give_the_same_predictions(trained, tmp_path, capsys, dat
     assert by_id.classes == [0, 1, 2] and by_id.predict_images(files) == [int(n[-1]) for n in names]
     assert torch.equal(by_id.predict_proba_images(files), proba)
     # a tensor of the wrong shape is refused with advice that converts as trained
-    advice = r"learner.adapt_images\(support_folder\).*image_size=16" + (", invert=True" if dataset == "omniglot" else r"\)")
+    advice = r"learner.adapt_images\(support_folder\).*image_size=16" + (
+        ", invert=True" if dataset == "omniglot" else r"\)"
+    )
     with pytest.raises(ValueError, match=advice):
         learner.adapt(torch.rand(2, 1, 28, 28), torch.tensor([0, 1]))
 
@@ -251,7 +286,22 @@ def test_adapt_images_labels_and_steps_get_clear_errors(trained, tmp_path, capsy
     with pytest.raises(ValueError, match="1 of the 2 file\\(s\\) are not readable images: .*notes.txt"):
         predictor.predict_images([files[0], tmp_path / "notes.txt"])
     # the CLI refuses inner steps for a learner that takes none
-    assert main(["adapt", str(runs["protonet"]), "--support", str(support), "--query", str(query),
-                 "--steps", "3", "--out", str(tmp_path / "p.csv")]) == 2
+    assert (
+        main(
+            [
+                "adapt",
+                str(runs["protonet"]),
+                "--support",
+                str(support),
+                "--query",
+                str(query),
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 2
+    )
     assert "ProtoNet adapts without gradient steps" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()

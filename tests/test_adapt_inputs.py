@@ -1,6 +1,7 @@
 """Every meta-learner's ``adapt(support_x, support_y)`` refuses a support set it cannot read with a
 clear error (not a torch traceback from deep inside): float labels, labels shorter or longer than
 the examples, labels that are not a tensor. Run over every meta-learner in the registry."""
+
 import pytest
 import torch
 
@@ -15,8 +16,13 @@ META = sorted(name for name, cls in ALGORITHMS.items() if isinstance(cls, type) 
 
 def small_learner(name):
     model = {"name": "conv4_relation" if name == "relation" else "conv4_stride", "filters": 8}
-    cfg = from_dict({"algorithm": {"name": name}, "model": model,
-                     "data": {"name": "omniglot", "ways": 3, "shots": 2, "image_size": 28}})
+    cfg = from_dict(
+        {
+            "algorithm": {"name": name},
+            "model": model,
+            "data": {"name": "omniglot", "ways": 3, "shots": 2, "image_size": 28},
+        }
+    )
     spec = {"task_type": "classification", "out_features": 3, "input_spec": {"in_channels": 1, "image_size": 28}}
     torch.manual_seed(0)
     return learner_from_spec(cfg, spec).eval()

@@ -1,5 +1,6 @@
 """Backbone choices that must not change results: the channels-last memory layout, and the max-pool
 blocks that apply ReLU after the pool (the papers write conv-BN-ReLU-pool)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,10 @@ def test_inner_vmap_takes_query_sets_of_different_sizes():
     from metatl.meta import MAML
 
     torch.manual_seed(0)
-    eps = [Episode(torch.rand(3, 1, 12, 12), torch.arange(3), torch.rand(3 * q, 1, 12, 12), torch.arange(3).repeat(q))
-           for q in (1, 2)]
+    eps = [
+        Episode(torch.rand(3, 1, 12, 12), torch.arange(3), torch.rand(3 * q, 1, 12, 12), torch.arange(3).repeat(q))
+        for q in (1, 2)
+    ]
     model = conv4_stride(out_features=3, bn_mode="batch", filters=4, image_size=12)
     maml = MAML(model)
     loop, inner = (make_executor(b, maml)(maml, eps)[0] for b in ("loop", "inner_vmap"))
@@ -147,8 +150,9 @@ def test_max_pool_equals_torchs_with_ties_and_second_derivatives(size):
     (second_ours,) = torch.autograd.grad((grad_ours * v).sum(), w)
     (second_ref,) = torch.autograd.grad((grad_ref * v).sum(), w)
     assert torch.equal(second_ours, second_ref)
-    assert torch.autograd.gradgradcheck(MaxPool2d(2), (torch.randn(2, 3, size, size, dtype=torch.float64,
-                                                                   generator=g, requires_grad=True),))
+    assert torch.autograd.gradgradcheck(
+        MaxPool2d(2), (torch.randn(2, 3, size, size, dtype=torch.float64, generator=g, requires_grad=True),)
+    )
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
@@ -176,7 +180,9 @@ def test_max_pool_keeps_channels_last_and_is_plain_under_vmap():
     assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, F.max_pool2d(x, 2))
     assert MaxPool2d(2)(x.contiguous()).is_contiguous()
     tasks = torch.randn(3, 2, 8, 6, 6)
-    torch.testing.assert_close(torch.func.vmap(MaxPool2d(2))(tasks), F.max_pool2d(tasks.flatten(0, 1), 2).view(3, 2, 8, 3, 3))
+    torch.testing.assert_close(
+        torch.func.vmap(MaxPool2d(2))(tasks), F.max_pool2d(tasks.flatten(0, 1), 2).view(3, 2, 8, 3, 3)
+    )
 
 
 def test_pixels_backbone_flattens_and_resizes():
@@ -245,9 +251,15 @@ def test_second_order_maml_through_the_max_pool_net_equals_torchs_pool(executor)
         theirs.features[i] = torch.nn.MaxPool2d(2)
     assert len(swapped) == 4
     g = torch.Generator().manual_seed(0)
-    eps = [Episode(torch.randint(0, 2, (3, 1, 16, 16), generator=g).double(), torch.arange(3),
-                   torch.randint(0, 2, (6, 1, 16, 16), generator=g).double(), torch.arange(3).repeat(2))
-           for _ in range(2)]
+    eps = [
+        Episode(
+            torch.randint(0, 2, (3, 1, 16, 16), generator=g).double(),
+            torch.arange(3),
+            torch.randint(0, 2, (6, 1, 16, 16), generator=g).double(),
+            torch.arange(3).repeat(2),
+        )
+        for _ in range(2)
+    ]
     grads = []
     for model in (ours, theirs):
         maml = MAML(model, inner_lr=0.5, inner_steps=2)

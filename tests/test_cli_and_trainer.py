@@ -1,4 +1,5 @@
 """End-to-end CLI runs for each algorithm, exact resume, NaN safety, and config errors."""
+
 import json
 import math
 import platform
@@ -45,20 +46,43 @@ def test_cli_train_and_eval_sinusoid(tmp_path, algo, capsys):
     cfg = write_config(tmp_path, raw)
     out = tmp_path / "run"
     assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 0
-    for f in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "results.json", "learning_curve.png",
-              "sinusoid_tasks.png"):
+    for f in (
+        "config.yaml",
+        "last.pt",
+        "best.pt",
+        "metrics.jsonl",
+        "results.json",
+        "learning_curve.png",
+        "sinusoid_tasks.png",
+    ):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
-    for key in ("algorithm", "dataset", "ways", "shots", "queries", "episodes", "metric", "inner_steps_test",
-                "bn_mode", "train_seconds", "iterations", "seed", "metatl_version", "torch_version"):
+    for key in (
+        "algorithm",
+        "dataset",
+        "ways",
+        "shots",
+        "queries",
+        "episodes",
+        "metric",
+        "inner_steps_test",
+        "bn_mode",
+        "train_seconds",
+        "iterations",
+        "seed",
+        "metatl_version",
+        "torch_version",
+    ):
         assert key in res
     assert res["metric"]["name"] == "mse" and math.isfinite(res["metric"]["mean"]) and res["iterations"] == 6
     assert set(res["by_inner_steps"]) == {"1", "5"}
     printed = capsys.readouterr().out
     assert "mean +- 95% CI" in printed and "learning_curve.png" in printed
     # eval writes eval_<checkpoint>_<N>ep.json beside the checkpoint, or in --out
-    assert main(["eval", str(out / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress",
-                 "--set", "eval.episodes=5"]) == 0
+    assert (
+        main(["eval", str(out / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress", "--set", "eval.episodes=5"])
+        == 0
+    )
     assert json.loads((tmp_path / "ev" / "eval_last_5ep.json").read_text())["episodes"] == 5
 
 
@@ -67,15 +91,22 @@ def test_cli_train_on_omniglot_shaped_data(tmp_path, algo, monkeypatch):
     from metatl.data import omniglot as omni
 
     root = fake_omniglot(tmp_path / "data", n_alphabets=2, n_chars=3)
-    monkeypatch.setattr(omni, "ACCEPTED", {p: (omni.file_digests(root / "omniglot" / f"{p}.zip")["sha256"],)
-                                           for p in omni.PARTS})
+    monkeypatch.setattr(
+        omni, "ACCEPTED", {p: (omni.file_digests(root / "omniglot" / f"{p}.zip")["sha256"],) for p in omni.PARTS}
+    )
     monkeypatch.setattr(omni, "N_CHARACTERS", 12)
     names = [f"Alpha{p[7]}{a}/character{c:02d}" for p in omni.PARTS for a in range(2) for c in range(1, 4)]
-    monkeypatch.setattr(omni, "split_characters", lambda n, split, subset: names[:8] if subset == "train" else names[8:])
-    raw = {"name": "o", "algorithm": ALGOS.get(algo), "model": {"name": "conv4_stride", "filters": 8},
-           "data": {"name": "omniglot", "ways": 3, "shots": 1, "queries": 2, "data_dir": str(root)},
-           "train": {"iterations": 2, "meta_batch": 2, "val_every": 2, "val_episodes": 2},
-           "eval": {"episodes": 4}}
+    monkeypatch.setattr(
+        omni, "split_characters", lambda n, split, subset: names[:8] if subset == "train" else names[8:]
+    )
+    raw = {
+        "name": "o",
+        "algorithm": ALGOS.get(algo),
+        "model": {"name": "conv4_stride", "filters": 8},
+        "data": {"name": "omniglot", "ways": 3, "shots": 1, "queries": 2, "data_dir": str(root)},
+        "train": {"iterations": 2, "meta_batch": 2, "val_every": 2, "val_episodes": 2},
+        "eval": {"episodes": 4},
+    }
     if algo == "protonet_bfloat16":
         raw.update(algorithm={"name": "protonet"}, model={"name": "conv4_pool", "filters": 8, "fast": True})
         raw["train"]["precision"] = "bfloat16"
@@ -134,8 +165,9 @@ def test_resume_from_another_config_is_refused(tmp_path):
     t = Trainer(load_config(write_config(tmp_path, other, "other.yaml")), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="another config.*model.hidden"):
         t.resume()
-    assert main(["train", str(tmp_path / "other.yaml"), "--out", str(tmp_path / "run"), "--resume",
-                 "--no-progress"]) == 2
+    assert (
+        main(["train", str(tmp_path / "other.yaml"), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 2
+    )
 
 
 def test_checkpoints_from_before_a_new_config_key_still_resume_and_evaluate(tmp_path):
@@ -148,8 +180,11 @@ def test_checkpoints_from_before_a_new_config_key_still_resume_and_evaluate(tmp_
     del data["train_queries"]  # as written before data.train_queries existed ...
     data.update(ways=5, split="vinyals", root=None)  # ... and when one section held every data set's keys
     ckpt_io.save_atomic(state, path)
-    t = Trainer(load_config(write_config(tmp_path, dict(raw, train=dict(raw["train"], iterations=3)))),
-                tmp_path / "run", progress=False)
+    t = Trainer(
+        load_config(write_config(tmp_path, dict(raw, train=dict(raw["train"], iterations=3)))),
+        tmp_path / "run",
+        progress=False,
+    )
     t.resume(allow=["train.iterations"])
     assert t.iteration == 2
     assert main(["eval", str(path), "--set", "eval.episodes=3", "--out", str(tmp_path / "ev")]) == 0
@@ -159,17 +194,28 @@ def test_evaluation_cannot_change_the_training_classes(tmp_path):
     from test_image_folder import make_folder
 
     root = make_folder(tmp_path / "imgs", classes=6, per_class=3)
-    raw = {"algorithm": {"name": "protonet"}, "model": {"name": "conv4_pool", "filters": 4, "bn_mode": "running"},
-           "data": {"name": "image_folder", "root": str(root), "train_subset": "trainval", "ways": 2, "queries": 2,
-                    "image_size": 16, "classes": {"train": ["class0", "class1"], "val": ["class2"],
-                                                  "test": ["class3", "class4"]}},
-           "train": {"iterations": 2, "meta_batch": 1, "val_every": 0}, "eval": {"episodes": 2}}
+    raw = {
+        "algorithm": {"name": "protonet"},
+        "model": {"name": "conv4_pool", "filters": 4, "bn_mode": "running"},
+        "data": {
+            "name": "image_folder",
+            "root": str(root),
+            "train_subset": "trainval",
+            "ways": 2,
+            "queries": 2,
+            "image_size": 16,
+            "classes": {"train": ["class0", "class1"], "val": ["class2"], "test": ["class3", "class4"]},
+        },
+        "train": {"iterations": 2, "meta_batch": 1, "val_every": 0},
+        "eval": {"episodes": 2},
+    }
     t = Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "run", progress=False)
     t.fit()
     res = t.test()
     assert res["train_subset"] == "trainval"
-    assert main(["eval", str(tmp_path / "run" / "last.pt"), "--set", "data.train_subset=train",
-                 "train.val_every=0"]) == 2
+    assert (
+        main(["eval", str(tmp_path / "run" / "last.pt"), "--set", "data.train_subset=train", "train.val_every=0"]) == 2
+    )
 
 
 def test_unknown_config_keys_list_the_valid_ones(tmp_path):
@@ -218,8 +264,9 @@ def test_a_run_folder_is_not_replaced_without_overwrite(tmp_path, capsys):
     before = (out / "last.pt").read_bytes()
     assert main(["train", str(cfg), "--out", str(out), "--no-progress"]) == 2
     assert "already holds a run" in capsys.readouterr().err and (out / "last.pt").read_bytes() == before
-    assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--overwrite",
-                 "--set", "train.iterations=3"]) == 0
+    assert (
+        main(["train", str(cfg), "--out", str(out), "--no-progress", "--overwrite", "--set", "train.iterations=3"]) == 0
+    )
     iterations = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert iterations.count(1) == 1 and iterations == sorted(iterations) and iterations[-1] == 3  # old lines gone
 
@@ -227,17 +274,19 @@ def test_a_run_folder_is_not_replaced_without_overwrite(tmp_path, capsys):
 def test_config_values_are_checked_by_type_and_range(tmp_path):
     path = write_config(tmp_path, SINUSOID)
     assert load_config(path, ["train.lr=1e-3", "algorithm.inner_lr=5E-2"]).train.lr == 1e-3  # YAML 1.2 floats
-    for override, message in [("train.lr=abc", "train.lr must be a number, got 'abc'"),
-                              ("data.shots=2.5", "data.shots must be a whole number"),
-                              ("algorithm.first_order=1", "algorithm.first_order must be true or false"),
-                              ("algorithm.inner_lr=fast", "algorithm.inner_lr must be a number"),
-                              ("train.meta_batch=0", "train.meta_batch must be at least 1"),
-                              ("train.iterations=-5", "train.iterations must be at least 1"),
-                              ("data.queries=0", "data.queries must be at least 1"),
-                              ("eval.episodes=0", "eval.episodes must be at least 1"),
-                              ("train.ema_decay=1", "train.ema_decay must lie strictly between 0 and 1"),
-                              ("train.ema_decay=-0.5", "train.ema_decay must lie strictly between 0 and 1"),
-                              ("eval.weights=best", "eval.weights must be one of averaged, raw")]:
+    for override, message in [
+        ("train.lr=abc", "train.lr must be a number, got 'abc'"),
+        ("data.shots=2.5", "data.shots must be a whole number"),
+        ("algorithm.first_order=1", "algorithm.first_order must be true or false"),
+        ("algorithm.inner_lr=fast", "algorithm.inner_lr must be a number"),
+        ("train.meta_batch=0", "train.meta_batch must be at least 1"),
+        ("train.iterations=-5", "train.iterations must be at least 1"),
+        ("data.queries=0", "data.queries must be at least 1"),
+        ("eval.episodes=0", "eval.episodes must be at least 1"),
+        ("train.ema_decay=1", "train.ema_decay must lie strictly between 0 and 1"),
+        ("train.ema_decay=-0.5", "train.ema_decay must lie strictly between 0 and 1"),
+        ("eval.weights=best", "eval.weights must be one of averaged, raw"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config(path, [override])
     with pytest.raises(ConfigError, match="data.ways must be at least 2"):
@@ -248,8 +297,12 @@ def test_config_values_are_checked_by_type_and_range(tmp_path):
         from_dict({"data": {"name": "omniglot", "train_subset": "trainval"}})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) train_subset in section 'data' \(sinusoid\)"):
         from_dict({"data": {"name": "sinusoid", "train_subset": "trainval"}, "train": {"val_every": 0}})
-    assert from_dict({"data": {"name": "omniglot", "train_subset": "trainval"},
-                      "train": {"val_every": 0}}).data.train_subset == "trainval"
+    assert (
+        from_dict(
+            {"data": {"name": "omniglot", "train_subset": "trainval"}, "train": {"val_every": 0}}
+        ).data.train_subset
+        == "trainval"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -306,15 +359,19 @@ def test_a_backbone_without_parameters_is_refused_before_training(tmp_path):
 def test_results_json_is_strict_json_even_with_a_nan(tmp_path):
     from metatl.engine.trainer import write_results
 
-    write_results({"metric": {"mean": float("nan"), "ci95": float("inf")}, "scores": [1.0, float("nan")]},
-                  tmp_path / "results.json")
+    write_results(
+        {"metric": {"mean": float("nan"), "ci95": float("inf")}, "scores": [1.0, float("nan")]},
+        tmp_path / "results.json",
+    )
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"metric": {"mean": None, "ci95": None}, "scores": [1.0, None]}
 
 
-@pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
-                    reason="malloc tuning applies to Linux with glibc only")
+@pytest.mark.skipif(
+    not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
+    reason="malloc tuning applies to Linux with glibc only",
+)
 def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
     # a fresh process, so the measurement does not depend on what the tests before did to malloc
     script = (
@@ -330,7 +387,8 @@ def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
         "before = faults()\n"
         "applied = keep_freed_memory()\n"
         "faults()\n"  # the first allocation after the change still takes fresh pages
-        "print(applied, before, faults())\n")
+        "print(applied, before, faults())\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     applied, before, after = out.split()
     assert applied == "True"
@@ -365,9 +423,14 @@ def test_moving_average_follows_its_recursion():
             model.num_batches_tracked.fill_(10 * n)
         current = {k: v.clone() for k, v in model.state_dict().items()}
         d = min(0.5, (1 + n) / (10 + n))
-        expected = current if expected is None else {
-            k: (d * expected[k] + (1 - d) * current[k]) if v.is_floating_point() else current[k]
-            for k, v in current.items()}
+        expected = (
+            current
+            if expected is None
+            else {
+                k: (d * expected[k] + (1 - d) * current[k]) if v.is_floating_point() else current[k]
+                for k, v in current.items()
+            }
+        )
         ema.update_parameters(model)
         got = ema.module.state_dict()
         assert all(torch.allclose(got[k].double(), expected[k].double(), atol=1e-6) for k in expected)
@@ -397,6 +460,7 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
     assert ckpt_io.learner_weights(state) is state["averaged"]
     assert ckpt_io.learner_weights(state, "raw") is state["learner"]
     import metatl
+
     loaded = metatl.load(tmp_path / "a" / "last.pt").state_dict()
     assert all(torch.equal(loaded[k], a[k]) for k in a)
     loaded = metatl.load(tmp_path / "a" / "last.pt", weights="raw").state_dict()
@@ -407,27 +471,59 @@ def test_moving_average_is_checkpointed_resumed_exactly_and_scored(tmp_path, cap
     assert straight.scored is straight.ema.module
     for weights in ("averaged", "raw"):
         out = tmp_path / f"eval_{weights}"
-        assert main(["eval", str(tmp_path / "a" / "last.pt"), "--no-progress", "--out", str(out),
-                     "--set", f"eval.weights={weights}", "eval.episodes=5"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(tmp_path / "a" / "last.pt"),
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                    "--set",
+                    f"eval.weights={weights}",
+                    "eval.episodes=5",
+                ]
+            )
+            == 0
+        )
         record = json.loads(next(out.glob("eval_last_5ep*.json")).read_text())
         assert record["weights"] == weights
         assert record["ema_decay"] == (0.9 if weights == "averaged" else None)
-    scores = [json.loads(next((tmp_path / f"eval_{w}").glob("eval_last_5ep*.json")).read_text())["metric"]["mean"]
-              for w in ("averaged", "raw")]
+    scores = [
+        json.loads(next((tmp_path / f"eval_{w}").glob("eval_last_5ep*.json")).read_text())["metric"]["mean"]
+        for w in ("averaged", "raw")
+    ]
     assert scores[0] != scores[1]
 
     plain = dict(raw, train=dict(raw["train"], ema_decay=None))  # a run without an average scores its weights
     Trainer(load_config(write_config(tmp_path, plain, "plain.yaml")), tmp_path / "c", progress=False).fit()
-    assert main(["eval", str(tmp_path / "c" / "last.pt"), "--no-progress", "--set", "eval.episodes=5",
-                 "train.ema_decay=0.9"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "c" / "last.pt"),
+                "--no-progress",
+                "--set",
+                "eval.episodes=5",
+                "train.ema_decay=0.9",
+            ]
+        )
+        == 0
+    )
     assert json.loads(next((tmp_path / "c").glob("eval_last_5ep*.json")).read_text())["weights"] == "raw"
 
 
-@pytest.mark.parametrize("old, executor", [({"batch_tasks": True}, "vmap"), ({"batch_tasks": True, "compile": True}, "compile"),
-                                           ({"batch_tasks": "inner"}, "threads_inner_vmap"),
-                                           ({"batch_tasks": "inner", "task_threads": 1}, "inner_vmap"),
-                                           ({"batch_tasks": False, "task_threads": "auto"}, "threads"),
-                                           ({"task_threads": 1}, "loop")])
+@pytest.mark.parametrize(
+    "old, executor",
+    [
+        ({"batch_tasks": True}, "vmap"),
+        ({"batch_tasks": True, "compile": True}, "compile"),
+        ({"batch_tasks": "inner"}, "threads_inner_vmap"),
+        ({"batch_tasks": "inner", "task_threads": 1}, "inner_vmap"),
+        ({"batch_tasks": False, "task_threads": "auto"}, "threads"),
+        ({"task_threads": 1}, "loop"),
+    ],
+)
 def test_old_execution_keys_load_as_train_executor_with_a_warning(tmp_path, old, executor):
     """Configs (and checkpoints) of earlier versions with MAML's batch_tasks, compile or task_threads."""
     from metatl.config import ConfigDeprecationWarning
@@ -441,8 +537,14 @@ def test_old_execution_keys_load_as_train_executor_with_a_warning(tmp_path, old,
         assert load_config(write_config(tmp_path, raw)).train.executor == "loop"
 
 
-@pytest.mark.parametrize("old, fast", [({"channels_last": True}, True), ({"fold_first_norm": False}, False),
-                                       ({"channels_last": False, "fold_first_norm": True}, True)])
+@pytest.mark.parametrize(
+    "old, fast",
+    [
+        ({"channels_last": True}, True),
+        ({"fold_first_norm": False}, False),
+        ({"channels_last": False, "fold_first_norm": True}, True),
+    ],
+)
 def test_old_conv_layout_keys_load_as_model_fast_with_a_warning(tmp_path, old, fast):
     from metatl.config import ConfigDeprecationWarning
 

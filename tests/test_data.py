@@ -1,4 +1,5 @@
 """Episode sampler properties, sinusoid tasks, and the Omniglot reader on fake zips."""
+
 import io
 import zipfile
 
@@ -49,10 +50,14 @@ def episode_one_class_at_a_time(pool, ways, shots, queries, generator):
     """The sampler's episode written out plainly: the classes, then per class its examples from
     ``pool.get`` (support first), as many draws from ``generator`` and in the same order."""
     classes = torch.randperm(len(pool), generator=generator)[:ways].tolist()
-    xs = [pool.get(c, torch.randperm(pool.counts[c], generator=generator)[:shots + queries]) for c in classes]
+    xs = [pool.get(c, torch.randperm(pool.counts[c], generator=generator)[: shots + queries]) for c in classes]
     labels = torch.arange(ways)
-    return (torch.cat([x[:shots] for x in xs]), labels.repeat_interleave(shots),
-            torch.cat([x[shots:] for x in xs]), labels.repeat_interleave(queries))
+    return (
+        torch.cat([x[:shots] for x in xs]),
+        labels.repeat_interleave(shots),
+        torch.cat([x[shots:] for x in xs]),
+        labels.repeat_interleave(queries),
+    )
 
 
 @pytest.mark.parametrize("queries", [0, 3])
@@ -68,7 +73,9 @@ def test_a_batch_of_episodes_gathered_at_once_equals_one_class_at_a_time(queries
         reference = torch.Generator().manual_seed(3)
         for ep in batch:
             expected = episode_one_class_at_a_time(p, 4, 2, queries, reference)
-            assert all(torch.equal(a, b) for a, b in zip((ep.support_x, ep.support_y, ep.query_x, ep.query_y), expected))
+            assert all(
+                torch.equal(a, b) for a, b in zip((ep.support_x, ep.support_y, ep.query_x, ep.query_y), expected)
+            )
     x = omni.OmniglotClasses(images, names, names[1:6]).get_many([(6, torch.tensor([4, 0])), (3, torch.tensor([2]))])
     assert torch.equal(x[:2, 0], torch.rot90(images[2, [4, 0]], 2, dims=(1, 2)).float() / 255)
     assert torch.equal(x[2:, 0], torch.rot90(images[1, [2]], 3, dims=(1, 2)).float() / 255)
@@ -128,8 +135,9 @@ def fake_omniglot(root, n_alphabets=2, n_chars=3, drawers=20, seed=0):
 
 def test_omniglot_reader_on_a_fake_zip(tmp_path, monkeypatch):
     root = fake_omniglot(tmp_path / "data")
-    monkeypatch.setattr(omni, "ACCEPTED", {p: (omni.file_digests(root / "omniglot" / f"{p}.zip")["sha256"],)
-                                           for p in omni.PARTS})
+    monkeypatch.setattr(
+        omni, "ACCEPTED", {p: (omni.file_digests(root / "omniglot" / f"{p}.zip")["sha256"],) for p in omni.PARTS}
+    )
     monkeypatch.setattr(omni, "N_CHARACTERS", 12)
     images, names = omni.load_images(root, image_size=28)
     assert images.shape == (12, 20, 28, 28) and images.dtype == torch.uint8
@@ -137,6 +145,7 @@ def test_omniglot_reader_on_a_fake_zip(tmp_path, monkeypatch):
     # ink is high, background low, after resizing
     assert images.float().mean() < 128
     import os
+
     key = omni.file_digests(root / "omniglot" / "images_background.zip")["sha256"][:8]
     cached = list((omni.user_cache_dir()).glob(f"omniglot_28px_{key}_*.pt"))
     assert len(cached) == 1 and str(cached[0]).startswith(os.environ["XDG_CACHE_HOME"])
@@ -163,8 +172,9 @@ def test_omniglot_missing_and_corrupt_files_say_what_to_do(tmp_path, monkeypatch
         (tmp_path / "omniglot" / f"{p}.zip").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not an accepted checksum.*download it again"):
         omni.load_images(tmp_path, 28)
-    monkeypatch.setattr(omni, "ACCEPTED", {p: (omni.file_digests(tmp_path / "omniglot" / f"{p}.zip")["md5"],)
-                                           for p in omni.PARTS})
+    monkeypatch.setattr(
+        omni, "ACCEPTED", {p: (omni.file_digests(tmp_path / "omniglot" / f"{p}.zip")["md5"],) for p in omni.PARTS}
+    )
     with pytest.raises(ValueError, match="not a readable zip"):
         omni.load_images(tmp_path, 28)
 
@@ -193,6 +203,10 @@ def test_real_omniglot(omniglot_dir):
     from metatl.data import build_sampler
 
     for subset, n in (("train", 1028), ("trainval", 1200)):  # data.train_subset reaches the Omniglot pool
-        cfg = from_dict({"data": {"name": "omniglot", "data_dir": str(omniglot_dir), "train_subset": subset},
-                         "train": {"val_every": 0}}).data
+        cfg = from_dict(
+            {
+                "data": {"name": "omniglot", "data_dir": str(omniglot_dir), "train_subset": subset},
+                "train": {"val_every": 0},
+            }
+        ).data
         assert len(build_sampler(cfg, "train").pool) == 4 * n

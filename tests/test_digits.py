@@ -1,4 +1,5 @@
 """MNIST / USPS loaders, data-dir resolution and the small download helper."""
+
 import hashlib
 import importlib.util
 import os
@@ -16,9 +17,10 @@ from metatl.data import digits  # noqa: E402
 from metatl.data.digits import load_digits_domains, load_mnist, load_usps, resize_images  # noqa: E402
 
 DATA = Path(os.environ.get("METATL_DATA_DIR") or REPO.parent / "shared" / "data")
-needs_data = pytest.mark.skipif(not (DATA / "mnist").is_dir() or not (DATA / "usps").is_dir(),
-                                reason="real digits data not found (set METATL_DATA_DIR)")
-
+needs_data = pytest.mark.skipif(
+    not (DATA / "mnist").is_dir() or not (DATA / "usps").is_dir(),
+    reason="real digits data not found (set METATL_DATA_DIR)",
+)
 
 
 def test_resize_keeps_constants_and_range():
@@ -40,7 +42,6 @@ def test_download_checks_sha256_and_renames_atomically(tmp_path):
     with pytest.raises(ValueError, match="not an accepted checksum"):
         digits.download([src.as_uri()], tmp_path / "other.bin", ("0" * 64,))
     assert not (tmp_path / "other.bin").exists()
-
 
 
 def test_missing_file_names_the_fix(tmp_path):
@@ -79,8 +80,9 @@ def test_usps_h5_and_libsvm_agree():
 
 @needs_data
 def test_mnist_to_usps_domains():
-    X, y, sd, yt = load_digits_domains("usps", "mnist", size=16, n_source=300, n_target=200, split="test",
-                                       data_dir=DATA)
+    X, y, sd, yt = load_digits_domains(
+        "usps", "mnist", size=16, n_source=300, n_target=200, split="test", data_dir=DATA
+    )
     assert X.shape == (500, 256) and (sd > 0).sum() == 300 and (y[sd < 0] == -1).all() and yt.shape == (200,)
 
 
@@ -141,8 +143,9 @@ def test_holdout_split_is_disjoint_and_covers_every_row():
 
 
 def _cfg(**data):
-    return from_dict({"algorithm": {"name": "source_only"}, "model": {"name": "digits_cnn"},
-                      "data": {"name": "mnist_usps", **data}}).data
+    return from_dict(
+        {"algorithm": {"name": "source_only"}, "model": {"name": "digits_cnn"}, "data": {"name": "mnist_usps", **data}}
+    ).data
 
 
 @pytest.fixture
@@ -156,8 +159,10 @@ def tiny_digits(tmp_path):
     (tmp_path / "mnist").mkdir()
     (tmp_path / "usps").mkdir()
     for prefix, n in (("train", 40), ("t10k", 20)):
-        for kind, magic, arr in (("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
-                                 ("labels-idx1", 2049, np.arange(n) % 10)):
+        for kind, magic, arr in (
+            ("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", 2049, np.arange(n) % 10),
+        ):
             header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
             with gzip.open(tmp_path / "mnist" / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
                 f.write(header + arr.astype(np.uint8).tobytes())
@@ -198,8 +203,9 @@ def test_holdout_protocol_scores_on_held_out_target_training_rows(tiny_digits):
 
 def test_usps_frame_option_reaches_the_images(tiny_digits):
     pad = digits_splits(_cfg(direction="mnist->usps", data_dir=str(tiny_digits)))["target_train"][0]
-    stretch = digits_splits(_cfg(direction="mnist->usps", data_dir=str(tiny_digits),
-                                 usps_frame="stretch"))["target_train"][0]
+    stretch = digits_splits(_cfg(direction="mnist->usps", data_dir=str(tiny_digits), usps_frame="stretch"))[
+        "target_train"
+    ][0]
     assert pad.shape == stretch.shape == (50, 1, 28, 28)
     assert pad[:, :, :6].abs().max() == 0 and stretch[:, :, :6].abs().max() > 0
 
@@ -216,10 +222,14 @@ def test_sgd_momentum_weight_decay_and_auto_device():
 
     from metatl.engine.trainer import check_device, make_optimizer
 
-    cfg = from_dict({"algorithm": {"name": "source_only"}, "model": {"name": "digits_cnn"},
-                     "data": {"name": "mnist_usps"},
-                     "train": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.6, "weight_decay": 1e-5,
-                               "device": "auto"}})
+    cfg = from_dict(
+        {
+            "algorithm": {"name": "source_only"},
+            "model": {"name": "digits_cnn"},
+            "data": {"name": "mnist_usps"},
+            "train": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.6, "weight_decay": 1e-5, "device": "auto"},
+        }
+    )
     opt = make_optimizer(cfg, [torch.zeros(2, requires_grad=True)])
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["momentum"] == 0.6 and opt.defaults["weight_decay"] == 1e-5
@@ -240,11 +250,28 @@ def test_source_only_smoke_run_learns_usps_to_sklearn_digits(tmp_path):
     """A short CPU run: 60 SGD steps on USPS, scored on scikit-learn's digits, well above chance."""
     from metatl.engine.trainer import Trainer
 
-    cfg = from_dict({"algorithm": {"name": "source_only"}, "model": {"name": "digits_cnn"},
-                     "data": {"name": "mnist_usps", "direction": "usps->sklearn_digits", "data_dir": str(DATA),
-                              "standardize": "domain"},
-                     "train": {"iterations": 60, "meta_batch": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.6,
-                               "val_every": 0, "ckpt_every": 0, "log_every": 100}})
+    cfg = from_dict(
+        {
+            "algorithm": {"name": "source_only"},
+            "model": {"name": "digits_cnn"},
+            "data": {
+                "name": "mnist_usps",
+                "direction": "usps->sklearn_digits",
+                "data_dir": str(DATA),
+                "standardize": "domain",
+            },
+            "train": {
+                "iterations": 60,
+                "meta_batch": 32,
+                "optimizer": "sgd",
+                "lr": 0.1,
+                "momentum": 0.6,
+                "val_every": 0,
+                "ckpt_every": 0,
+                "log_every": 100,
+            },
+        }
+    )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.fit()
     acc = trainer.test()["metric"]["mean"]

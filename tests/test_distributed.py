@@ -1,4 +1,5 @@
 """Splitting the meta-batch over processes gives the single-process run (up to float rounding)."""
+
 import pytest
 import torch
 from test_cli_and_trainer import SINUSOID, write_config
@@ -12,8 +13,20 @@ def test_two_processes_train_the_same_parameters_as_one(tmp_path):
     raw = {**SINUSOID, "train": {**SINUSOID["train"], "iterations": 8, "meta_batch": 4, "num_threads": 1}}
     cfg = write_config(tmp_path, raw)
     for procs in (1, 2):
-        assert main(["train", str(cfg), "--out", str(tmp_path / f"p{procs}"), "--no-progress",
-                     "--set", f"train.processes={procs}"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(cfg),
+                    "--out",
+                    str(tmp_path / f"p{procs}"),
+                    "--no-progress",
+                    "--set",
+                    f"train.processes={procs}",
+                ]
+            )
+            == 0
+        )
     one = ckpt_io.load(tmp_path / "p1" / "last.pt")
     two = ckpt_io.load(tmp_path / "p2" / "last.pt")
     assert two["iteration"] == one["iteration"] == 8
@@ -33,14 +46,40 @@ def test_a_meta_batch_that_does_not_split_evenly_is_refused():
 
 
 def test_a_split_run_resumes_exactly(tmp_path):
-    raw = {**SINUSOID, "train": {**SINUSOID["train"], "iterations": 6, "meta_batch": 4, "num_threads": 1,
-                                 "processes": 2, "val_every": 0, "ckpt_every": 0}}
+    raw = {
+        **SINUSOID,
+        "train": {
+            **SINUSOID["train"],
+            "iterations": 6,
+            "meta_batch": 4,
+            "num_threads": 1,
+            "processes": 2,
+            "val_every": 0,
+            "ckpt_every": 0,
+        },
+    }
     cfg = write_config(tmp_path, raw)
     assert main(["train", str(cfg), "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
-    assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--set", "train.iterations=3"]) == 0
+    assert (
+        main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--set", "train.iterations=3"])
+        == 0
+    )
     assert (tmp_path / "halves" / "last.pt.rng1").exists()  # process 1's own random state
-    assert main(["train", str(cfg), "--out", str(tmp_path / "halves"), "--no-progress", "--resume",
-                 "--allow-change", "train.iterations"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(cfg),
+                "--out",
+                str(tmp_path / "halves"),
+                "--no-progress",
+                "--resume",
+                "--allow-change",
+                "train.iterations",
+            ]
+        )
+        == 0
+    )
     a = ckpt_io.load(tmp_path / "straight" / "last.pt")
     b = ckpt_io.load(tmp_path / "halves" / "last.pt")
     assert a["iteration"] == b["iteration"] == 6

@@ -1,4 +1,5 @@
 """The Python snippets of the docs run as written (in a folder holding the files they name)."""
+
 import re
 import shutil
 from pathlib import Path
@@ -39,11 +40,21 @@ def test_metric_md_image_snippets(tmp_path, monkeypatch, capsys):
     for c in range(6):
         for i in range(4):
             blob(tmp_path / "train" / f"c{c}" / f"{i}.png", rng.uniform(4, 20, 2), rng)
-    config = {"algorithm": {"name": "protonet"}, "model": {"name": "conv4_pool", "filters": 8},
-              "data": {"name": "image_folder", "root": str(tmp_path / "train"), "image_size": 16, "ways": 2,
-                       "shots": 1, "queries": 1, "split_fractions": [0.67, 0.0, 0.33]},
-              "train": {"iterations": 2, "meta_batch": 1, "val_every": 0, "ckpt_every": 0},
-              "eval": {"episodes": 2}}
+    config = {
+        "algorithm": {"name": "protonet"},
+        "model": {"name": "conv4_pool", "filters": 8},
+        "data": {
+            "name": "image_folder",
+            "root": str(tmp_path / "train"),
+            "image_size": 16,
+            "ways": 2,
+            "shots": 1,
+            "queries": 1,
+            "split_fractions": [0.67, 0.0, 0.33],
+        },
+        "train": {"iterations": 2, "meta_batch": 1, "val_every": 0, "ckpt_every": 0},
+        "eval": {"episodes": 2},
+    }
     (tmp_path / "flowers.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "flowers.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     work = tmp_path / "work"
@@ -63,9 +74,24 @@ def test_metric_md_image_snippets(tmp_path, monkeypatch, capsys):
 def test_readme_python_snippets(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     shutil.copy(ROOT / "configs" / "maml_sinusoid_demo.yaml", tmp_path / "configs")
-    assert main(["train", str(ROOT / "configs" / "maml_sinusoid_demo.yaml"), "--out", str(tmp_path / "runs" / "demo"),
-                 "--no-progress", "--set", "train.iterations=2", "train.val_every=0", "train.ckpt_every=0",
-                 "eval.episodes=2", "eval.extra_steps=[]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs" / "maml_sinusoid_demo.yaml"),
+                "--out",
+                str(tmp_path / "runs" / "demo"),
+                "--no-progress",
+                "--set",
+                "train.iterations=2",
+                "train.val_every=0",
+                "train.ckpt_every=0",
+                "eval.episodes=2",
+                "eval.extra_steps=[]",
+            ]
+        )
+        == 0
+    )
     if not python_blocks("README.md"):
         pytest.skip("README has no Python snippet")
     assert run_snippets("README.md", tmp_path, monkeypatch) == len(python_blocks("README.md"))

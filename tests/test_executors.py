@@ -1,6 +1,7 @@
 """Every executor against the plain loop (the learner's own ``meta_loss``), in float64, for every
 gradient-based algorithm: the same loss, metrics and meta-gradient, or a refusal that says what to
 set. The compiled executor is checked against the loop in tests/test_maml_reference.py."""
+
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ ALGORITHMS = {
     "fomaml": lambda model, task: MAML(model, task, inner_lr=0.3, inner_steps=2, first_order=True),
     # SGD inside: Adam divides the conv biases' rounding-level gradients (BatchNorm cancels them) by
     # their own size, so its result depends on the thread count at the level of its step size
-    "reptile": lambda model, task: Reptile(model, task, inner_lr=0.05, inner_steps=3, inner_batch=2,
-                                           inner_optimizer="sgd"),
+    "reptile": lambda model, task: Reptile(
+        model, task, inner_lr=0.05, inner_steps=3, inner_batch=2, inner_optimizer="sgd"
+    ),
     "meta_lstm": lambda model, task: MetaLSTM(model, task, inner_steps=2, inner_batch=2, hidden=3),
 }
 MODELS = {
@@ -30,9 +32,15 @@ def episodes(kind, n=4, seed=0):
     if kind == "mlp":
         x = [torch.randn(12, 1, generator=g, dtype=torch.float64) for _ in range(n)]
         return [Episode(xi[:5], torch.sin(xi[:5]), xi[5:], torch.sin(xi[5:])) for xi in x]
-    return [Episode(torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2),
-                    torch.randn(9, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(3))
-            for _ in range(n)]
+    return [
+        Episode(
+            torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64),
+            torch.arange(3).repeat(2),
+            torch.randn(9, 1, 12, 12, generator=g, dtype=torch.float64),
+            torch.arange(3).repeat(3),
+        )
+        for _ in range(n)
+    ]
 
 
 def outcome(learner, batch, run):
@@ -41,8 +49,11 @@ def outcome(learner, batch, run):
     torch.manual_seed(7)  # the tasks' minibatch generators are drawn from the global one
     loss, metrics = run(learner, batch)
     loss.backward()
-    return loss.detach(), metrics, {k: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
-                                    for k, p in learner.named_parameters()}
+    return (
+        loss.detach(),
+        metrics,
+        {k: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for k, p in learner.named_parameters()},
+    )
 
 
 @pytest.mark.parametrize("executor", RUNS)

@@ -1,4 +1,5 @@
 """metatl.nn.fast.functional_call against torch.func.functional_call."""
+
 import pytest
 import torch
 from torch import nn
@@ -36,14 +37,17 @@ def test_a_subset_of_the_parameters_and_torch_func_transforms():
     model = _net()
     x = torch.rand(5, 3)
     params = {"2.weight": torch.rand(2, 4)}  # the rest from the module
-    torch.testing.assert_close(functional_call(model, params, x),
-                               torch.func.functional_call(model, params, (x,), strict=False))
+    torch.testing.assert_close(
+        functional_call(model, params, x), torch.func.functional_call(model, params, (x,), strict=False)
+    )
     theta = _other_params(model)
     batched = torch.stack([x, 2 * x])
-    mine = torch.func.vmap(torch.func.grad(lambda p, xb: functional_call(model, p, (xb,)).sum()),
-                           in_dims=(None, 0))(theta, batched)
-    ref = torch.func.vmap(torch.func.grad(lambda p, xb: torch.func.functional_call(model, p, (xb,)).sum()),
-                          in_dims=(None, 0))(theta, batched)
+    mine = torch.func.vmap(torch.func.grad(lambda p, xb: functional_call(model, p, (xb,)).sum()), in_dims=(None, 0))(
+        theta, batched
+    )
+    ref = torch.func.vmap(
+        torch.func.grad(lambda p, xb: torch.func.functional_call(model, p, (xb,)).sum()), in_dims=(None, 0)
+    )(theta, batched)
     for k in theta:
         torch.testing.assert_close(mine[k], ref[k])
 
@@ -55,12 +59,14 @@ def test_a_changed_module_tree_is_seen_at_the_next_call():
     functional_call(model, params, (x,))  # plan made
     model[2] = nn.Linear(4, 2)  # replaced after the plan was made: its weights must be used
     params = _other_params(model)
-    torch.testing.assert_close(functional_call(model, params, (x,)),
-                               torch.func.functional_call(model, params, (x,), strict=False))
+    torch.testing.assert_close(
+        functional_call(model, params, (x,)), torch.func.functional_call(model, params, (x,), strict=False)
+    )
     model[0].weight = nn.Parameter(torch.zeros(4, 3))  # a parameter replaced
     partial = {"2.weight": params["2.weight"]}
-    torch.testing.assert_close(functional_call(model, partial, (x,)),
-                               torch.func.functional_call(model, partial, (x,), strict=False))
+    torch.testing.assert_close(
+        functional_call(model, partial, (x,)), torch.func.functional_call(model, partial, (x,), strict=False)
+    )
     assert _PLANS[model].slots["0.weight"][0]["weight"] is model[0].weight
 
 
@@ -69,15 +75,17 @@ def test_tied_weights_and_unknown_names_go_to_torch():
     tied[1].weight = tied[0].weight  # one tensor under two names
     x = torch.rand(3, 4)
     params = {"0.weight": torch.rand(4, 4)}  # as named_parameters() lists it: the second name is implied
-    torch.testing.assert_close(functional_call(tied, params, (x,)),
-                               torch.func.functional_call(tied, params, (x,), strict=False))
+    torch.testing.assert_close(
+        functional_call(tied, params, (x,)), torch.func.functional_call(tied, params, (x,), strict=False)
+    )
     assert _PLANS[tied].tied
     # a name that is no parameter or buffer of the model: torch's behaviour (an attribute for the call)
     model = _net()
     x = torch.rand(2, 3)
     params = {**_other_params(model), "extra": torch.ones(1)}
-    torch.testing.assert_close(functional_call(model, params, (x,)),
-                               torch.func.functional_call(model, params, (x,), strict=False))
+    torch.testing.assert_close(
+        functional_call(model, params, (x,)), torch.func.functional_call(model, params, (x,), strict=False)
+    )
     assert not hasattr(model, "extra")
 
 

@@ -1,4 +1,5 @@
 """Data folder resolution and downloads (served from a loopback HTTP server made in the test)."""
+
 import hashlib
 import http.server
 import threading

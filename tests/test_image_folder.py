@@ -1,4 +1,5 @@
 """Image folders: decoding and conversion, class splits, episodes, and every bad input with its message."""
+
 import numpy as np
 import pytest
 import torch
@@ -106,8 +107,16 @@ def test_class_splits_from_lists_or_a_seeded_fraction():
 
 def test_registered_dataset_gives_episodes_and_names_the_problem(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=6, per_class=4)
-    data = {"name": "image_folder", "root": str(root), "ways": 2, "shots": 1, "queries": 2, "image_size": 12,
-            "in_channels": 3, "classes": {"train": ["class0", "class1", "class2"], "test": ["class3", "class4"]}}
+    data = {
+        "name": "image_folder",
+        "root": str(root),
+        "ways": 2,
+        "shots": 1,
+        "queries": 2,
+        "image_size": 12,
+        "in_channels": 3,
+        "classes": {"train": ["class0", "class1", "class2"], "test": ["class3", "class4"]},
+    }
     sampler = build_sampler(from_dict({"data": data}).data, "train")
     ep = sampler.sample(torch.Generator().manual_seed(0))
     assert ep.support_x.shape == (2, 3, 12, 12) and ep.query_x.shape == (4, 3, 12, 12)
@@ -116,7 +125,9 @@ def test_registered_dataset_gives_episodes_and_names_the_problem(tmp_path):
         build_sampler(from_dict({"data": {**data, "ways": 3}}).data, "test")
     for i in range(2):
         (root / "class2" / f"{i}.png").unlink()  # class2 now has 2 images
-    with pytest.raises(ValueError, match=r"1 shot\(s\) \+ 2 queries = 3 images per class, but class\(es\) class2 \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"1 shot\(s\) \+ 2 queries = 3 images per class, but class\(es\) class2 \(2\)"
+    ):
         build_sampler(from_dict({"data": data}).data, "train")
     with pytest.raises(ValueError, match="needs data.root"):
         build_sampler(from_dict({"data": {"name": "image_folder"}}).data, "train")
@@ -124,11 +135,19 @@ def test_registered_dataset_gives_episodes_and_names_the_problem(tmp_path):
 
 def test_trainval_meta_trains_on_the_training_and_validation_classes(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=6, per_class=3)
-    data = {"name": "image_folder", "root": str(root), "ways": 2, "shots": 1, "queries": 1, "image_size": 8,
-            "classes": {"train": ["class0", "class1"], "val": ["class2", "class3"], "test": ["class4", "class5"]}}
+    data = {
+        "name": "image_folder",
+        "root": str(root),
+        "ways": 2,
+        "shots": 1,
+        "queries": 1,
+        "image_size": 8,
+        "classes": {"train": ["class0", "class1"], "val": ["class2", "class3"], "test": ["class4", "class5"]},
+    }
     for subset, classes in (("train", 2), ("trainval", 4)):
-        cfg = from_dict({"data": {**data, "train_subset": subset, "train_ways": 2, "train_queries": 2},
-                         "train": {"val_every": 0}}).data
+        cfg = from_dict(
+            {"data": {**data, "train_subset": subset, "train_ways": 2, "train_queries": 2}, "train": {"val_every": 0}}
+        ).data
         train = build_sampler(cfg, "train")
         assert len(train.pool.counts) == classes
         assert (train.ways, train.queries) == (2, 2)  # the train_* episode shape applies to trainval too

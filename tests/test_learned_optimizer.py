@@ -1,4 +1,5 @@
 """The learned LSTM optimizer (Andrychowicz et al. 2016) as an update rule."""
+
 import math
 
 import pytest
@@ -83,13 +84,16 @@ def test_meta_training_on_quadratics_beats_the_untrained_optimizer():
     def final_loss():
         out = []
         for prob in held_out:
-            params, state, losses = unroll(rule, prob, prob.init_params(), rule.init(prob.init_params()), 20, meta=False)
+            params, state, losses = unroll(
+                rule, prob, prob.init_params(), rule.init(prob.init_params()), 20, meta=False
+            )
             out.append(prob.loss(params).item())
         return sum(out) / len(out)
 
     before = final_loss()
-    history = meta_train(rule, lambda g: QuadraticProblem(generator=g), iterations=40, unroll_steps=20,
-                         truncation=10, lr=1e-2)
+    history = meta_train(
+        rule, lambda g: QuadraticProblem(generator=g), iterations=40, unroll_steps=20, truncation=10, lr=1e-2
+    )
     after = final_loss()
     assert after < 0.5 * before, (before, after)
     assert history["truncations"] == 80 and len(history["meta_loss"]) == 40
@@ -103,8 +107,9 @@ def test_exploding_unrolls_are_reported_not_continued():
     rule = LearnedOptimizer()
     with pytest.raises(UnrolledLossError, match="NaN or infinite.*lower"):
         meta_train(rule, lambda g: Exploding(generator=g), iterations=1, unroll_steps=4, truncation=2)
-    history = meta_train(rule, lambda g: QuadraticProblem(generator=g), iterations=2, unroll_steps=4,
-                         truncation=2, clip=1e-9)
+    history = meta_train(
+        rule, lambda g: QuadraticProblem(generator=g), iterations=2, unroll_steps=4, truncation=2, clip=1e-9
+    )
     assert history["clipped"] == history["truncations"] == 4  # every meta-gradient was clipped, and said so
     with pytest.raises(ValueError, match="multiple of truncation"):
         meta_train(rule, lambda g: QuadraticProblem(generator=g), iterations=1, unroll_steps=5, truncation=2)

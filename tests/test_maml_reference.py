@@ -1,5 +1,6 @@
 """Reference tests: MAML / first-order MAML meta-gradients and the Reptile update against
 independent computations (finite differences, hand-unrolled loops, the paper's equation)."""
+
 import copy
 
 import pytest
@@ -48,7 +49,7 @@ def mlp_apply(flat, shapes, x):
     ps, i = [], 0
     for s in shapes:
         n = int(torch.tensor(s).prod())
-        ps.append(flat[i:i + n].view(s))
+        ps.append(flat[i : i + n].view(s))
         i += n
     w1, b1, w2, b2 = ps
     return torch.tanh(x @ w1.T + b1) @ w2.T + b2
@@ -211,9 +212,15 @@ def test_running_batchnorm_statistics_update_in_training_but_not_when_adapting()
 
 def small_conv_episodes(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [Episode(torch.randn(3, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3),
-                    torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64), torch.arange(3).repeat(2))
-            for _ in range(n)]
+    return [
+        Episode(
+            torch.randn(3, 1, 12, 12, generator=g, dtype=torch.float64),
+            torch.arange(3),
+            torch.randn(6, 1, 12, 12, generator=g, dtype=torch.float64),
+            torch.arange(3).repeat(2),
+        )
+        for _ in range(n)
+    ]
 
 
 def maml_grads(model, eps, inner_steps=2, executor="plain", **kw):
@@ -239,8 +246,11 @@ def test_vmap_second_order_meta_gradient_through_batchnorm_equals_the_loop():
         _, vmapped, _ = maml_grads(model, eps, executor=batch_tasks)
         for (name, _), a, b in zip(model.named_parameters(), vmapped, loop):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (batch_tasks, name)
-        assert all(g.abs().max() < 1e-12 for (name, _), g in zip(model.named_parameters(), vmapped)
-                   if name.startswith("features.") and name.endswith(".bias") and int(name.split(".")[1]) % 3 == 0)
+        assert all(
+            g.abs().max() < 1e-12
+            for (name, _), g in zip(model.named_parameters(), vmapped)
+            if name.startswith("features.") and name.endswith(".bias") and int(name.split(".")[1]) % 3 == 0
+        )
 
 
 @pytest.mark.parametrize("batch_tasks", ["loop", "vmap", "inner_vmap"])
@@ -290,7 +300,8 @@ def test_channels_last_runs_the_query_passes_channels_last(batch_tasks):
     model = conv4_stride(out_features=3, filters=4, image_size=12).double()
     seen = []  # the first block's output (its conv and BatchNorm run as one convolution)
     model.features[2].register_forward_pre_hook(
-        lambda m, args: seen.append(None if _in_func_transform(args[0]) else (len(args[0]), args[0].stride(1) == 1)))
+        lambda m, args: seen.append(None if _in_func_transform(args[0]) else (len(args[0]), args[0].stride(1) == 1))
+    )
     eps = small_conv_episodes()
     maml_grads(model, eps, executor=batch_tasks)
     queries = [entry for entry in seen if entry is not None and entry[0] == len(eps[0].query_y)]
@@ -317,8 +328,9 @@ def test_an_unknown_executor_names_the_valid_ones(value):
         make_executor(value, MAML(tiny_mlp(), "regression"))
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm([4, 10, 10])],
-                         ids=["batchnorm", "layernorm"])
+@pytest.mark.parametrize(
+    "norm", [nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm([4, 10, 10])], ids=["batchnorm", "layernorm"]
+)
 def test_second_order_vmap_refuses_torch_norm_layers(norm):
     model = nn.Sequential(nn.Conv2d(1, 4, 3), norm, nn.Flatten(), nn.Linear(400, 3))
     with pytest.raises(ExecutorError, match="functorch#534.*BatchStatsNorm2d.*first_order=true.*executor=threads"):
@@ -329,6 +341,7 @@ def test_second_order_vmap_refuses_torch_norm_layers(norm):
 
 def _has_cxx_compiler():
     import shutil
+
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
@@ -345,8 +358,9 @@ def test_compiled_meta_gradient_equals_the_eager_one_with_batchnorm(first_order)
     from metatl.nn import BatchStatsNorm2d
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).double()
     eps = small_conv_episodes()
 
     def grads(**kw):  # one inner step: the graph compiles in seconds
@@ -400,8 +414,9 @@ def test_compiled_meta_gradient_is_one_graph_compiled_once():
     from metatl.nn import BatchStatsNorm2d
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), BatchStatsNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).double()
     eps = small_conv_episodes()
     learner = MAML(model, inner_lr=0.5, inner_steps=1)
     executor = make_executor("compile", learner)
@@ -420,7 +435,9 @@ def test_known_gradient_scales_with_the_upstream_gradient():
     value = with_gradient(torch.tensor(5.0), p, {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 0.0, -1.0])})
     assert value.item() == 5.0
     (2 * value).backward()
-    assert torch.equal(p["a"].grad, torch.tensor([2.0, 4.0])) and torch.equal(p["b"].grad, torch.tensor([6.0, 0.0, -2.0]))
+    assert torch.equal(p["a"].grad, torch.tensor([2.0, 4.0])) and torch.equal(
+        p["b"].grad, torch.tensor([6.0, 0.0, -2.0])
+    )
 
 
 @pytest.mark.parametrize("batch_tasks", ["loop", "inner_vmap"])
@@ -549,16 +566,22 @@ def test_map_shards_splits_the_items_and_the_intra_op_threads():
 
     learner = MAML(tiny_mlp(), "regression")
     with threads_count(4):
-        seen = map_shards(learner, lambda r, items: (items, torch.get_num_threads(), autocast_enabled("cpu")),
-                          list(range(7)), 3)
+        seen = map_shards(
+            learner, lambda r, items: (items, torch.get_num_threads(), autocast_enabled("cpu")), list(range(7)), 3
+        )
         assert [items for items, _, _ in seen] == [[0, 3, 6], [1, 4], [2, 5]]
         assert [n for _, n, _ in seen] == [1, 1, 1] and torch.get_num_threads() == 4
-        assert [n for _, n, _ in map_shards(learner, lambda r, items: (items, torch.get_num_threads(), False),
-                                            list(range(7)), 2)] == [2, 2]
+        assert [
+            n
+            for _, n, _ in map_shards(
+                learner, lambda r, items: (items, torch.get_num_threads(), False), list(range(7)), 2
+            )
+        ] == [2, 2]
         assert torch.get_num_threads() == 4
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert all(on for _, _, on in map_shards(learner, lambda r, items: (items, 0, autocast_enabled("cpu")),
-                                                  [1, 2], 2))
+        assert all(
+            on for _, _, on in map_shards(learner, lambda r, items: (items, 0, autocast_enabled("cpu")), [1, 2], 2)
+        )
 
 
 @pytest.mark.parametrize("inner_batch", [None, 2])
@@ -568,8 +591,9 @@ def test_reptile_task_threads_give_the_one_thread_update(inner_batch):
     results = []
     for threads in (1, 2):
         model = tiny_mlp()
-        learner = Reptile(model, "regression", inner_lr=0.05, inner_steps=3, inner_optimizer="sgd",
-                          inner_batch=inner_batch)
+        learner = Reptile(
+            model, "regression", inner_lr=0.05, inner_steps=3, inner_optimizer="sgd", inner_batch=inner_batch
+        )
         torch.manual_seed(3)
         with threads_count(threads):
             loss, _ = run(learner, [episode(s) for s in range(5)], "threads")

@@ -1,4 +1,5 @@
 """Short CPU runs that show learning happens (a few seconds each)."""
+
 import pytest
 import torch
 
@@ -9,20 +10,35 @@ from metatl.meta import MAML
 from metatl.nn import conv4_stride
 
 SMOKE = {
-    "maml": ({"name": "maml", "inner_lr": 0.01, "inner_steps": 1, "inner_steps_test": 5},
-             {"iterations": 400, "meta_batch": 10, "lr": 0.003}),
-    "reptile": ({"name": "reptile", "inner_optimizer": "sgd", "inner_lr": 0.02, "inner_steps": 5,
-                 "inner_batch": None, "inner_steps_test": 5},
-                {"iterations": 400, "meta_batch": 5, "optimizer": "sgd", "lr": 1.0, "lr_schedule": "linear"}),
+    "maml": (
+        {"name": "maml", "inner_lr": 0.01, "inner_steps": 1, "inner_steps_test": 5},
+        {"iterations": 400, "meta_batch": 10, "lr": 0.003},
+    ),
+    "reptile": (
+        {
+            "name": "reptile",
+            "inner_optimizer": "sgd",
+            "inner_lr": 0.02,
+            "inner_steps": 5,
+            "inner_batch": None,
+            "inner_steps_test": 5,
+        },
+        {"iterations": 400, "meta_batch": 5, "optimizer": "sgd", "lr": 1.0, "lr_schedule": "linear"},
+    ),
 }
 
 
 @pytest.mark.parametrize("algo", sorted(SMOKE))
 def test_learns_sinusoids(tmp_path, algo):
     algorithm, train = SMOKE[algo]
-    cfg = from_dict({"algorithm": algorithm, "model": {"name": "mlp"},
-                     "data": {"name": "sinusoid", "shots": 10, "queries": 20},
-                     "train": {**train, "val_every": 0, "ckpt_every": 0}})
+    cfg = from_dict(
+        {
+            "algorithm": algorithm,
+            "model": {"name": "mlp"},
+            "data": {"name": "sinusoid", "shots": 10, "queries": 20},
+            "train": {**train, "val_every": 0, "ckpt_every": 0},
+        }
+    )
     trainer = Trainer(cfg, tmp_path, progress=False)
     tasks = trainer.val_tasks
     before = evaluate(trainer.learner, tasks, episodes=100, progress=False)["mean"]
@@ -64,15 +80,18 @@ def test_non_transductive_evaluation_batches_queries_only_without_batch_statisti
     learner = MAML(conv4_stride(out_features=5, filters=8, image_size=12, bn_mode=bn_mode), inner_lr=0.4)
     calls = []
     real = evaluator._predict
-    monkeypatch.setattr(evaluator, "_predict", lambda p, ep, transductive: calls.append(transductive) or
-                        real(p, ep, transductive))
+    monkeypatch.setattr(
+        evaluator, "_predict", lambda p, ep, transductive: calls.append(transductive) or real(p, ep, transductive)
+    )
     one_by_one = evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"]
     assert calls == [bn_mode == "running"] * 3
     if bn_mode == "running":  # the batched scores equal those of one query at a time
         import metatl.engine.predict as predict
+
         monkeypatch.setattr(predict, "uses_batch_statistics", lambda model: True)
-        assert evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"] == \
-            pytest.approx(one_by_one, abs=1e-12)
+        assert evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"] == pytest.approx(
+            one_by_one, abs=1e-12
+        )
 
 
 def test_a_learner_that_couples_queries_is_scored_one_query_at_a_time(monkeypatch):
@@ -82,7 +101,8 @@ def test_a_learner_that_couples_queries_is_scored_one_query_at_a_time(monkeypatc
     learner.couples_queries = True  # e.g. attention across queries: batching would change the scores
     calls = []
     real = evaluator._predict
-    monkeypatch.setattr(evaluator, "_predict", lambda p, ep, transductive: calls.append(transductive) or
-                        real(p, ep, transductive))
+    monkeypatch.setattr(
+        evaluator, "_predict", lambda p, ep, transductive: calls.append(transductive) or real(p, ep, transductive)
+    )
     evaluate(learner, blob_tasks(), episodes=2, transductive=False, progress=False)
     assert calls == [False, False]

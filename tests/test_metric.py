@@ -1,5 +1,6 @@
 """Metric-based meta-learners: reference tests against independent computations, short smoke
 runs that show learning, and a conformance test over every registered algorithm."""
+
 import math
 
 import pytest
@@ -27,7 +28,7 @@ def blob_sampler(n_classes=24, per_class=10, size=28, ways=5, shots=1, queries=5
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     c = centers.repeat_interleave(per_class, 0) + torch.randn(n_classes * per_class, 2, generator=g)
     w = widths.repeat_interleave(per_class)[:, None, None]
-    img = torch.exp(-((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2) / (2 * w ** 2))
+    img = torch.exp(-((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2) / (2 * w**2))
     x = (img + 0.2 * torch.randn(img.shape, generator=g))[:, None]
     y = torch.arange(n_classes).repeat_interleave(per_class)
     sampler = EpisodeSampler(TensorClassPool(x, y), ways=ways, shots=shots, queries=queries)
@@ -36,8 +37,9 @@ def blob_sampler(n_classes=24, per_class=10, size=28, ways=5, shots=1, queries=5
 
 
 def episode(ways=3, shots=2, queries=2, size=28, seed=0):
-    return blob_sampler(n_classes=ways, per_class=shots + queries, size=size, ways=ways, shots=shots,
-                        queries=queries, seed=seed).sample(torch.Generator().manual_seed(seed))
+    return blob_sampler(
+        n_classes=ways, per_class=shots + queries, size=size, ways=ways, shots=shots, queries=queries, seed=seed
+    ).sample(torch.Generator().manual_seed(seed))
 
 
 # -- pure helpers -----------------------------------------------------------------------------
@@ -59,8 +61,11 @@ def test_pairwise_distances_by_loop(metric):
     for i in range(5):
         for j in range(4):
             d = a[i] - b[j]
-            ref[i, j] = {"sqeuclidean": float(d @ d), "euclidean": math.sqrt(float(d @ d)),
-                         "cosine": 1 - float(a[i] @ b[j]) / (a[i].norm() * b[j].norm())}[metric]
+            ref[i, j] = {
+                "sqeuclidean": float(d @ d),
+                "euclidean": math.sqrt(float(d @ d)),
+                "cosine": 1 - float(a[i] @ b[j]) / (a[i].norm() * b[j].norm()),
+            }[metric]
     torch.testing.assert_close(pairwise_distances(a, b, metric), ref)
     assert pairwise_distances(a, a, "sqeuclidean").diagonal().abs().max() < 1e-10  # clamped, exact zero-ish
     with pytest.raises(ValueError, match="unknown metric"):
@@ -83,7 +88,9 @@ def test_protonet_logits_and_loss_match_the_equation():
     loss, metrics = learner.meta_loss([ep])
     ref_loss = -torch.stack([ref[j].log_softmax(0)[ep.query_y[j]] for j in range(len(ref))]).mean()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(learner.adapt(ep.support_x, ep.support_y)(ep.query_x), ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        learner.adapt(ep.support_x, ep.support_y)(ep.query_x), ref.detach(), rtol=1e-4, atol=1e-4
+    )
     cos = ProtoNet(model, distance="cosine").adapt(ep.support_x, ep.support_y)(ep.query_x)
     ref_cos = torch.stack([torch.stack([F.cosine_similarity(f(q), ck, dim=0) - 1 for ck in c]) for q in ep.query_x])
     torch.testing.assert_close(cos, ref_cos.detach(), rtol=1e-4, atol=1e-5)
@@ -163,8 +170,9 @@ def test_matching_full_context_embeddings_by_hand_unrolled_lstms():
         att = torch.softmax(torch.stack([F.cosine_similarity(h, gi, dim=0) for gi in g]), 0)
         probs.append(torch.stack([sum(att[i] for i in range(n) if ep.support_y[i] == k) for k in range(3)]))
     probs = torch.stack(probs).detach()
-    torch.testing.assert_close(learner.adapt(ep.support_x, ep.support_y).predict_proba(ep.query_x), probs,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        learner.adapt(ep.support_x, ep.support_y).predict_proba(ep.query_x), probs, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_relation_scores_and_mse_match_the_equation():
@@ -174,16 +182,21 @@ def test_relation_scores_and_mse_match_the_equation():
     ep = episode(ways=3, shots=2, queries=2)
     assert model(ep.support_x).shape == (6, 8, 5, 5) and model.map_shape == (8, 5, 5)
     class_maps = [sum(model(ep.support_x[i][None])[0] for i in range(6) if ep.support_y[i] == k) for k in range(3)]
-    r = torch.stack([torch.stack([learner.relation(torch.cat([class_maps[k], model(q[None])[0]])[None])[0]
-                                  for k in range(3)]) for q in ep.query_x])
+    r = torch.stack(
+        [
+            torch.stack([learner.relation(torch.cat([class_maps[k], model(q[None])[0]])[None])[0] for k in range(3)])
+            for q in ep.query_x
+        ]
+    )
     target = torch.zeros(len(ep.query_y), 3)
     target[torch.arange(len(ep.query_y)), ep.query_y] = 1
     loss, _ = learner.meta_loss([ep])
     torch.testing.assert_close(loss, ((r - target) ** 2).mean(), rtol=1e-4, atol=1e-6)
     predictor = learner.adapt(ep.support_x, ep.support_y)
     torch.testing.assert_close(predictor(ep.query_x).exp(), r.detach(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(predictor.predict_proba(ep.query_x), (r / r.sum(1, keepdim=True)).detach(),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        predictor.predict_proba(ep.query_x), (r / r.sum(1, keepdim=True)).detach(), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_relation_needs_feature_maps():
@@ -195,6 +208,7 @@ def test_step_lr_schedule_halves_every_n_iterations():
     cfg = from_dict({"train": {"lr": 1e-3, "lr_schedule": "step", "lr_step_every": 2000, "lr_gamma": 0.5}})
     assert [lr_at(cfg, i) for i in (0, 1999, 2000, 4000, 6001)] == [1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4]
     from metatl.config import ConfigError
+
     with pytest.raises(ConfigError, match="lr_step_every"):
         lr_at(from_dict({"train": {"lr_schedule": "step"}}), 0)
 
@@ -216,8 +230,7 @@ def test_distances_stay_float32_under_bfloat16_autocast():
 def test_protonet_bfloat16_loss_is_close_to_float32_and_learns():
     torch.manual_seed(0)
     train, test = blob_sampler(n_classes=24, seed=0), blob_sampler(n_classes=12, seed=1)
-    cfg = from_dict({"algorithm": {"name": "protonet"},
-                     "model": {"name": "conv4_pool", "filters": 16, "fast": True}})
+    cfg = from_dict({"algorithm": {"name": "protonet"}, "model": {"name": "conv4_pool", "filters": 16, "fast": True}})
     learner = build_learner(cfg, train)
     batch = train.sample_batch(2, torch.Generator().manual_seed(0))
     loss32, _ = learner.meta_loss(batch)
@@ -271,8 +284,9 @@ def test_full_precision_finds_the_device_in_keyword_arguments(monkeypatch):
 
 
 # -- learning happens -------------------------------------------------------------------------
-@pytest.mark.parametrize("algo,backbone", [("protonet", "conv4_pool"), ("matching", "conv4_pool"),
-                                           ("relation", "conv4_relation")])
+@pytest.mark.parametrize(
+    "algo,backbone", [("protonet", "conv4_pool"), ("matching", "conv4_pool"), ("relation", "conv4_relation")]
+)
 def test_metric_learner_learns_blobs(algo, backbone):
     torch.manual_seed(0)
     train = blob_sampler(n_classes=24, seed=0)
@@ -295,8 +309,11 @@ def test_metric_learner_learns_blobs(algo, backbone):
 BACKBONE_FOR = {"relation": "conv4_relation"}  # the rest take the conv4 nets
 
 
-EPISODIC = [name for name in ALGORITHMS
-            if isinstance(ALGORITHMS.get(name), type) and issubclass(ALGORITHMS.get(name), MetaLearner)]
+EPISODIC = [
+    name
+    for name in ALGORITHMS
+    if isinstance(ALGORITHMS.get(name), type) and issubclass(ALGORITHMS.get(name), MetaLearner)
+]
 
 
 def test_the_registry_has_the_episodic_meta_learners():
@@ -307,8 +324,9 @@ def test_the_registry_has_the_episodic_meta_learners():
 def test_every_algorithm_gives_a_finite_loss_and_a_predictor(name):
     torch.manual_seed(0)
     sampler = blob_sampler(n_classes=6, per_class=4, ways=3, shots=1, queries=2)
-    cfg = from_dict({"algorithm": {"name": name},
-                     "model": {"name": BACKBONE_FOR.get(name, "conv4_pool"), "filters": 8}})
+    cfg = from_dict(
+        {"algorithm": {"name": name}, "model": {"name": BACKBONE_FOR.get(name, "conv4_pool"), "filters": 8}}
+    )
     learner = build_learner(cfg, sampler)
     batch = sampler.sample_batch(2, torch.Generator().manual_seed(0))
     loss, metrics = learner.meta_loss(batch)

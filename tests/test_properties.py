@@ -4,6 +4,7 @@ The loader returns a config or raises a ConfigError, never another exception; th
 episodes of the requested shape with disjoint support and query sets, or a ValueError that names
 the problem.
 """
+
 import string
 
 import pytest
@@ -20,17 +21,64 @@ from metatl.data import ClassPool, EpisodeSampler, Sinusoid, build_sampler  # no
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 SECTIONS = ["name", "algorithm", "model", "data", "train", "eval"]
-KEYS = ["name", "maml", "protonet", "mlp", "conv4_pool", "sinusoid", "omniglot", "image_folder", "mnist_usps",
-        "ways", "shots", "queries", "train_ways", "train_queries", "train_subset", "split", "image_size",
-        "split_fractions", "iterations", "meta_batch", "lr", "lr_schedule", "grad_clip", "val_every",
-        "num_threads", "time_budget_min", "snapshot_minutes", "ema_decay", "precision", "episodes",
-        "inner_steps", "extra_steps", "inner_lr", "first_order", "batch_tasks", "hidden", "filters", "bn_mode",
-        "direction", "target_labels_fraction", "seed"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.just(10 ** 400), st.just(-(2 ** 70)), st.floats(allow_nan=True),
-                    st.sampled_from(KEYS), st.text(max_size=8))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
-                      max_leaves=8)
+KEYS = [
+    "name",
+    "maml",
+    "protonet",
+    "mlp",
+    "conv4_pool",
+    "sinusoid",
+    "omniglot",
+    "image_folder",
+    "mnist_usps",
+    "ways",
+    "shots",
+    "queries",
+    "train_ways",
+    "train_queries",
+    "train_subset",
+    "split",
+    "image_size",
+    "split_fractions",
+    "iterations",
+    "meta_batch",
+    "lr",
+    "lr_schedule",
+    "grad_clip",
+    "val_every",
+    "num_threads",
+    "time_budget_min",
+    "snapshot_minutes",
+    "ema_decay",
+    "precision",
+    "episodes",
+    "inner_steps",
+    "extra_steps",
+    "inner_lr",
+    "first_order",
+    "batch_tasks",
+    "hidden",
+    "filters",
+    "bn_mode",
+    "direction",
+    "target_labels_fraction",
+    "seed",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.just(10**400),
+    st.just(-(2**70)),
+    st.floats(allow_nan=True),
+    st.sampled_from(KEYS),
+    st.text(max_size=8),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
+    max_leaves=8,
+)
 sections = st.dictionaries(st.sampled_from(KEYS + ["bogus"]), values, max_size=5)
 configs = st.dictionaries(st.sampled_from(SECTIONS + ["bogus"]), st.one_of(sections, values), max_size=6)
 
@@ -53,10 +101,15 @@ def test_from_dict_returns_a_config_or_a_config_error(raw):
 
 
 @FAST
-@given(st.sampled_from(["maml", "protonet", "reptile"]), st.sampled_from(["mlp", "conv4_pool"]),
-       st.sampled_from(["sinusoid", "omniglot", "image_folder", "mnist_usps"]),
-       st.lists(st.tuples(st.sampled_from(["algorithm", "model", "data", "train", "eval"]), st.sampled_from(KEYS),
-                          values), max_size=4))
+@given(
+    st.sampled_from(["maml", "protonet", "reptile"]),
+    st.sampled_from(["mlp", "conv4_pool"]),
+    st.sampled_from(["sinusoid", "omniglot", "image_folder", "mnist_usps"]),
+    st.lists(
+        st.tuples(st.sampled_from(["algorithm", "model", "data", "train", "eval"]), st.sampled_from(KEYS), values),
+        max_size=4,
+    ),
+)
 def test_near_valid_configs_load_or_say_why(algorithm, model, data, changes):
     raw = {"algorithm": {"name": algorithm}, "model": {"name": model}, "data": {"name": data}}
     for section, key, value in changes:
@@ -105,17 +158,25 @@ def check_episode(ep, pool, ways, shots, queries):
     cls = lambda x: torch.bucketize(x, starts, right=True) - 1  # noqa: E731
     for label in range(ways):  # a label is one original class in support and query
         classes = set(cls(ep.support_x[ep.support_y == label]).tolist()) | set(
-            cls(ep.query_x[ep.query_y == label]).tolist())
+            cls(ep.query_x[ep.query_y == label]).tolist()
+        )
         assert len(classes) == 1
 
 
 @FAST
-@given(st.lists(st.integers(0, 12), max_size=12), st.integers(-2, 14), st.integers(-2, 8), st.integers(-2, 8),
-       st.integers(1, 3), st.integers(0, 2 ** 31))
+@given(
+    st.lists(st.integers(0, 12), max_size=12),
+    st.integers(-2, 14),
+    st.integers(-2, 8),
+    st.integers(-2, 8),
+    st.integers(1, 3),
+    st.integers(0, 2**31),
+)
 def test_episode_sampler_shapes_and_disjoint_sets(counts, ways, shots, queries, batch, seed):
     pool = CountPool(counts)
-    valid = ways >= 1 and shots >= 1 and queries >= 0 and ways <= len(counts) and shots + queries <= min(
-        counts, default=0)
+    valid = (
+        ways >= 1 and shots >= 1 and queries >= 0 and ways <= len(counts) and shots + queries <= min(counts, default=0)
+    )
     try:
         sampler = EpisodeSampler(pool, ways, shots, queries)
     except ValueError as err:

@@ -3,6 +3,7 @@
 Reference tests check each method's equation on numbers computed by hand or by an independent
 computation; smoke tests show each learns tiny synthetic episodes well above chance in seconds.
 """
+
 import math
 from pathlib import Path
 
@@ -115,12 +116,26 @@ def test_mann_step_writes_then_reads_as_the_equations_say():
     assert torch.allclose(logits[0], core.out(torch.cat([h, r[None]], -1))[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("erase_slots,kept", [(None, [0.0, 1.0, 0.0]), (1, [1.0, 1.0, 0.0])],
-                         ids=["erase-one-per-head", "erase-the-least-used"])
+@pytest.mark.parametrize(
+    "erase_slots,kept",
+    [(None, [0.0, 1.0, 0.0]), (1, [1.0, 1.0, 0.0])],
+    ids=["erase-one-per-head", "erase-the-least-used"],
+)
 def test_mann_step_with_add_vectors_and_a_least_used_slot_per_head(erase_slots, kept):
     torch.manual_seed(0)
-    core = MANNCore(input_size=3, n_classes=2, hidden=5, memory=True, slots=3, slot_size=2, heads=2,
-                    gamma=0.9, add_vector=True, lru_per_head=True, erase_slots=erase_slots)
+    core = MANNCore(
+        input_size=3,
+        n_classes=2,
+        hidden=5,
+        memory=True,
+        slots=3,
+        slot_size=2,
+        heads=2,
+        gamma=0.9,
+        add_vector=True,
+        lru_per_head=True,
+        erase_slots=erase_slots,
+    )
     s = core.initial_state(1, torch.zeros(1))
     assert s["w_lu"].tolist() == [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]  # no usage yet: slots 0 and 1
     M0 = torch.tensor([[0.5, -1.0], [0.2, 0.3], [-0.4, 0.8]])
@@ -135,12 +150,17 @@ def test_mann_step_with_add_vectors_and_a_least_used_slot_per_head(erase_slots, 
     k = torch.tanh(core.key(h))[0].view(2, 2)
     a = torch.tanh(core.add(h))[0].view(2, 2)
     g = torch.sigmoid(core.alpha(h))[0]
-    w_w = torch.stack([g[0] * torch.tensor([0.6, 0.3, 0.1]) + (1 - g[0]) * torch.tensor([0.0, 0.0, 1.0]),
-                       g[1] * torch.tensor([0.2, 0.2, 0.6]) + (1 - g[1]) * torch.tensor([1.0, 0.0, 0.0])])
+    w_w = torch.stack(
+        [
+            g[0] * torch.tensor([0.6, 0.3, 0.1]) + (1 - g[0]) * torch.tensor([0.0, 0.0, 1.0]),
+            g[1] * torch.tensor([0.2, 0.2, 0.6]) + (1 - g[1]) * torch.tensor([1.0, 0.0, 0.0]),
+        ]
+    )
     kept = torch.tensor(kept)  # slots 2 and 0 (or only 2, the least used) zeroed before the write
     M = torch.stack([kept[i] * M0[i] + w_w[0, i] * a[0] + w_w[1, i] * a[1] for i in range(3)])
-    w_r = torch.stack([torch.stack([torch.dot(k[j], M[i]) / (k[j].norm() * M[i].norm()) for i in range(3)])
-                       for j in range(2)]).softmax(-1)
+    w_r = torch.stack(
+        [torch.stack([torch.dot(k[j], M[i]) / (k[j].norm() * M[i].norm()) for i in range(3)]) for j in range(2)]
+    ).softmax(-1)
     assert torch.allclose(new["M"][0], M, atol=1e-6)
     assert torch.allclose(new["w_r"][0], w_r, atol=1e-6)
     w_u = 0.9 * torch.tensor([0.1, 1.0, 0.05]) + w_r.sum(0) + w_w.sum(0)
@@ -210,12 +230,25 @@ def test_mann_online_accuracy_counts_instances_per_class():
 
 
 @pytest.mark.slow  # binding labels through the sequence takes ~300 iterations (~7 s on an idle core)
-@pytest.mark.parametrize("memory,lr,beta,writes", [(True, 2e-2, 10.0, False), (True, 2e-2, 10.0, True),
-                                                    (False, 1e-2, 1.0, False)], ids=["mann", "mann-add-lru", "lstm"])
+@pytest.mark.parametrize(
+    "memory,lr,beta,writes",
+    [(True, 2e-2, 10.0, False), (True, 2e-2, 10.0, True), (False, 1e-2, 1.0, False)],
+    ids=["mann", "mann-add-lru", "lstm"],
+)
 def test_mann_learns_tiny_episodes(memory, lr, beta, writes):
     tasks = sampler(ways=3, shots=1, queries=3)
-    learner = MANN(encoder(), ways=3, memory=memory, hidden=32, slots=8, slot_size=16, heads=1, beta=beta,
-                   add_vector=writes, lru_per_head=writes)
+    learner = MANN(
+        encoder(),
+        ways=3,
+        memory=memory,
+        hidden=32,
+        slots=8,
+        slot_size=16,
+        heads=1,
+        beta=beta,
+        add_vector=writes,
+        lru_per_head=writes,
+    )
     train(learner, tasks, 300, lr=lr)
     acc = evaluate(learner, sampler(seed=7), 50, progress=False)["mean"]  # unseen classes
     assert acc > 0.5, acc  # chance is 1/3
@@ -237,10 +270,10 @@ def test_snail_is_causal():
     out = net(z)
     for t in range(8):
         z2 = z.clone()
-        z2[:, t + 1:] += torch.randn_like(z2[:, t + 1:])  # change everything after t
+        z2[:, t + 1 :] += torch.randn_like(z2[:, t + 1 :])  # change everything after t
         out2 = net(z2)
         assert torch.allclose(out[:, : t + 1], out2[:, : t + 1], atol=1e-6), t
-        assert not torch.allclose(out[:, t + 1:], out2[:, t + 1:])
+        assert not torch.allclose(out[:, t + 1 :], out2[:, t + 1 :])
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
@@ -340,8 +373,9 @@ def test_meta_lstm_learns_tiny_episodes():
 
 
 # -- configs and the real data ----------------------------------------------------------------------
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                 if p.name.split("_omniglot")[0] in ("mann", "snail", "meta_lstm"))
+CONFIGS = sorted(
+    p.name for p in (ROOT / "configs").glob("*.yaml") if p.name.split("_omniglot")[0] in ("mann", "snail", "meta_lstm")
+)
 
 
 def test_every_rnn_config_exists():
@@ -365,8 +399,13 @@ def test_mann_episode_configs_train_as_the_online_config(shots):
     online = load_config(ROOT / "configs" / "mann_omniglot_online.yaml")
     cfg = load_config(ROOT / "configs" / f"mann_omniglot_5w{shots}s.yaml")
     assert cfg.algorithm == online.algorithm and cfg.model == online.model and cfg.train == online.train
-    train_episodes = lambda d: (d.name, d.split, d.train_ways or d.ways, d.train_shots or d.shots,  # noqa: E731
-                                d.train_queries or d.queries)
+    train_episodes = lambda d: (
+        d.name,
+        d.split,
+        d.train_ways or d.ways,
+        d.train_shots or d.shots,  # noqa: E731
+        d.train_queries or d.queries,
+    )
     assert train_episodes(cfg.data) == train_episodes(online.data)
     assert (cfg.data.ways, cfg.data.shots, cfg.data.queries) == (5, shots, 15)
 

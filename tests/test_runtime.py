@@ -1,4 +1,5 @@
 """The runtime: free cores from the CPU counters, threads set once and rebalanced, the config key."""
+
 import pytest
 import torch
 

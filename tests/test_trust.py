@@ -1,5 +1,6 @@
 """Trust: checkpoints never run code, run folders never lose or mislabel work, resume continues
 exactly, divergence is caught, and one function loads a learner for every path."""
+
 import datetime
 import json
 import os
@@ -55,8 +56,9 @@ def test_a_crafted_checkpoint_is_refused_and_its_code_does_not_run(tmp_path, how
     elif how == "adapt":
         (tmp_path / "s" / "a").mkdir(parents=True)
         (tmp_path / "q").mkdir()
-        assert main(["adapt", str(run / "last.pt"), "--support", str(tmp_path / "s"),
-                     "--query", str(tmp_path / "q")]) == 2
+        assert (
+            main(["adapt", str(run / "last.pt"), "--support", str(tmp_path / "s"), "--query", str(tmp_path / "q")]) == 2
+        )
     else:
         cfg = write_config(tmp_path, SINUSOID)
         assert main(["train", str(cfg), "--out", str(run), "--resume", "--no-progress"]) == 2
@@ -108,7 +110,6 @@ def test_upgrade_runs_a_refused_file_only_when_trusted(tmp_path):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "d.pt") == []
 
 
-
 # -- run folders ------------------------------------------------------------------------------
 def test_eval_writes_beside_the_run_and_never_over_its_results(run, capsys):
     before = (run / "results.json").read_text()
@@ -138,8 +139,10 @@ def test_overwrite_clears_the_replaced_run_and_nothing_else(tmp_path):
     (out / "notes.txt").write_text("mine")
     (out / "eval_last_9ep.json").write_text("{}")
     raw = dict(SINUSOID, train=dict(SINUSOID["train"], val_every=0))
-    assert main(["train", str(write_config(tmp_path, raw, "b.yaml")), "--out", str(out), "--no-progress",
-                 "--overwrite"]) == 0
+    assert (
+        main(["train", str(write_config(tmp_path, raw, "b.yaml")), "--out", str(out), "--no-progress", "--overwrite"])
+        == 0
+    )
     assert not (out / "best.pt").exists() and not (out / "eval_last_9ep.json").exists()
     assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match="never validated.*last.pt"):
@@ -153,8 +156,10 @@ def test_adapt_out_is_a_folder_and_never_replaces_another_file(run, tmp_path, ca
     assert "is a file" in capsys.readouterr().err and ckpt.stat().st_size == size
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "predictions.csv").write_text("my own table\n")
-    assert main(["adapt", str(ckpt), "--support", str(tmp_path), "--query", str(tmp_path),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["adapt", str(ckpt), "--support", str(tmp_path), "--query", str(tmp_path), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "not a predictions table" in capsys.readouterr().err
     assert (tmp_path / "o" / "predictions.csv").read_text() == "my own table\n"
 
@@ -172,8 +177,21 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
             f.write(json.dumps({"iteration": i, "loss": 1.0}) + "\n")
         f.write('{"iteration": 6, "lo')
     raw["train"]["iterations"] = 5
-    assert main(["train", str(write_config(tmp_path, raw)), "--out", str(out), "--resume", "--no-progress",
-                 "--allow-change", "train.iterations"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(write_config(tmp_path, raw)),
+                "--out",
+                str(out),
+                "--resume",
+                "--no-progress",
+                "--allow-change",
+                "train.iterations",
+            ]
+        )
+        == 0
+    )
     its = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert its == sorted(set(its)) and its[-1] == 5
 
@@ -185,13 +203,42 @@ def test_resume_refuses_any_unnamed_change_and_records_the_named_ones(tmp_path, 
     assert main(["train", str(write_config(tmp_path, raw)), "--out", str(out), "--no-progress"]) == 0
     written = (out / "config.yaml").read_text()
     for key, value in (("train.meta_batch", 8), ("train.lr", 0.01), ("eval.episodes", 7)):
-        assert main(["train", str(out / "config.yaml"), "--out", str(out), "--resume", "--no-progress",
-                     "--set", f"{key}={value}", "train.iterations=5"]) == 2
+        assert (
+            main(
+                [
+                    "train",
+                    str(out / "config.yaml"),
+                    "--out",
+                    str(out),
+                    "--resume",
+                    "--no-progress",
+                    "--set",
+                    f"{key}={value}",
+                    "train.iterations=5",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert key in err and "--allow-change" in err
         assert (out / "config.yaml").read_text() == written and not (out / "resume_log.jsonl").exists()
-    assert main(["train", str(out / "config.yaml"), "--out", str(out), "--resume", "--no-progress",
-                 "--set", "train.iterations=5", "--allow-change", "train.iterations"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(out / "config.yaml"),
+                "--out",
+                str(out),
+                "--resume",
+                "--no-progress",
+                "--set",
+                "train.iterations=5",
+                "--allow-change",
+                "train.iterations",
+            ]
+        )
+        == 0
+    )
     assert "train.iterations: 3 -> 5" in capsys.readouterr().out
     log = [json.loads(line) for line in (out / "resume_log.jsonl").read_text().splitlines()]
     assert log[-1]["iteration"] == 3 and log[-1]["changes"] == {"train.iterations": {"run": 3, "now": 5}}
@@ -207,8 +254,21 @@ def test_resume_refuses_any_unnamed_change_and_records_the_named_ones(tmp_path, 
 @pytest.mark.parametrize("lr,optimizer", [("1e6", "adam"), ("1e38", "adam"), ("1e38", "sgd")])
 def test_an_exploding_run_stops_with_a_true_message_and_writes_no_weights(tmp_path, capsys, lr, optimizer):
     out = tmp_path / "run"
-    assert main(["train", str(write_config(tmp_path, SINUSOID)), "--out", str(out), "--no-progress",
-                 "--set", f"train.lr={lr}", f"train.optimizer={optimizer}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(write_config(tmp_path, SINUSOID)),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                f"train.lr={lr}",
+                f"train.optimizer={optimizer}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "diverged" in err and ("exploded" in err or "overflowed" in err or "NaN" in err)
     assert "no checkpoint was written" in err and "untouched" not in err
@@ -221,8 +281,25 @@ def test_a_diverging_resume_leaves_last_pt_as_it_was(tmp_path, capsys):
     assert main(["train", str(write_config(tmp_path, raw)), "--out", str(out), "--no-progress"]) == 0
     before = (out / "last.pt").read_bytes()
     capsys.readouterr()
-    assert main(["train", str(out / "config.yaml"), "--out", str(out), "--resume", "--no-progress",
-                 "--set", "train.lr=1e38", "train.iterations=6", "--allow-change", "train.lr", "train.iterations"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(out / "config.yaml"),
+                "--out",
+                str(out),
+                "--resume",
+                "--no-progress",
+                "--set",
+                "train.lr=1e38",
+                "train.iterations=6",
+                "--allow-change",
+                "train.lr",
+                "train.iterations",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"the last good checkpoint {out / 'last.pt'} (iteration 3) is untouched" in err
     assert (out / "last.pt").read_bytes() == before
@@ -247,8 +324,9 @@ def test_python_m_metatl_runs_the_cli():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "metatl", "list"], capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "metatl", "list"], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0 and "algorithms:" in done.stdout
 
 

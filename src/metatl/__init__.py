@@ -1,4 +1,5 @@
 """metatl: meta-learning and transfer learning in PyTorch, one data model, one trainer, one evaluator."""
+
 __version__ = "0.1.0"
 
 from . import data, meta, nn, transfer  # noqa: E402,F401  (registers every component)
@@ -21,5 +22,19 @@ def load(checkpoint, weights=None, overrides=None):
     return load_learner(checkpoint, weights, overrides)
 
 
-__all__ = ["ALGORITHMS", "BACKBONES", "DATASETS", "ESTIMATORS", "Config", "Episode", "EpisodeSampler",
-           "MAML", "Reptile", "SinusoidTasks", "adapt", "load", "load_config", "__version__"]
+__all__ = [
+    "ALGORITHMS",
+    "BACKBONES",
+    "DATASETS",
+    "ESTIMATORS",
+    "Config",
+    "Episode",
+    "EpisodeSampler",
+    "MAML",
+    "Reptile",
+    "SinusoidTasks",
+    "adapt",
+    "load",
+    "load_config",
+    "__version__",
+]

@@ -1,4 +1,5 @@
 """``python -m metatl``: the ``metatl`` command."""
+
 import sys
 
 from .cli import main

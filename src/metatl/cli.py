@@ -1,11 +1,12 @@
 """Command line: parses and dispatches, nothing else (the work is in :mod:`metatl.engine.run`).
 
-    metatl train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-change KEY ...]] [--overwrite]
-    metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
-    metatl adapt CHECKPOINT --support DIR --query DIR [--out DIR]
-    metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt] [--trust]
-    metatl list
+metatl train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-change KEY ...]] [--overwrite]
+metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
+metatl adapt CHECKPOINT --support DIR --query DIR [--out DIR]
+metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt] [--trust]
+metatl list
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,23 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, (args.set or []) + _data_overrides(args))
     out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    train(cfg, out, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
-          allow_changes=tuple(args.allow_change or ()))
+    train(
+        cfg,
+        out,
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_changes=tuple(args.allow_change or ()),
+    )
     return 0
 
 
 def cmd_eval(args) -> int:
     from .engine.run import evaluate_checkpoint, results_table
 
-    results, path = evaluate_checkpoint(args.checkpoint, (args.set or []) + _data_overrides(args), args.out,
-                                        progress=not args.no_progress)
+    results, path = evaluate_checkpoint(
+        args.checkpoint, (args.set or []) + _data_overrides(args), args.out, progress=not args.no_progress
+    )
     print(results_table(results))
     print(f"results: {path}")  # beside the run's results.json, never over it
     return 0
@@ -52,14 +60,19 @@ def cmd_adapt(args) -> int:
 
     out = predictions_path(args.out)  # checked before any work: nothing but a predictions table is replaced
     learner = metatl.load(args.checkpoint)
-    result = classify_folder(learner, args.support, args.query, steps=args.steps, invert=args.invert,
-                             transductive=args.transductive)
+    result = classify_folder(
+        learner, args.support, args.query, steps=args.steps, invert=args.invert, transductive=args.transductive
+    )
     fmt = result["input"]
-    print(f"{len(result['classes'])} classes from {args.support}: {', '.join(result['classes'])}; images as "
-          f"{fmt['in_channels']}-channel {fmt['image_size']}x{fmt['image_size']}{' inverted' if fmt['invert'] else ''}")
+    print(
+        f"{len(result['classes'])} classes from {args.support}: {', '.join(result['classes'])}; images as "
+        f"{fmt['in_channels']}-channel {fmt['image_size']}x{fmt['image_size']}{' inverted' if fmt['invert'] else ''}"
+    )
     labelled = result["labelled"] > 0
-    rows = [[r["file"], r["predicted"], f"{r['confidence']:.3f}"] + ([r["true"] or "-"] if labelled else [])
-            for r in result["rows"]]
+    rows = [
+        [r["file"], r["predicted"], f"{r['confidence']:.3f}"] + ([r["true"] or "-"] if labelled else [])
+        for r in result["rows"]
+    ]
     print(table(rows, ["file", "predicted", "confidence"] + (["true"] if labelled else [])))
     if result["accuracy"] is not None:
         print(f"accuracy on the {result['labelled']} labelled query images: {100 * result['accuracy']:.1f}%")
@@ -79,8 +92,12 @@ def cmd_list(args) -> int:
 
     from . import registry
 
-    for title, reg in (("algorithms", registry.ALGORITHMS), ("datasets", registry.DATASETS),
-                       ("backbones", registry.BACKBONES), ("estimators", registry.ESTIMATORS)):
+    for title, reg in (
+        ("algorithms", registry.ALGORITHMS),
+        ("datasets", registry.DATASETS),
+        ("backbones", registry.BACKBONES),
+        ("estimators", registry.ESTIMATORS),
+    ):
         print(f"{title}:")
         for name, obj in reg.items():
             doc = (obj.__doc__ or "").strip().splitlines()
@@ -94,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.01")
-        p.add_argument("--out", help="output folder (train: the run folder; eval: where eval_*.json goes, "
-                                     "default the checkpoint's folder)")
+        p.add_argument(
+            "--out",
+            help="output folder (train: the run folder; eval: where eval_*.json goes, default the checkpoint's folder)",
+        )
         p.add_argument("--data-dir", help="data folder (default: $METATL_DATA_DIR, then ~/.cache/metatl)")
         p.add_argument("--download", action="store_true", help="download missing data files")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,10 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train a config, then evaluate it on the test episodes")
     p.add_argument("config", help="a YAML config (see configs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--allow-change", nargs="+", metavar="KEY",
-                   help="with --resume: config keys that may differ from the run's (e.g. train.iterations)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out folder that already holds a run (replaces it)")
+    p.add_argument(
+        "--allow-change",
+        nargs="+",
+        metavar="KEY",
+        help="with --resume: config keys that may differ from the run's (e.g. train.iterations)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out folder that already holds a run (replaces it)",
+    )
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -121,17 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="folder of images to classify")
     p.add_argument("--out", default=".", help="folder to write predictions.csv in (default: the current folder)")
     p.add_argument("--steps", type=int, help="test-time inner steps (MAML / Reptile; default: the checkpoint's)")
-    p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
-                   help="invert pixel values (default: only for Omniglot checkpoints, which expect ink = 1)")
-    p.add_argument("--transductive", action="store_true",
-                   help="classify all query images in one batch (BatchNorm statistics shared across them)")
+    p.add_argument(
+        "--invert",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="invert pixel values (default: only for Omniglot checkpoints, which expect ink = 1)",
+    )
+    p.add_argument(
+        "--transductive",
+        action="store_true",
+        help="classify all query images in one batch (BatchNorm statistics shared across them)",
+    )
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("upgrade-checkpoint", help="rewrite a checkpoint of an older metatl in the safe format")
     p.add_argument("checkpoint")
     p.add_argument("--out", help="write the upgraded checkpoint here (default: in place)")
-    p.add_argument("--trust", action="store_true",
-                   help="read a file that the safe loader refuses, running its code: only for a file you made")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="read a file that the safe loader refuses, running its code: only for a file you made",
+    )
     p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("list", help="list algorithms, datasets, backbones and estimators")

@@ -8,6 +8,7 @@ type and range (``config_ranges``); a component may check the whole config with 
 Overrides use dotted keys (``--set train.lr=0.01 algorithm.first_order=true``); values are parsed
 as YAML. This module names no data set and no algorithm.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,10 @@ class YAMLLoader(yaml.SafeLoader):
 
 
 YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def load_yaml(text: str, source: str = "<string>"):
@@ -42,8 +45,10 @@ def load_yaml(text: str, source: str = "<string>"):
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
         problem = "; ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
-        raise ConfigError(f"{where}: not valid YAML ({problem or err}); fix the syntax there "
-                          f"(quote a value that holds ':', '#', '[' or '{{').") from None
+        raise ConfigError(
+            f"{where}: not valid YAML ({problem or err}); fix the syntax there "
+            f"(quote a value that holds ':', '#', '[' or '{{')."
+        ) from None
 
 
 PRECISIONS = ("float32", "tf32", "bfloat16")  # train.precision
@@ -91,7 +96,7 @@ def above(low: float) -> Range:
 
 
 ANY = Range()  # any finite number
-SEED = Range(0, 2 ** 63 - 1)  # what torch.manual_seed takes
+SEED = Range(0, 2**63 - 1)  # what torch.manual_seed takes
 COMPONENT_RANGE = at_least(0)  # a component's number with no declared range: it counts or scales something
 
 
@@ -131,13 +136,26 @@ class TrainConfig:
     divergence_factor: float | None = 1000.0  # stop when loss or weight norm grows this much (engine/divergence.py)
 
     config_ranges: ClassVar[dict[str, Range]] = {
-        "iterations": at_least(1), "meta_batch": at_least(1), "lr": above(0), "lr_final": at_least(0),
-        "momentum": Range(0, 1, open_high=True), "weight_decay": at_least(0),
-        "lr_step_every": at_least(1), "lr_gamma": above(0), "grad_clip": above(0), "val_every": at_least(0),
-        "val_episodes": at_least(1), "ckpt_every": at_least(0), "log_every": at_least(1),
-        "time_budget_min": above(0), "snapshot_minutes": at_least(0), "seed": SEED,
-        "num_threads": at_least(1), "processes": at_least(1),
-        "divergence_factor": above(1)}  # ema_decay: validate_components
+        "iterations": at_least(1),
+        "meta_batch": at_least(1),
+        "lr": above(0),
+        "lr_final": at_least(0),
+        "momentum": Range(0, 1, open_high=True),
+        "weight_decay": at_least(0),
+        "lr_step_every": at_least(1),
+        "lr_gamma": above(0),
+        "grad_clip": above(0),
+        "val_every": at_least(0),
+        "val_episodes": at_least(1),
+        "ckpt_every": at_least(0),
+        "log_every": at_least(1),
+        "time_budget_min": above(0),
+        "snapshot_minutes": at_least(0),
+        "seed": SEED,
+        "num_threads": at_least(1),
+        "processes": at_least(1),
+        "divergence_factor": above(1),
+    }  # ema_decay: validate_components
 
 
 @dataclass
@@ -151,8 +169,12 @@ class EvalConfig:
     weights: str = "averaged"  # with train.ema_decay: score the averaged weights, or "raw" ones
 
     config_ranges: ClassVar[dict[str, Range]] = {
-        "episodes": at_least(1), "seed": SEED, "inner_steps": at_least(0), "extra_steps": at_least(0),
-        "plot_tasks": at_least(0)}
+        "episodes": at_least(1),
+        "seed": SEED,
+        "inner_steps": at_least(0),
+        "extra_steps": at_least(0),
+        "plot_tasks": at_least(0),
+    }
 
 
 @dataclass
@@ -188,8 +210,7 @@ REQUIRED = {"algorithm": "algorithm", "model": "backbone", "data": "dataset"}  #
 def _check_keys(where: str, given, valid) -> None:
     unknown = sorted(str(k) for k in set(given) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: "
-                          f"{', '.join(sorted(valid))}.")
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(valid))}.")
 
 
 _DESCRIBE = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
@@ -231,8 +252,9 @@ def _describe(tp) -> str:
 
 def _check_type(where: str, value, tp) -> None:
     if not _matches(value, tp):
-        raise ConfigError(f"{where} must be {_describe(tp)}, got {value!r}; fix it in the config or "
-                          f"with --set {where}=VALUE.")
+        raise ConfigError(
+            f"{where} must be {_describe(tp)}, got {value!r}; fix it in the config or with --set {where}=VALUE."
+        )
 
 
 def _numbers(value) -> list:
@@ -250,12 +272,15 @@ def _check_range(where: str, value, allowed: Range) -> None:
     for number in _numbers(value):
         if number not in allowed:
             of = f" (in {value!r})" if number is not value else ""
-            raise ConfigError(f"{where} must be {allowed.describe()}, got {number!r}{of}; fix it in the config "
-                              f"or with --set {where}=VALUE.")
+            raise ConfigError(
+                f"{where} must be {allowed.describe()}, got {number!r}{of}; fix it in the config "
+                f"or with --set {where}=VALUE."
+            )
 
 
-def check_values(where: str, values: dict, types: dict[str, Any], ranges: dict[str, Range],
-                 default: Range = ANY) -> None:
+def check_values(
+    where: str, values: dict, types: dict[str, Any], ranges: dict[str, Range], default: Range = ANY
+) -> None:
     """Type-check ``values`` (a section's keys without ``name``) against ``types`` and their numbers
     against ``ranges`` (``default`` for a number without a declared range)."""
     for key, value in values.items():
@@ -289,8 +314,11 @@ def component_keys(obj) -> list[str]:
     if dataclasses.is_dataclass(obj):  # a data set: its fields
         return [f.name for f in dataclasses.fields(obj) if f.init]
     skip = {"self", "model", "task_type", "in_features", "in_channels", "out_features", "image_size"}
-    return [p.name for p in inspect.signature(obj).parameters.values()
-            if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in inspect.signature(obj).parameters.values()
+        if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def _section(raw: dict, section: str, default=None) -> dict:
@@ -306,8 +334,14 @@ class ConfigDeprecationWarning(FutureWarning):
     """A config key that was renamed or replaced; the config still loads, with the new setting."""
 
 
-_EXECUTOR_OF = {(False, False): "threads", (False, True): "loop", ("inner", False): "threads_inner_vmap",
-                ("inner", True): "inner_vmap", (True, False): "vmap", (True, True): "vmap"}
+_EXECUTOR_OF = {
+    (False, False): "threads",
+    (False, True): "loop",
+    ("inner", False): "threads_inner_vmap",
+    ("inner", True): "inner_vmap",
+    (True, False): "vmap",
+    (True, True): "vmap",
+}
 
 
 def migrate(raw: dict) -> dict:
@@ -324,8 +358,12 @@ def migrate(raw: dict) -> dict:
         given = ", ".join(f"model.{k}={v!r}" for k, v in layout.items())
         if "fast" not in model:
             model["fast"] = bool(layout.get("fold_first_norm", True))
-        warnings.warn(f"{given} is obsolete: read as model.fast={model['fast']} (the conv nets' fast kernels, "
-                      f"on by default). Set model.fast instead.", ConfigDeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{given} is obsolete: read as model.fast={model['fast']} (the conv nets' fast kernels, "
+            f"on by default). Set model.fast instead.",
+            ConfigDeprecationWarning,
+            stacklevel=3,
+        )
         raw["model"] = model
     algorithm = dict(raw.get("algorithm") or {})
     old = {k: algorithm.pop(k) for k in ("batch_tasks", "compile", "task_threads") if k in algorithm}
@@ -338,11 +376,19 @@ def migrate(raw: dict) -> dict:
     executor = "compile" if old.get("compile") and batch is True else _EXECUTOR_OF[batch, old.get("task_threads") == 1]
     given = ", ".join(f"algorithm.{k}={v!r}" for k, v in old.items())
     if "executor" in train:
-        warnings.warn(f"{given} is obsolete and ignored: train.executor={train['executor']} chooses how the "
-                      f"meta-batch runs. Remove the old key(s).", ConfigDeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{given} is obsolete and ignored: train.executor={train['executor']} chooses how the "
+            f"meta-batch runs. Remove the old key(s).",
+            ConfigDeprecationWarning,
+            stacklevel=3,
+        )
     else:
-        warnings.warn(f"{given} is obsolete: read as train.executor={executor}. Set train.executor instead "
-                      f"(auto picks the fastest valid one).", ConfigDeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{given} is obsolete: read as train.executor={executor}. Set train.executor instead "
+            f"(auto picks the fastest valid one).",
+            ConfigDeprecationWarning,
+            stacklevel=3,
+        )
         train["executor"] = executor
         raw["train"] = train
     return raw
@@ -350,8 +396,9 @@ def migrate(raw: dict) -> dict:
 
 def from_dict(raw: dict) -> Config:
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections (name, algorithm, model, data, train, eval), "
-                          f"got {raw!r}.")
+        raise ConfigError(
+            f"a config must be a mapping of sections (name, algorithm, model, data, train, eval), got {raw!r}."
+        )
     raw = migrate(dict(raw or {}))
     top = [f.name for f in dataclasses.fields(Config)]
     _check_keys("the config", raw, top)
@@ -396,8 +443,11 @@ def _data(values: dict):
     name = values.get("name")
     if isinstance(name, str) and name in DATASETS:
         keys = {f.name for f in dataclasses.fields(DATASETS.get(name))}
-        values = {k: v for k, v in values.items()
-                  if k == "name" or k in keys or k not in LEGACY_DEFAULTS or LEGACY_DEFAULTS[k] != v}
+        values = {
+            k: v
+            for k, v in values.items()
+            if k == "name" or k in keys or k not in LEGACY_DEFAULTS or LEGACY_DEFAULTS[k] != v
+        }
     cls = _component("data", values, DATASETS)
     return cls(**{k: v for k, v in values.items() if k != "name"})
 
@@ -407,8 +457,10 @@ def validate_components(cfg: Config) -> None:
     that span sections."""
     from .registry import ALGORITHMS, BACKBONES
 
-    components = [_component(section, getattr(cfg, section), registry)
-                  for section, registry in (("algorithm", ALGORITHMS), ("model", BACKBONES))]
+    components = [
+        _component(section, getattr(cfg, section), registry)
+        for section, registry in (("algorithm", ALGORITHMS), ("model", BACKBONES))
+    ]
     for component in (*components, cfg.data):
         if callable(getattr(component, "check_config", None)):
             component.check_config(cfg)
@@ -416,16 +468,21 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError(f"train.processes must be a whole number >= 1, got {cfg.train.processes!r}.")
     threads = cfg.train.num_threads
     if not (threads is None or threads == "auto" or (isinstance(threads, int) and threads >= 1)):
-        raise ConfigError(f"train.num_threads must be 'auto' (the free cores), a whole number >= 1 or null, "
-                          f"got {threads!r}.")
+        raise ConfigError(
+            f"train.num_threads must be 'auto' (the free cores), a whole number >= 1 or null, got {threads!r}."
+        )
     if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got "
-                          f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "
-                          f"use bfloat16).")
+        raise ConfigError(
+            f"train.precision must be one of {', '.join(PRECISIONS)}, got "
+            f"{cfg.train.precision!r} (float16 needs loss scaling, which metatl does not do; "
+            f"use bfloat16)."
+        )
     if cfg.train.precision == "bfloat16" and ("vmap" in cfg.train.executor or cfg.train.executor == "compile"):
-        raise ConfigError(f"train.precision=bfloat16 cannot run with train.executor={cfg.train.executor} (the vmap "
-                          "path's double backward mixes dtypes under autocast); set "
-                          "train.executor=threads (or auto) or train.precision=float32.")
+        raise ConfigError(
+            f"train.precision=bfloat16 cannot run with train.executor={cfg.train.executor} (the vmap "
+            "path's double backward mixes dtypes under autocast); set "
+            "train.executor=threads (or auto) or train.precision=float32."
+        )
     if cfg.train.optimizer not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}.")
     if cfg.train.lr_schedule not in SCHEDULES:
@@ -434,13 +491,17 @@ def validate_components(cfg: Config) -> None:
         raise ConfigError("train.lr_schedule: step needs train.lr_step_every >= 1 (e.g. 2000).")
     decay = cfg.train.ema_decay
     if decay is not None and not 0 < decay < 1:
-        raise ConfigError(f"train.ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; "
-                          f"or leave it null to keep no average of the weights.")
+        raise ConfigError(
+            f"train.ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; "
+            f"or leave it null to keep no average of the weights."
+        )
     if cfg.eval.weights not in WEIGHTS:
         raise ConfigError(f"eval.weights must be one of {', '.join(WEIGHTS)}, got {cfg.eval.weights!r}.")
     if cfg.train.meta_batch % cfg.train.processes:
-        raise ConfigError(f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
-                          f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it.")
+        raise ConfigError(
+            f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
+            f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it."
+        )
 
 
 def parse_override(text: str):
@@ -458,8 +519,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(path[:-1]):
             inner = node.get(part)
             if inner is not None and not isinstance(inner, dict):
-                raise ConfigError(f"--set {text}: {'.'.join(path[:i + 1])} is {inner!r}, not a section "
-                                  f"that can hold {path[i + 1]!r}.")
+                raise ConfigError(
+                    f"--set {text}: {'.'.join(path[: i + 1])} is {inner!r}, not a section "
+                    f"that can hold {path[i + 1]!r}."
+                )
             node[part] = dict(inner or {})
             node = node[part]
         node[path[-1]] = value
@@ -478,6 +541,8 @@ def load_config(path, overrides: list[str] | None = None) -> Config:
     for section in REQUIRED:
         if not isinstance(raw.get(section), dict) or "name" not in raw[section]:
             what = "a section" if not isinstance(raw.get(section), dict) else "a 'name' in its section"
-            raise ConfigError(f"{path} has no {section}.name: a run config needs {what} {section!r} that names "
-                              f"the {REQUIRED[section]} (e.g. {section}:\n  name: ...; `metatl list` shows them).")
+            raise ConfigError(
+                f"{path} has no {section}.name: a run config needs {what} {section!r} that names "
+                f"the {REQUIRED[section]} (e.g. {section}:\n  name: ...; `metatl list` shows them)."
+            )
     return from_dict(raw)

@@ -7,6 +7,7 @@ A component registers itself where it is defined::
 
 and is looked up by name from configs and the CLI (``metatl list`` prints every registry).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

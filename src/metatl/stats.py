@@ -1,4 +1,5 @@
 """Evaluation statistics shared by data, meta, transfer and engine (no imports from them)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Shared fixtures: small shifted problems in the ``X, y, sample_domain`` convention."""
+
 import importlib.util
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Conformance: every estimator in the registry follows the scikit-learn contract."""
+
 import numpy as np
 import pytest
 import sklearn

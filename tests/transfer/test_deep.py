@@ -1,5 +1,6 @@
 """Deep transfer objectives: reference tests against independent computations, behaviour of the
 fine-tuning filters, smoke runs on a tiny shifted image pair, and `metatl train` end to end."""
+
 import gzip
 import itertools
 import json
@@ -70,15 +71,26 @@ def test_mk_mmd_unbiased_and_linear_match_double_sums():
     got = mk_mmd(torch.tensor(s), torch.tensor(t), torch.tensor(bw), "unbiased")
     assert got.item() == pytest.approx(kss + ktt - 2 * kst, rel=1e-9)
     n = 6  # linear-time: quad-tuples over the first even min(ns, nt) rows
-    lin = sum(_k(s[2 * i], s[2 * i + 1], bw) + _k(t[2 * i], t[2 * i + 1], bw) - _k(s[2 * i], t[2 * i + 1], bw)
-              - _k(s[2 * i + 1], t[2 * i], bw) for i in range(n // 2)) * 2 / n
+    lin = (
+        sum(
+            _k(s[2 * i], s[2 * i + 1], bw)
+            + _k(t[2 * i], t[2 * i + 1], bw)
+            - _k(s[2 * i], t[2 * i + 1], bw)
+            - _k(s[2 * i + 1], t[2 * i], bw)
+            for i in range(n // 2)
+        )
+        * 2
+        / n
+    )
     got = mk_mmd(torch.tensor(s), torch.tensor(t), torch.tensor(bw), "linear")
     assert got.item() == pytest.approx(lin, rel=1e-9)
     # default bandwidths: multipliers x mean pairwise squared distance of the pooled rows
     h = np.vstack([s, t])
     mean_sq = np.mean([np.sum((h[i] - h[j]) ** 2) for i in range(13) for j in range(13) if i != j])
-    torch.testing.assert_close(default_bandwidths(torch.tensor(s), torch.tensor(t), (0.5, 2.0)),
-                               torch.tensor([0.5 * mean_sq, 2 * mean_sq], dtype=torch.float64))
+    torch.testing.assert_close(
+        default_bandwidths(torch.tensor(s), torch.tensor(t), (0.5, 2.0)),
+        torch.tensor([0.5 * mean_sq, 2 * mean_sq], dtype=torch.float64),
+    )
     # same distribution -> ~0; shifted -> clearly positive
     a, b = torch.randn(200, 2, generator=torch.Generator().manual_seed(0)), torch.randn(200, 2)
     assert abs(mk_mmd(a, b).item()) < 0.02 < mk_mmd(a, b + 2).item()
@@ -145,8 +157,9 @@ def blob_images(n, shift, seed, size=8, classes=3):
     y = torch.randint(classes, (n,), generator=g)
     centres = torch.tensor([[2.0, 2.0], [2.0, 5.0], [5.0, 3.5]])[y] + shift + 0.6 * torch.randn(n, 2, generator=g)
     r = torch.arange(size, dtype=torch.float32)
-    img = torch.exp(-((r[None, :, None] - centres[:, 0, None, None]) ** 2
-                      + (r[None, None, :] - centres[:, 1, None, None]) ** 2) / 2)
+    img = torch.exp(
+        -((r[None, :, None] - centres[:, 0, None, None]) ** 2 + (r[None, None, :] - centres[:, 1, None, None]) ** 2) / 2
+    )
     scale = 1.0 if shift == 0 else 0.7
     return (scale * img + 0.05 * torch.randn(n, size, size, generator=g)).unsqueeze(1), y
 
@@ -161,8 +174,14 @@ def domain_pair(fraction=0.0):
 
 def train_objective(algorithm, sampler, steps=60, batch=32, lr=3e-3):
     torch.manual_seed(0)
-    cfg = from_dict({"algorithm": algorithm, "model": {"name": "digits_cnn", "hidden": 32},
-                     "data": {"name": "mnist_usps", "image_size": 8}, "train": {"lr": lr}})
+    cfg = from_dict(
+        {
+            "algorithm": algorithm,
+            "model": {"name": "digits_cnn", "hidden": 32},
+            "data": {"name": "mnist_usps", "image_size": 8},
+            "train": {"lr": lr},
+        }
+    )
     learner = build_learner(cfg, sampler)
     groups = getattr(learner, "param_groups", None)
     opt = make_optimizer(cfg, groups() if groups else learner.parameters())
@@ -198,10 +217,17 @@ def test_unsupervised_methods_learn_the_shifted_target(algorithm, source_checkpo
     assert res["mean"] > 0.6, f"{algorithm}: target accuracy {res['mean']:.2f} (chance 0.33)"
 
 
-@pytest.mark.parametrize("algorithm", [{"name": "finetune"}, {"name": "l2sp"}, {"name": "linear_probe"},
-                                       {"name": "finetune", "strategy": "head"},
-                                       {"name": "rkd", "on": "target", "labels": "target"}],
-                         ids=lambda a: "-".join(map(str, a.values())))
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"name": "finetune"},
+        {"name": "l2sp"},
+        {"name": "linear_probe"},
+        {"name": "finetune", "strategy": "head"},
+        {"name": "rkd", "on": "target", "labels": "target"},
+    ],
+    ids=lambda a: "-".join(map(str, a.values())),
+)
 def test_methods_from_a_source_model_with_few_target_labels(algorithm, source_checkpoint):
     path, source_acc = source_checkpoint
     sampler, test = domain_pair(fraction=0.05)
@@ -213,10 +239,20 @@ def test_methods_from_a_source_model_with_few_target_labels(algorithm, source_ch
 def test_freeze_filter_leaves_frozen_parameters_unchanged_and_groups_scale_the_lr(source_checkpoint):
     path, _ = source_checkpoint
     sampler, _ = domain_pair(fraction=0.05)
-    algo = {"name": "finetune", "init_checkpoint": str(path), "strategy": "filter", "freeze": ["features.0.*"],
-            "lr_scales": {"features.*": 0.1}}
-    cfg = from_dict({"algorithm": algo, "model": {"name": "digits_cnn", "hidden": 32},
-                     "data": {"name": "mnist_usps", "image_size": 8}})
+    algo = {
+        "name": "finetune",
+        "init_checkpoint": str(path),
+        "strategy": "filter",
+        "freeze": ["features.0.*"],
+        "lr_scales": {"features.*": 0.1},
+    }
+    cfg = from_dict(
+        {
+            "algorithm": algo,
+            "model": {"name": "digits_cnn", "hidden": 32},
+            "data": {"name": "mnist_usps", "image_size": 8},
+        }
+    )
     learner = build_learner(cfg, sampler)
     before = {k: v.clone() for k, v in learner.model.named_parameters()}
     groups = learner.param_groups()
@@ -233,8 +269,16 @@ def test_freeze_filter_leaves_frozen_parameters_unchanged_and_groups_scale_the_l
         assert changed == (not name.startswith("features.0.")), name
     assert param_groups([("a", torch.zeros(1, requires_grad=True))], {"b*": 2.0})[0]["lr_scale"] == 1.0
     with pytest.raises(ValueError, match="strategy: filter"):
-        build_learner(from_dict({"algorithm": {"name": "finetune", "freeze": ["x"]},
-                                 "model": {"name": "digits_cnn"}, "data": {"name": "mnist_usps"}}), sampler)
+        build_learner(
+            from_dict(
+                {
+                    "algorithm": {"name": "finetune", "freeze": ["x"]},
+                    "model": {"name": "digits_cnn"},
+                    "data": {"name": "mnist_usps"},
+                }
+            ),
+            sampler,
+        )
 
 
 def test_target_labels_are_needed_where_asked_for():
@@ -270,16 +314,34 @@ def fake_digits(tmp_path):
 
 
 def test_metatl_train_runs_dann_and_finetune_on_digits_files(fake_digits, tmp_path, capsys):
-    raw = {"name": "t", "algorithm": {"name": "dann"}, "model": {"name": "digits_cnn", "hidden": 16},
-           "data": {"name": "mnist_usps", "direction": "usps->mnist", "image_size": 12},
-           "train": {"iterations": 3, "meta_batch": 8, "val_every": 2, "ckpt_every": 2, "log_every": 1}}
+    raw = {
+        "name": "t",
+        "algorithm": {"name": "dann"},
+        "model": {"name": "digits_cnn", "hidden": 16},
+        "data": {"name": "mnist_usps", "direction": "usps->mnist", "image_size": 12},
+        "train": {"iterations": 3, "meta_batch": 8, "val_every": 2, "ckpt_every": 2, "log_every": 1},
+    }
     cfg = tmp_path / "dann.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"
     assert main(["train", str(cfg), "--out", str(out), "--no-progress", "--data-dir", str(fake_digits)]) == 0
     res = json.loads((out / "results.json").read_text())
-    for key in ("algorithm", "dataset", "ways", "shots", "queries", "episodes", "metric", "inner_steps_test",
-                "bn_mode", "train_seconds", "iterations", "seed", "metatl_version", "torch_version"):
+    for key in (
+        "algorithm",
+        "dataset",
+        "ways",
+        "shots",
+        "queries",
+        "episodes",
+        "metric",
+        "inner_steps_test",
+        "bn_mode",
+        "train_seconds",
+        "iterations",
+        "seed",
+        "metatl_version",
+        "torch_version",
+    ):
         assert key in res
     assert res["algorithm"] == "dann" and res["episodes"] == 30 and res["setting"] == "usps->mnist"
     assert res["metric"]["name"] == "accuracy" and 0 <= res["metric"]["mean"] <= 1
@@ -294,6 +356,18 @@ def test_metatl_train_runs_dann_and_finetune_on_digits_files(fake_digits, tmp_pa
     ft = tmp_path / "ft"
     assert main(["train", str(cfg), "--out", str(ft), "--no-progress", "--data-dir", str(fake_digits)]) == 0
     assert json.loads((ft / "results.json").read_text())["target_labels_fraction"] == 0.2
-    assert main(["eval", str(ft / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress",
-                 "--data-dir", str(fake_digits)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ft / "last.pt"),
+                "--out",
+                str(tmp_path / "ev"),
+                "--no-progress",
+                "--data-dir",
+                str(fake_digits),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "ev" / "eval_last_30ep.json").read_text())["episodes"] == 30

@@ -1,5 +1,6 @@
 """Label-free selection for deep transfer: each scorer against a direct computation, and a network
 that fits its source scores above a random one without reading a target label."""
+
 import math
 
 import numpy as np
@@ -58,8 +59,11 @@ def test_label_free_scores_prefer_the_network_that_fits_the_source():
     g = torch.Generator().manual_seed(0)
     ys = torch.randint(0, 2, (200,), generator=g)
     xs = torch.randn(200, 2, generator=g) * 0.5 + torch.stack([ys * 2.0 - 1, torch.zeros(200)], 1)
-    xt = torch.randn(200, 2, generator=g) * 0.5 + torch.tensor([0.3, 0.0]) + torch.stack(
-        [torch.randint(0, 2, (200,), generator=g) * 2.0 - 1, torch.zeros(200)], 1)
+    xt = (
+        torch.randn(200, 2, generator=g) * 0.5
+        + torch.tensor([0.3, 0.0])
+        + torch.stack([torch.randint(0, 2, (200,), generator=g) * 2.0 - 1, torch.zeros(200)], 1)
+    )
     good, bad = _Net(torch.tensor([[-4.0, 0.0], [4.0, 0.0]])), _Net(torch.tensor([[4.0, 0.0], [-4.0, 0.0]]))
     cands = [{"name": n, "scores": label_free_scores(net, xs, ys, xt)} for n, net in (("bad", bad), ("good", good))]
     assert select(cands, "iwv")["name"] == "good" and select(cands, "dev")["name"] == "good"

@@ -1,4 +1,5 @@
 """The X, y, sample_domain convention and the shifted-data generators."""
+
 import numpy as np
 import pytest
 
@@ -11,8 +12,15 @@ from metatl.data.domains import (
 )
 
 
-@pytest.mark.parametrize("gen", [make_shifted_moons, make_shifted_blobs, make_covariate_shift_regression,
-                                 lambda **kw: make_shifted_blobs(shift="target", **kw)])
+@pytest.mark.parametrize(
+    "gen",
+    [
+        make_shifted_moons,
+        make_shifted_blobs,
+        make_covariate_shift_regression,
+        lambda **kw: make_shifted_blobs(shift="target", **kw),
+    ],
+)
 def test_generators_follow_the_convention(gen):
     X, y, sd, yt = gen(n_source=40, n_target=30, random_state=0, return_target_labels=True)
     assert X.shape[0] == y.shape[0] == sd.shape[0] == 70 and yt.shape == (30,)

@@ -1,4 +1,5 @@
 """Reference tests: each method against an independent computation on a tiny problem."""
+
 import math
 
 import numpy as np
@@ -33,9 +34,15 @@ def test_chunked_kernel_product_equals_dense():
 def test_projection_is_euclidean_projection():
     v = np.random.default_rng(1).normal(1, 2, 30)
     p = project_box_slab(v, 3.0, 20.0, 25.0)
-    res = minimize(lambda b: 0.5 * np.sum((b - v) ** 2), np.full(30, 0.7), jac=lambda b: b - v, method="SLSQP",
-                   bounds=[(0, 3)] * 30, constraints=[LinearConstraint(np.ones((1, 30)), 20, 25)],
-                   options={"ftol": 1e-14, "maxiter": 500})
+    res = minimize(
+        lambda b: 0.5 * np.sum((b - v) ** 2),
+        np.full(30, 0.7),
+        jac=lambda b: b - v,
+        method="SLSQP",
+        bounds=[(0, 3)] * 30,
+        constraints=[LinearConstraint(np.ones((1, 30)), 20, 25)],
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
     np.testing.assert_allclose(p, res.x, atol=1e-6)
 
 
@@ -46,9 +53,15 @@ def test_kmm_matches_scipy_qp(solver):
     K = rbf_kernel(Xs, Xs, gamma)
     kappa = n_s / n_t * rbf_kernel(Xs, Xt, gamma).sum(1)
     obj = lambda b: 0.5 * b @ K @ b - kappa @ b  # noqa: E731
-    ref = minimize(obj, np.ones(n_s), jac=lambda b: K @ b - kappa, method="SLSQP", bounds=[(0, B)] * n_s,
-                   constraints=[LinearConstraint(np.ones((1, n_s)), n_s * (1 - eps), n_s * (1 + eps))],
-                   options={"ftol": 1e-15, "maxiter": 2000})
+    ref = minimize(
+        obj,
+        np.ones(n_s),
+        jac=lambda b: K @ b - kappa,
+        method="SLSQP",
+        bounds=[(0, B)] * n_s,
+        constraints=[LinearConstraint(np.ones((1, n_s)), n_s * (1 - eps), n_s * (1 + eps))],
+        options={"ftol": 1e-15, "maxiter": 2000},
+    )
     beta = kmm_weights(Xs, Xt, gamma=gamma, B=B, eps=eps, solver=solver, max_iter=20000, tol=1e-12)
     assert beta.min() >= 0 and beta.max() <= B + 1e-12
     assert n_s * (1 - eps) - 1e-8 <= beta.sum() <= n_s * (1 + eps) + 1e-8
@@ -78,23 +91,36 @@ def test_kliep_exact_projection_matches_scipy():
     rng = np.random.default_rng(3)
     v, b = rng.normal(size=7), rng.random(7) + 0.1
     p = project_weighted_simplex(v, b)
-    ref = minimize(lambda a: 0.5 * np.sum((a - v) ** 2), np.ones(7) / b.sum(), jac=lambda a: a - v,
-                   method="SLSQP", bounds=[(0, None)] * 7, constraints=[LinearConstraint(b[None], 1, 1)],
-                   options={"ftol": 1e-15, "maxiter": 500})
+    ref = minimize(
+        lambda a: 0.5 * np.sum((a - v) ** 2),
+        np.ones(7) / b.sum(),
+        jac=lambda a: a - v,
+        method="SLSQP",
+        bounds=[(0, None)] * 7,
+        constraints=[LinearConstraint(b[None], 1, 1)],
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
     np.testing.assert_allclose(p, ref.x, atol=1e-6)
 
 
 def test_kliep_solves_the_papers_problem():
     Xs, Xt = _tiny()
     gamma = 0.5
-    w, info = kliep_weights(Xs, Xt, gamma=gamma, n_centers=8, tol=1e-10, max_iter=10**6, random_state=0,
-                            return_info=True)
+    w, info = kliep_weights(
+        Xs, Xt, gamma=gamma, n_centers=8, tol=1e-10, max_iter=10**6, random_state=0, return_info=True
+    )
     assert info["converged"] and info["gap"] <= 1e-10
     C = info["centers"]
     A, b = rbf_kernel(Xt, C, gamma), rbf_kernel(Xs, C, gamma).mean(0)
-    ref = minimize(lambda a: -np.sum(np.log(A @ a)), np.ones(len(C)) / b.sum(),
-                   jac=lambda a: -A.T @ (1 / (A @ a)), method="SLSQP", bounds=[(0, None)] * len(C),
-                   constraints=[LinearConstraint(b[None], 1, 1)], options={"ftol": 1e-14, "maxiter": 1000})
+    ref = minimize(
+        lambda a: -np.sum(np.log(A @ a)),
+        np.ones(len(C)) / b.sum(),
+        jac=lambda a: -A.T @ (1 / (A @ a)),
+        method="SLSQP",
+        bounds=[(0, None)] * len(C),
+        constraints=[LinearConstraint(b[None], 1, 1)],
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
     ours = np.sum(np.log(A @ info["alpha"]))
     assert abs(b @ info["alpha"] - 1) < 1e-10  # mean source weight is 1
     assert ours >= -ref.fun - 1e-6
@@ -115,9 +141,15 @@ def test_kliep_on_the_covariate_shift_reaches_the_slsqp_optimum():
         assert est.gap_ <= est.tol and 0 < est.n_iter_ < est.max_iter
         A = rbf_kernel(X[sd < 0], est.centers_, est.gamma_)
         b = rbf_kernel(X[sd > 0], est.centers_, est.gamma_).mean(0)
-        ref = minimize(lambda a, A=A: -np.mean(np.log(A @ a)), np.ones(len(b)) / b.sum(),
-                       jac=lambda a, A=A: -A.T @ (1 / (A @ a)) / len(A), method="SLSQP", bounds=[(0, None)] * len(b),
-                       constraints=[LinearConstraint(b[None], 1, 1)], options={"ftol": 1e-14, "maxiter": 2000})
+        ref = minimize(
+            lambda a, A=A: -np.mean(np.log(A @ a)),
+            np.ones(len(b)) / b.sum(),
+            jac=lambda a, A=A: -A.T @ (1 / (A @ a)) / len(A),
+            method="SLSQP",
+            bounds=[(0, None)] * len(b),
+            constraints=[LinearConstraint(b[None], 1, 1)],
+            options={"ftol": 1e-14, "maxiter": 2000},
+        )
         assert ref.success
         assert abs(np.mean(np.log(A @ est.alpha_)) - (-ref.fun)) < 1e-3
 

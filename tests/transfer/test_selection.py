@@ -1,4 +1,5 @@
 """Label-free model selection scorers."""
+
 import numpy as np
 import pytest
 import sklearn

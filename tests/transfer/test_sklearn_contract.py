@@ -10,6 +10,7 @@ see the same rows as source. Everything else (validation, errors, attributes) is
 The few checks that still fail are expected failures with their reason, listed in ``XFAIL`` and
 explained in docs/transfer.md ("scikit-learn contract").
 """
+
 import warnings
 
 import numpy as np
@@ -95,23 +96,30 @@ WRAPPED = {
 }
 
 _MINUS_ONE = "-1 is the masked label (an unlabelled target row), so a source row labelled -1 is refused"
-_BY_POSITION = ("the wrapper assigns domains by row position, so repeating, reordering or subsetting rows "
-                "moves rows between source and target")
-XFAIL = {name: {"check_classifiers_classes": _MINUS_ONE}
-         for name in ("source_only", "kmm", "kliep", "tradaboost", "transfer_logistic")}
+_BY_POSITION = (
+    "the wrapper assigns domains by row position, so repeating, reordering or subsetting rows "
+    "moves rows between source and target"
+)
+XFAIL = {
+    name: {"check_classifiers_classes": _MINUS_ONE}
+    for name in ("source_only", "kmm", "kliep", "tradaboost", "transfer_logistic")
+}
 for name in ("source_only", "kmm", "kliep"):
     XFAIL[name]["check_sample_weight_equivalence_on_dense_data"] = _BY_POSITION
-XFAIL["coral"] = {"check_methods_sample_order_invariance": _BY_POSITION,
-                  "check_methods_subset_invariance": _BY_POSITION}
+XFAIL["coral"] = {
+    "check_methods_sample_order_invariance": _BY_POSITION,
+    "check_methods_subset_invariance": _BY_POSITION,
+}
 
 
 def test_every_registered_estimator_is_checked():
     assert set(WRAPPED) == set(ESTIMATORS)
 
 
-@parametrize_with_checks([WRAPPED[name]() for name in WRAPPED],
-                         expected_failed_checks=lambda est: XFAIL.get(
-                             next(n for n, c in WRAPPED.items() if isinstance(est, c)), {}))
+@parametrize_with_checks(
+    [WRAPPED[name]() for name in WRAPPED],
+    expected_failed_checks=lambda est: XFAIL.get(next(n for n, c in WRAPPED.items() if isinstance(est, c)), {}),
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 

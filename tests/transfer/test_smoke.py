@@ -1,4 +1,5 @@
 """Short CPU runs: each method beats source-only on a problem with the shift it is built for."""
+
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LinearRegression, LogisticRegression
@@ -24,8 +25,11 @@ def test_reweighting_beats_source_only_on_covariate_shift_regression():
     errs = {"source": [], "kmm": [], "kliep": []}
     for seed in range(3):
         X, y, sd, yt = make_covariate_shift_regression(150, 150, random_state=seed, return_target_labels=True)
-        for name, est in [("source", SourceOnly(LinearRegression())), ("kmm", KMM(LinearRegression(), gamma=1.0)),
-                          ("kliep", KLIEP(LinearRegression(), random_state=0))]:
+        for name, est in [
+            ("source", SourceOnly(LinearRegression())),
+            ("kmm", KMM(LinearRegression(), gamma=1.0)),
+            ("kliep", KLIEP(LinearRegression(), random_state=0)),
+        ]:
             pred = est.fit(X, y, sample_domain=sd).predict(X[sd < 0])
             errs[name].append(np.mean((pred - yt) ** 2))
     src = np.mean(errs["source"])
@@ -43,8 +47,7 @@ def test_reweighting_beats_source_only_on_covariate_shift_blobs():
 def test_coral_beats_source_only_on_rotated_moons():
     gen = lambda **kw: make_shifted_moons(200, 200, angle=np.pi / 4, **kw)  # noqa: E731
     src = _mean_acc(lambda: SourceOnly(SVC()), gen)
-    coral = _mean_acc(lambda: make_pipeline(CORAL(reg=0.01, center=True), SourceOnly(SVC())), gen,
-                      pass_domain=False)
+    coral = _mean_acc(lambda: make_pipeline(CORAL(reg=0.01, center=True), SourceOnly(SVC())), gen, pass_domain=False)
     assert coral > src + 0.02
 
 

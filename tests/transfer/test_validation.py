@@ -1,4 +1,5 @@
 """Bad input fails loudly, and the message names the fix."""
+
 import numpy as np
 import pytest
 from sklearn.svm import SVC
@@ -155,4 +156,5 @@ def test_minus_one_is_an_ordinary_regression_target():
     assert np.isfinite(est.coef_).all()
     labelled = ~np.isnan(y)
     assert est.score(X, y, sample_domain=sd) == pytest.approx(
-        1 - np.sum((y[labelled] - est.predict(X[labelled])) ** 2) / np.sum((y[labelled] - y[labelled].mean()) ** 2))
+        1 - np.sum((y[labelled] - est.predict(X[labelled])) ** 2) / np.sum((y[labelled] - y[labelled].mean()) ** 2)
+    )

@@ -1,22 +1,39 @@
 """Task and episode sources. The data sets of configs (``data.name``) are registered dataclasses in
 :mod:`metatl.data.sources`; ``build_sampler(cfg.data, subset)`` gives a split's episode source."""
+
 from __future__ import annotations
 
 from .episode import ClassPool, Episode, EpisodeSampler, TensorClassPool, fixed_episodes, stack_episodes
 from .sinusoid import SinusoidTasks
 from .sources import (
-                      SUBSETS,
-                      TRAINING,
-                      ClassEpisodes,
-                      Episodes,
-                      ImageFolderData,
-                      MnistUsps,
-                      Omniglot,
-                      Sinusoid,
-                      build_sampler,
-                      dataset,
+    SUBSETS,
+    TRAINING,
+    ClassEpisodes,
+    Episodes,
+    ImageFolderData,
+    MnistUsps,
+    Omniglot,
+    Sinusoid,
+    build_sampler,
+    dataset,
 )
 
-__all__ = ["ClassEpisodes", "ClassPool", "Episode", "EpisodeSampler", "Episodes", "ImageFolderData", "MnistUsps",
-           "Omniglot", "Sinusoid", "SinusoidTasks", "SUBSETS", "TRAINING", "TensorClassPool", "build_sampler",
-           "dataset", "fixed_episodes", "stack_episodes"]
+__all__ = [
+    "ClassEpisodes",
+    "ClassPool",
+    "Episode",
+    "EpisodeSampler",
+    "Episodes",
+    "ImageFolderData",
+    "MnistUsps",
+    "Omniglot",
+    "Sinusoid",
+    "SinusoidTasks",
+    "SUBSETS",
+    "TRAINING",
+    "TensorClassPool",
+    "build_sampler",
+    "dataset",
+    "fixed_episodes",
+    "stack_episodes",
+]

@@ -15,6 +15,7 @@ Evaluation (:class:`LabelledSet`): ``evaluate(learner, ...)`` classifies every r
 ``std`` and ``ci95 = 1.96 std / sqrt(n)`` of the per-image 0/1 scores, ``episodes = n`` (images,
 each scored once), plus ``record``: extra ``results.json`` fields (the adaptation setting).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,12 +37,20 @@ class DomainPairSampler:
 
     task_type = "classification"
 
-    def __init__(self, source_x: Tensor, source_y: Tensor, target_x: Tensor,
-                 target_y: Tensor | None = None, target_labelled: Tensor | None = None,
-                 out_features: int | None = None):
+    def __init__(
+        self,
+        source_x: Tensor,
+        source_y: Tensor,
+        target_x: Tensor,
+        target_y: Tensor | None = None,
+        target_labelled: Tensor | None = None,
+        out_features: int | None = None,
+    ):
         if source_x.shape[1:] != target_x.shape[1:]:
-            raise ValueError(f"source images {tuple(source_x.shape[1:])} and target images "
-                             f"{tuple(target_x.shape[1:])} differ; resize both to one size first.")
+            raise ValueError(
+                f"source images {tuple(source_x.shape[1:])} and target images "
+                f"{tuple(target_x.shape[1:])} differ; resize both to one size first."
+            )
         self.source_x, self.source_y, self.target_x = source_x, source_y.long(), target_x
         self.labelled_x = self.labelled_y = None
         if target_labelled is not None and len(target_labelled):
@@ -75,8 +84,9 @@ class LabelledSet:
 
     task_type = "classification"
 
-    def __init__(self, x: Tensor, y: Tensor, record: dict | None = None, batch_size: int = 2048,
-                 out_features: int | None = None):
+    def __init__(
+        self, x: Tensor, y: Tensor, record: dict | None = None, batch_size: int = 2048, out_features: int | None = None
+    ):
         self.x, self.y, self.record, self.batch_size = x, y.long(), dict(record or {}), batch_size
         self.out_features = out_features or int(y.max()) + 1
         self.input_spec = _input_spec(x)
@@ -92,10 +102,23 @@ class LabelledSet:
         was_training = learner.training
         learner.eval()
         try:
-            correct = torch.cat([
-                (learner(self.x[i:i + self.batch_size].to(device)).argmax(-1) == self.y[i:i + self.batch_size]
-                 .to(device)).float().cpu() for i in range(0, len(self.x), self.batch_size)])
+            correct = torch.cat(
+                [
+                    (
+                        learner(self.x[i : i + self.batch_size].to(device)).argmax(-1)
+                        == self.y[i : i + self.batch_size].to(device)
+                    )
+                    .float()
+                    .cpu()
+                    for i in range(0, len(self.x), self.batch_size)
+                ]
+            )
         finally:
             learner.train(was_training)
-        return {"metric": "accuracy", **mean_ci95(correct.numpy()), "episodes": len(correct),
-                "n": len(correct), "record": self.record}
+        return {
+            "metric": "accuracy",
+            **mean_ci95(correct.numpy()),
+            "episodes": len(correct),
+            "n": len(correct),
+            "record": self.record,
+        }

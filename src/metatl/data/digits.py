@@ -31,6 +31,7 @@ A frame other than 28x28 (``size``) resizes the 28x28 framed image.
 and the PyTorch mirror; USPS LIBSVM files: the LIBSVM data page) and verified by sha256.
 ``usps.h5`` has no official download location: copy it by hand.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -79,11 +80,12 @@ def _file(rel: str, data_dir, download_missing: bool, urls=()) -> Path:
         return path
     if download_missing and urls:
         return download(urls, path, CHECKSUMS[rel])
-    hint = (" or pass download=True (`--download` / data.download: true on the command line)" if urls
-            else " (it has no official download location: copy it there by hand)")
-    raise FileNotFoundError(
-        f"{path} not found. Set METATL_DATA_DIR (or data_dir=) to the folder holding {rel}{hint}."
+    hint = (
+        " or pass download=True (`--download` / data.download: true on the command line)"
+        if urls
+        else " (it has no official download location: copy it there by hand)"
     )
+    raise FileNotFoundError(f"{path} not found. Set METATL_DATA_DIR (or data_dir=) to the folder holding {rel}{hint}.")
 
 
 # --------------------------------------------------------------------------- image helpers
@@ -136,8 +138,10 @@ def frame_usps(images: np.ndarray, size: int = 28, frame: str = "pad") -> np.nda
         return resize_images(pad_images(images, 6), size)
     if frame == "stretch":
         return resize_images(images, size)
-    raise ValueError(f"usps frame must be one of {', '.join(USPS_FRAMES)}; got {frame!r} "
-                     f"(data.usps_frame: pad follows skada-bench, stretch fills the frame).")
+    raise ValueError(
+        f"usps frame must be one of {', '.join(USPS_FRAMES)}; got {frame!r} "
+        f"(data.usps_frame: pad follows skada-bench, stretch fills the frame)."
+    )
 
 
 def frame_sklearn_digits(images: np.ndarray, size: int = 28) -> np.ndarray:
@@ -236,14 +240,25 @@ def load_sklearn_digits(split="train", *, size=28, data_dir=None, download=False
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
     bunch = load_digits()
     images, labels = bunch.images / 16.0, bunch.target
-    train, test = train_test_split(np.arange(len(labels)), test_size=SKLEARN_TEST_FRACTION, random_state=0,
-                                   stratify=labels)
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=SKLEARN_TEST_FRACTION, random_state=0, stratify=labels
+    )
     rows = train if split == "train" else test
     return _finish(images[rows], labels[rows], size, lambda im: frame_sklearn_digits(im, size))
 
 
-def load_digits_domains(source="mnist", target="usps", *, size=16, n_source=2000, n_target=1800,
-                        split="train", data_dir=None, random_state=0, return_target_labels=True):
+def load_digits_domains(
+    source="mnist",
+    target="usps",
+    *,
+    size=16,
+    n_source=2000,
+    n_target=1800,
+    split="train",
+    data_dir=None,
+    random_state=0,
+    return_target_labels=True,
+):
     """``X, y, sample_domain`` (+ ``y_target_true``) for a digits adaptation task, e.g. MNIST -> USPS.
 
     ``n_source`` / ``n_target`` rows are drawn at random (None: all rows). Target labels are masked.
@@ -272,8 +287,10 @@ TEST_PROTOCOLS = ("official", "holdout")
 
 def _parse_direction(direction: str):
     if direction not in DIRECTIONS:
-        raise ValueError(f"unknown data.direction {direction!r}; use one of {', '.join(DIRECTIONS)} "
-                         f"(quote it on the command line: --set \"data.direction=usps->mnist\").")
+        raise ValueError(
+            f"unknown data.direction {direction!r}; use one of {', '.join(DIRECTIONS)} "
+            f'(quote it on the command line: --set "data.direction=usps->mnist").'
+        )
     return direction.split("->")
 
 
@@ -343,9 +360,11 @@ def labelled_subset(y, fraction: float, seed: int):
 
 
 def _check_options(cfg) -> None:
-    for key, value, valid in (("usps_frame", cfg.usps_frame, USPS_FRAMES),
-                              ("standardize", cfg.standardize, STANDARDIZE),
-                              ("test_protocol", cfg.test_protocol, TEST_PROTOCOLS)):
+    for key, value, valid in (
+        ("usps_frame", cfg.usps_frame, USPS_FRAMES),
+        ("standardize", cfg.standardize, STANDARDIZE),
+        ("test_protocol", cfg.test_protocol, TEST_PROTOCOLS),
+    ):
         if value not in valid:
             raise ValueError(f"data.{key} must be one of {', '.join(valid)}; got {value!r}.")
 
@@ -374,10 +393,12 @@ def digits_splits(cfg) -> dict:
         s_stats, t_stats = domain_statistics(get(source, "train")[0]), domain_statistics(get(target, "train")[0])
         xs, xs_test = standardize(xs, s_stats), standardize(xs_test, s_stats)
         xt, xt_test = standardize(xt, t_stats), standardize(xt_test, t_stats)
-    return {"source_train": _subsample(xs, ys, cfg.max_source, seed),
-            "target_train": _subsample(xt, yt, cfg.max_target, seed + 1),
-            "source_test": _subsample(xs_test, ys_test, cfg.max_source, seed + 2),
-            "target_test": _subsample(xt_test, yt_test, cfg.max_target, seed + 3)}
+    return {
+        "source_train": _subsample(xs, ys, cfg.max_source, seed),
+        "target_train": _subsample(xt, yt, cfg.max_target, seed + 1),
+        "source_test": _subsample(xs_test, ys_test, cfg.max_source, seed + 2),
+        "target_test": _subsample(xt_test, yt_test, cfg.max_target, seed + 3),
+    }
 
 
 def digits_adaptation(cfg, subset: str):
@@ -408,13 +429,23 @@ def digits_adaptation(cfg, subset: str):
 
     source, target = _parse_direction(cfg.direction)
     parts = digits_splits(cfg)
-    record = {"setting": cfg.direction, "direction": cfg.direction, "ways": None, "shots": None,
-              "queries": None, "target_labels_fraction": cfg.target_labels_fraction, "image_size": cfg.image_size,
-              "usps_frame": cfg.usps_frame, "standardize": cfg.standardize, "test_protocol": cfg.test_protocol}
+    record = {
+        "setting": cfg.direction,
+        "direction": cfg.direction,
+        "ways": None,
+        "shots": None,
+        "queries": None,
+        "target_labels_fraction": cfg.target_labels_fraction,
+        "image_size": cfg.image_size,
+        "usps_frame": cfg.usps_frame,
+        "standardize": cfg.standardize,
+        "test_protocol": cfg.test_protocol,
+    }
     if subset == "train":
         (xs, ys), (xt, yt) = parts["source_train"], parts["target_train"]
-        return DomainPairSampler(xs, ys, xt, yt, labelled_subset(yt, cfg.target_labels_fraction, cfg.split_seed),
-                                 out_features=10)
+        return DomainPairSampler(
+            xs, ys, xt, yt, labelled_subset(yt, cfg.target_labels_fraction, cfg.split_seed), out_features=10
+        )
     if subset == "val":
         x, y = parts["source_test"]
         return LabelledSet(x, y, {**record, "eval_set": f"{source} test (source, held out)"}, out_features=10)

@@ -13,6 +13,7 @@ Generators (all return ``X, y, sample_domain`` and, optionally, ``y_target_true`
 * :func:`make_covariate_shift_regression` -- the classic sinc-like regression where the source
   and target inputs come from different Gaussians (Shimodaira 2000; Sugiyama et al. 2007).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,8 +70,9 @@ def _finish(Xs, ys, Xt, yt, return_target_labels):
     return (X, y, sd, yt) if return_target_labels else (X, y, sd)
 
 
-def make_shifted_moons(n_source=100, n_target=100, *, angle=np.pi / 6, noise=0.1, random_state=None,
-                       return_target_labels=False):
+def make_shifted_moons(
+    n_source=100, n_target=100, *, angle=np.pi / 6, noise=0.1, random_state=None, return_target_labels=False
+):
     """Two moons; the target is the source distribution rotated by ``angle`` radians about the centre."""
     rng = check_random_state(random_state)
     Xs, ys = make_moons(n_source, noise=noise, random_state=rng)
@@ -81,8 +83,16 @@ def make_shifted_moons(n_source=100, n_target=100, *, angle=np.pi / 6, noise=0.1
     return _finish(Xs, ys, Xt, yt, return_target_labels)
 
 
-def make_shifted_blobs(n_source=100, n_target=100, *, shift="covariate", n_features=2, noise=1.0,
-                       random_state=None, return_target_labels=False):
+def make_shifted_blobs(
+    n_source=100,
+    n_target=100,
+    *,
+    shift="covariate",
+    n_features=2,
+    noise=1.0,
+    random_state=None,
+    return_target_labels=False,
+):
     """Binary Gaussian-mixture data with a covariate shift or a target shift.
 
     Each class is a mixture of two Gaussian blobs (4 blobs in all, with fixed centres). The labelling
@@ -113,8 +123,9 @@ def make_shifted_blobs(n_source=100, n_target=100, *, shift="covariate", n_featu
     return _finish(Xs, ys, Xt, yt, return_target_labels)
 
 
-def make_covariate_shift_regression(n_source=100, n_target=100, *, noise=0.1, random_state=None,
-                                    return_target_labels=False):
+def make_covariate_shift_regression(
+    n_source=100, n_target=100, *, noise=0.1, random_state=None, return_target_labels=False
+):
     """1-D regression ``y = sinc(x) + noise`` with ``x_s ~ N(1, 0.5^2)``, ``x_t ~ N(2, 0.3^2)``.
 
     The setting of Sugiyama, Krauledat and Mueller (2007), section 5: a linear model fitted on the

@@ -4,6 +4,7 @@ An episode is one task: a small labelled *support* set to adapt on and a *query*
 evaluate the adapted learner on. A meta-batch is a ``list[Episode]``; :func:`stack_episodes`
 turns one into a single :class:`Episode` with a leading task dimension (for ``torch.func.vmap``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -105,18 +106,24 @@ class EpisodeSampler:
 
     task_type = "classification"
 
-    def __init__(self, pool: ClassPool, ways: int, shots: int, queries: int,
-                 transform: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self, pool: ClassPool, ways: int, shots: int, queries: int, transform: Callable[[Tensor], Tensor] | None = None
+    ):
         if ways < 1 or shots < 1 or queries < 0:
-            raise ValueError(f"ways and shots must be >= 1 and queries >= 0 (got ways={ways}, "
-                             f"shots={shots}, queries={queries}).")
+            raise ValueError(
+                f"ways and shots must be >= 1 and queries >= 0 (got ways={ways}, shots={shots}, queries={queries})."
+            )
         if ways > len(pool):
-            raise ValueError(f"{ways}-way episodes need {ways} classes but the data has only "
-                             f"{len(pool)}; lower `ways` or use a split with more classes.")
+            raise ValueError(
+                f"{ways}-way episodes need {ways} classes but the data has only "
+                f"{len(pool)}; lower `ways` or use a split with more classes."
+            )
         smallest = min(pool.counts)
         if shots + queries > smallest:
-            raise ValueError(f"shots + queries = {shots}+{queries} = {shots + queries} exceeds the "
-                             f"smallest class ({smallest} examples); lower `shots` or `queries`.")
+            raise ValueError(
+                f"shots + queries = {shots}+{queries} = {shots + queries} exceeds the "
+                f"smallest class ({smallest} examples); lower `shots` or `queries`."
+            )
         self.pool, self.ways, self.shots, self.queries = pool, ways, shots, queries
         self.transform = transform
         self.out_features = ways
@@ -140,7 +147,7 @@ class EpisodeSampler:
         episodes, labels = [], torch.arange(n)
         for e in range(size):
             start = e * n * (k + q)
-            support_x, query_x = x[start:start + n * k], x[start + n * k:start + n * (k + q)]
+            support_x, query_x = x[start : start + n * k], x[start + n * k : start + n * (k + q)]
             if self.transform is not None:
                 support_x, query_x = self.transform(support_x), self.transform(query_x)
             episodes.append(Episode(support_x, labels.repeat_interleave(k), query_x, labels.repeat_interleave(q)))

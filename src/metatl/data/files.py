@@ -6,6 +6,7 @@ development machines), then the user cache folder ``~/.cache/metatl`` (``$XDG_CA
 Downloads show a progress bar, resume a partial file, check the sha256 against a list of accepted
 checksums, and appear under their final name only once verified.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +19,7 @@ from pathlib import Path
 
 class DownloadError(RuntimeError):
     """A file could not be downloaded; the message says how to get it by hand."""
+
 
 ENV_VAR = "METATL_DATA_DIR"
 
@@ -85,7 +87,8 @@ def verify(path: os.PathLike, accepted: Iterable[str]) -> None:
         raise ValueError(
             f"{path} has sha256 {digests['sha256']}, which is not an accepted checksum for this file "
             f"(accepted: {', '.join(sorted(accepted))}). The file is corrupt or a different "
-            f"version: delete it and download it again (pass download=True / --download).")
+            f"version: delete it and download it again (pass download=True / --download)."
+        )
 
 
 def download(urls, dest: os.PathLike, accepted: Iterable[str], *, progress: bool = True) -> Path:
@@ -118,21 +121,25 @@ def _download_one(url: str, dest: os.PathLike, accepted: Iterable[str], *, progr
         if err.code == 416:  # the partial file is already complete
             response = None
         else:
-            raise DownloadError(f"downloading {url} failed: HTTP {err.code}. Download it by hand "
-                               f"and put it at {dest}, or set {ENV_VAR} to a folder that has it.") from err
+            raise DownloadError(
+                f"downloading {url} failed: HTTP {err.code}. Download it by hand "
+                f"and put it at {dest}, or set {ENV_VAR} to a folder that has it."
+            ) from err
     except (urllib.error.URLError, OSError) as err:
         raise DownloadError(
             f"cannot download {url} ({err}). Without network: copy the file to {dest} by hand, "
-            f"or point --data-dir / {ENV_VAR} at a folder that already has it.") from err
+            f"or point --data-dir / {ENV_VAR} at a folder that already has it."
+        ) from err
     if response is not None:
         with response:
             if done and getattr(response, "status", None) != 206:  # server ignored the Range header: start over
                 done = 0
             length = response.headers.get("Content-Length")
             total = int(length) + done if length else None
-            with open(part, "ab" if done else "wb") as f, tqdm(
-                    total=total, initial=done, unit="B", unit_scale=True, desc=dest.name,
-                    disable=not progress) as bar:
+            with (
+                open(part, "ab" if done else "wb") as f,
+                tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+            ):
                 for block in iter(lambda: response.read(1 << 16), b""):
                     f.write(block)
                     bar.update(len(block))

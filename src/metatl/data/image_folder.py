@@ -17,6 +17,7 @@ is an error that says what to fix.
 Meta-training splits the *classes* into train / val / test: ``data.classes`` lists them per subset,
 else a seeded shuffle (``data.split_seed``) is cut by ``data.split_fractions`` (default 0.6/0.2/0.2).
 """
+
 from __future__ import annotations
 
 import os
@@ -71,9 +72,14 @@ def _read(path: Path, mode: str, image_size: int) -> np.ndarray | None:
 
 def _warn_skipped(skipped: Sequence[Path]) -> None:
     if skipped:
-        shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        warnings.warn(f"skipped {len(skipped)} file(s) that are not readable images: {shown}. Remove them or "
-                      f"convert them to PNG/JPEG.", stacklevel=3)
+        shown = ", ".join(str(p) for p in skipped[:10]) + (
+            f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        )
+        warnings.warn(
+            f"skipped {len(skipped)} file(s) that are not readable images: {shown}. Remove them or "
+            f"convert them to PNG/JPEG.",
+            stacklevel=3,
+        )
 
 
 def _check_channels(in_channels: int) -> str:
@@ -82,8 +88,9 @@ def _check_channels(in_channels: int) -> str:
     return "L" if in_channels == 1 else "RGB"
 
 
-def read_images(paths: Sequence, in_channels: int = 1, image_size: int = 28,
-                warn: bool = True) -> tuple[Tensor, list[Path], list[Path]]:
+def read_images(
+    paths: Sequence, in_channels: int = 1, image_size: int = 28, warn: bool = True
+) -> tuple[Tensor, list[Path], list[Path]]:
     """Decode ``paths`` into a uint8 tensor ``(n, in_channels, image_size, image_size)``.
 
     Returns ``(images, kept, skipped)``: unreadable files are left out (and named in a warning).
@@ -97,8 +104,11 @@ def read_images(paths: Sequence, in_channels: int = 1, image_size: int = 28,
             arrays.append(a)
     if warn:
         _warn_skipped(skipped)
-    x = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, in_channels, image_size, image_size,
-                                                                     dtype=torch.uint8)
+    x = (
+        torch.from_numpy(np.stack(arrays))
+        if arrays
+        else torch.empty(0, in_channels, image_size, image_size, dtype=torch.uint8)
+    )
     return x, kept, skipped
 
 
@@ -108,8 +118,7 @@ def to_float(images: Tensor, invert: bool = False) -> Tensor:
     return 1.0 - x if invert else x
 
 
-def load_images(paths: Sequence, in_channels: int = 1, image_size: int = 28,
-                invert: bool = False) -> Tensor:
+def load_images(paths: Sequence, in_channels: int = 1, image_size: int = 28, invert: bool = False) -> Tensor:
     """Float images ``(n, in_channels, image_size, image_size)`` in [0, 1] from image files
     (unreadable ones skipped with a warning; none readable is an error)."""
     x, kept, skipped = read_images(paths, in_channels, image_size)
@@ -141,13 +150,19 @@ def read_image_folder(root, in_channels: int = 1, image_size: int = 28) -> Image
     """Decode every class sub-folder of ``root`` (see the module docstring for the checks)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist; pass a folder with one sub-folder "
-                                f"of images per class (root/<class>/<image>).")
+        raise FileNotFoundError(
+            f"image folder {root} does not exist; pass a folder with one sub-folder "
+            f"of images per class (root/<class>/<image>)."
+        )
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if p.is_file() and _visible(p)]
-        hint = (f" It holds {len(loose)} loose file(s) (e.g. {loose[0]}): move each image into a sub-folder "
-                f"named after its class." if loose else "")
+        hint = (
+            f" It holds {len(loose)} loose file(s) (e.g. {loose[0]}): move each image into a sub-folder "
+            f"named after its class."
+            if loose
+            else ""
+        )
         raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image>.{hint}")
     images, labels, files, skipped = [], [], [], []
     for label, d in enumerate(class_dirs):
@@ -158,8 +173,10 @@ def read_image_folder(root, in_channels: int = 1, image_size: int = 28) -> Image
         skipped += bad
         if not kept:
             _warn_skipped(skipped)
-            raise ValueError(f"class folder {d} has no readable image ({len(bad)} file(s) skipped, e.g. "
-                             f"{bad[0].name}); add PNG/JPEG images of class {d.name!r} or delete the folder.")
+            raise ValueError(
+                f"class folder {d} has no readable image ({len(bad)} file(s) skipped, e.g. "
+                f"{bad[0].name}); add PNG/JPEG images of class {d.name!r} or delete the folder."
+            )
         images.append(x)
         labels.append(torch.full((len(kept),), label, dtype=torch.long))
         files += kept
@@ -167,8 +184,9 @@ def read_image_folder(root, in_channels: int = 1, image_size: int = 28) -> Image
     return ImageFolder(torch.cat(images), torch.cat(labels), [d.name for d in class_dirs], files)
 
 
-def load_support_folder(folder, learner=None, in_channels: int | None = None,
-                        image_size: int | None = None, invert: bool | None = None):
+def load_support_folder(
+    folder, learner=None, in_channels: int | None = None, image_size: int | None = None, invert: bool | None = None
+):
     """A support set from a folder of class sub-folders: ``(support_x, support_y, class_names)``.
 
     With ``learner`` (from :func:`metatl.load`) the images are converted to the input it was
@@ -211,8 +229,12 @@ class ImageFolderClasses(ClassPool):
         return to_float(self.images[torch.cat([self._members[c][idx] for c, idx in requests])])
 
 
-def split_classes(names: Sequence[str], classes: dict[str, list[str]] | None = None,
-                  fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[str]]:
+def split_classes(
+    names: Sequence[str],
+    classes: dict[str, list[str]] | None = None,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+) -> dict[str, list[str]]:
     """Class names per subset: the given lists (checked against ``names``), else a seeded shuffle
     cut by ``fractions`` (train, val, test)."""
     names = sorted(names)
@@ -223,17 +245,24 @@ def split_classes(names: Sequence[str], classes: dict[str, list[str]] | None = N
         out = {s: list(classes.get(s) or []) for s in SUBSETS}
         missing = sorted({c for cs in out.values() for c in cs} - set(names))
         if missing:
-            raise ValueError(f"data.classes names {len(missing)} class(es) that are not sub-folders of the root "
-                             f"(e.g. {missing[0]!r}); fix the names or add the folders.")
+            raise ValueError(
+                f"data.classes names {len(missing)} class(es) that are not sub-folders of the root "
+                f"(e.g. {missing[0]!r}); fix the names or add the folders."
+            )
         return out
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"data.split_fractions must be three non-negative numbers (train, val, test) "
-                         f"summing to 1, got {list(fractions)}.")
+        raise ValueError(
+            f"data.split_fractions must be three non-negative numbers (train, val, test) "
+            f"summing to 1, got {list(fractions)}."
+        )
     order = [names[i] for i in np.random.RandomState(seed).permutation(len(names))]
     n_train = int(round(fractions[0] * len(names)))
     n_val = int(round(fractions[1] * len(names)))
-    return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
-            "test": sorted(order[n_train + n_val:])}
+    return {
+        "train": sorted(order[:n_train]),
+        "val": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
 
 
 _CACHE: dict[tuple, ImageFolder] = {}
@@ -260,21 +289,27 @@ def image_folder_classes(cfg, subset: str, shots: int, queries: int, ways: int) 
     """The class pool of ``subset`` for a data set (:class:`~metatl.data.ImageFolderData`) (``data.root`` etc.),
     checked against the episode shape."""
     if not cfg.root:
-        raise ValueError("dataset image_folder needs data.root, the folder of class sub-folders "
-                         "(e.g. --set data.root=path/to/images).")
+        raise ValueError(
+            "dataset image_folder needs data.root, the folder of class sub-folders "
+            "(e.g. --set data.root=path/to/images)."
+        )
     folder = cached_image_folder(cfg.root, cfg.in_channels, cfg.image_size)
     subsets = split_classes(folder.classes, cfg.classes, cfg.split_fractions, cfg.split_seed)
     names = subsets["train"] + subsets["val"] if subset == "trainval" else subsets[subset]
     if len(names) < ways:
-        raise ValueError(f"{ways}-way {subset} episodes need {ways} classes but the {subset} split of "
-                         f"{cfg.root} has {len(names)} (of {len(folder.classes)} classes); lower data.ways / "
-                         f"data.train_ways, add classes, or change data.split_fractions / data.classes.")
+        raise ValueError(
+            f"{ways}-way {subset} episodes need {ways} classes but the {subset} split of "
+            f"{cfg.root} has {len(names)} (of {len(folder.classes)} classes); lower data.ways / "
+            f"data.train_ways, add classes, or change data.split_fractions / data.classes."
+        )
     counts = folder.counts()
     need = shots + queries
     small = [f"{n} ({counts[n]})" for n in names if counts[n] < need]
     if small:
-        raise ValueError(f"{subset} episodes take {shots} shot(s) + {queries} queries = {need} images per class, "
-                         f"but class(es) {', '.join(small[:10])} have fewer (images in brackets); add images, "
-                         f"lower data.shots / data.queries (or their train_ variants), or move those classes out.")
+        raise ValueError(
+            f"{subset} episodes take {shots} shot(s) + {queries} queries = {need} images per class, "
+            f"but class(es) {', '.join(small[:10])} have fewer (images in brackets); add images, "
+            f"lower data.shots / data.queries (or their train_ variants), or move those classes out."
+        )
     index = {n: i for i, n in enumerate(folder.classes)}
     return ImageFolderClasses(folder, [index[n] for n in names])

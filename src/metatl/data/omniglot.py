@@ -14,6 +14,7 @@ Splits (character lists shipped in ``metatl/data/splits``):
   seed 1; the first 1200 are for meta-training (of which the last 100 serve as validation, as in
   the MAML code) and the remaining 423 for testing.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,10 +33,14 @@ PARTS = ("images_background", "images_evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{part}.zip"
 # md5 of the official zips (as published) and sha256 of the pixel-exact rebuilds in our shared data.
 ACCEPTED = {
-    "images_background": ("68d2efa1b9178cc56df9314c21c6e718",
-                          "37aafe0dae96bcd7226e14b3656693eaeb70be97364d677dc23a8192460cad13"),
-    "images_evaluation": ("6b91aef0f799c5bb55b94e3f2daec811",
-                          "5590a0638eb1b1f75d263d88b6f4a5b098f6d70ef66918b1438d501cbbcbb05b"),
+    "images_background": (
+        "68d2efa1b9178cc56df9314c21c6e718",
+        "37aafe0dae96bcd7226e14b3656693eaeb70be97364d677dc23a8192460cad13",
+    ),
+    "images_evaluation": (
+        "6b91aef0f799c5bb55b94e3f2daec811",
+        "5590a0638eb1b1f75d263d88b6f4a5b098f6d70ef66918b1438d501cbbcbb05b",
+    ),
 }
 N_CHARACTERS, N_DRAWERS = 1623, 20
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -62,8 +67,10 @@ def _read_zip(path: Path, image_size: int):
                     ink = 255 - np.asarray(im, dtype=np.uint8)
                 names.setdefault(f"{parts[1]}/{parts[2]}", []).append(ink)
     except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"{path} is not a readable zip ({err}); delete it and download it again "
-                         f"(--download), or copy an intact official file there.") from err
+        raise ValueError(
+            f"{path} is not a readable zip ({err}); delete it and download it again "
+            f"(--download), or copy an intact official file there."
+        ) from err
     return names
 
 
@@ -79,13 +86,16 @@ def load_images(data_dir: os.PathLike | None = None, image_size: int = 28, downl
                 raise FileNotFoundError(
                     f"Omniglot file {path} is missing. Pass --download (download=True) to fetch it "
                     f"from {URL.format(part=part)}, or point --data-dir / METATL_DATA_DIR at a folder "
-                    f"that holds omniglot/{part}.zip.")
+                    f"that holds omniglot/{part}.zip."
+                )
             download(URL.format(part=part), path, ACCEPTED[part])
         digests = file_digests(path)
         if not set(ACCEPTED[part]) & set(digests.values()):
-            raise ValueError(f"{path} has sha256 {digests['sha256']}, not an accepted checksum for "
-                             f"{part}.zip: the file is corrupt or a different version. Delete it and "
-                             f"download it again (--download).")
+            raise ValueError(
+                f"{path} has sha256 {digests['sha256']}, not an accepted checksum for "
+                f"{part}.zip: the file is corrupt or a different version. Delete it and "
+                f"download it again (--download)."
+            )
         keys.append(digests["sha256"][:8])
     cache = user_cache_dir() / f"omniglot_{image_size}px_{'_'.join(keys)}.pt"
     if cache.exists():
@@ -93,15 +103,20 @@ def load_images(data_dir: os.PathLike | None = None, image_size: int = 28, downl
             blob = torch.load(cache, weights_only=True)
             return blob["images"], blob["names"]
         except Exception as err:  # a damaged cache (e.g. a full disk) is rebuilt from the zips
-            warnings.warn(f"the Omniglot cache {cache} is unreadable ({type(err).__name__}); "
-                          f"decoding the zips again and replacing it.", stacklevel=2)
+            warnings.warn(
+                f"the Omniglot cache {cache} is unreadable ({type(err).__name__}); "
+                f"decoding the zips again and replacing it.",
+                stacklevel=2,
+            )
     names: dict[str, list[np.ndarray]] = {}
     for path in zips.values():
         names.update(_read_zip(path, image_size))
     order = sorted(names)
     if len(order) != N_CHARACTERS or any(len(names[n]) != N_DRAWERS for n in order):
-        raise ValueError(f"expected {N_CHARACTERS} characters with {N_DRAWERS} images each in "
-                         f"{root}, found {len(order)}; the zips are incomplete: download them again.")
+        raise ValueError(
+            f"expected {N_CHARACTERS} characters with {N_DRAWERS} images each in "
+            f"{root}, found {len(order)}; the zips are incomplete: download them again."
+        )
     images = torch.from_numpy(np.stack([np.stack(names[n]) for n in order]))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
@@ -131,13 +146,14 @@ class OmniglotClasses(ClassPool):
     ``get`` returns float32 images ``(n, 1, H, W)`` in [0, 1], ink = 1.
     """
 
-    def __init__(self, images: torch.Tensor, names: list[str], characters: list[str],
-                 rotations=(0, 1, 2, 3)):
+    def __init__(self, images: torch.Tensor, names: list[str], characters: list[str], rotations=(0, 1, 2, 3)):
         index = {n: i for i, n in enumerate(names)}
         missing = [c for c in characters if c not in index]
         if missing:
-            raise ValueError(f"{len(missing)} split characters are not in the data (e.g. {missing[0]}); "
-                             f"the Omniglot files are incomplete.")
+            raise ValueError(
+                f"{len(missing)} split characters are not in the data (e.g. {missing[0]}); "
+                f"the Omniglot files are incomplete."
+            )
         self.images = images
         self.rotations = tuple(rotations)
         self.chars = [index[c] for c in characters]
@@ -162,7 +178,13 @@ class OmniglotClasses(ClassPool):
         return x.float().div_(255.0).unsqueeze(1)
 
 
-def omniglot_classes(subset: str, split: str = "vinyals", data_dir=None, image_size: int = 28,
-                     rotations=(0, 1, 2, 3), download_missing: bool = False) -> OmniglotClasses:
+def omniglot_classes(
+    subset: str,
+    split: str = "vinyals",
+    data_dir=None,
+    image_size: int = 28,
+    rotations=(0, 1, 2, 3),
+    download_missing: bool = False,
+) -> OmniglotClasses:
     images, names = load_images(data_dir, image_size, download_missing)
     return OmniglotClasses(images, names, split_characters(names, split, subset), rotations)

@@ -3,6 +3,7 @@
 A task is ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5]``, phase ``phi ~ U[0, pi]`` and
 inputs ``x ~ U[-5, 5]``; the learner sees ``K`` support points and is scored by MSE on the query.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,14 @@ class SinusoidTasks:
     task_type = "regression"
     out_features = 1
 
-    def __init__(self, shots: int = 10, queries: int = 10,
-                 amplitude: tuple[float, float] = (0.1, 5.0),
-                 phase: tuple[float, float] = (0.0, math.pi),
-                 x_range: tuple[float, float] = (-5.0, 5.0)):
+    def __init__(
+        self,
+        shots: int = 10,
+        queries: int = 10,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+    ):
         if shots < 1 or queries < 1:
             raise ValueError(f"sinusoid tasks need shots >= 1 and queries >= 1 (got {shots}, {queries}).")
         self.shots, self.queries = shots, queries

@@ -13,6 +13,7 @@ To add one::
 
         def sampler(self, subset: str): ...
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,6 +32,7 @@ WHY_WAYS = "a 1-way task is always answered right"
 
 def dataset(name: str) -> Callable[[T], T]:
     """Register a data set class under ``name`` (``data.name``); ``cls.name`` is set to it."""
+
     def decorator(cls: T) -> T:
         cls.name = name
         return DATASETS.register(name)(cls)
@@ -58,14 +60,20 @@ class Episodes:
 
     name: ClassVar[str] = ""
     config_ranges: ClassVar[dict[str, Range]] = {
-        "ways": at_least(2, WHY_WAYS), "shots": at_least(1), "queries": at_least(1), "train_ways": at_least(2, WHY_WAYS),
-        "train_shots": at_least(1), "train_queries": at_least(0), "image_size": at_least(1),
-        "split_seed": SEED}
+        "ways": at_least(2, WHY_WAYS),
+        "shots": at_least(1),
+        "queries": at_least(1),
+        "train_ways": at_least(2, WHY_WAYS),
+        "train_shots": at_least(1),
+        "train_queries": at_least(0),
+        "image_size": at_least(1),
+        "split_seed": SEED,
+    }
 
     def episode_shape(self, subset: str) -> tuple[int | None, int, int]:
         """``(ways, shots, queries)`` of ``subset``'s episodes (``ways`` None for regression)."""
         train = subset in TRAINING
-        pick = lambda key: (getattr(self, "train_" + key, None) if train else None)  # noqa: E731
+        pick = lambda key: getattr(self, "train_" + key, None) if train else None  # noqa: E731
         values = [getattr(self, key, None) if pick(key) is None else pick(key) for key in ("ways", "shots", "queries")]
         return values[0], values[1], values[2]
 
@@ -90,11 +98,15 @@ class ClassEpisodes(Episodes):
 
     def check_config(self, cfg) -> None:
         if self.train_subset not in TRAINING:
-            raise ConfigError(f"data.train_subset must be 'train' or 'trainval' (the training and validation "
-                              f"classes together), got {self.train_subset!r}.")
+            raise ConfigError(
+                f"data.train_subset must be 'train' or 'trainval' (the training and validation "
+                f"classes together), got {self.train_subset!r}."
+            )
         if self.train_subset == "trainval" and cfg.train.val_every:
-            raise ConfigError("data.train_subset=trainval meta-trains on the validation classes, so validation "
-                              "would score trained classes; set train.val_every=0.")
+            raise ConfigError(
+                "data.train_subset=trainval meta-trains on the validation classes, so validation "
+                "would score trained classes; set train.val_every=0."
+            )
 
     def _episodes(self, pool, subset: str) -> EpisodeSampler:
         """An :class:`EpisodeSampler` whose errors name the config keys that set the episode shape."""
@@ -117,8 +129,10 @@ class Sinusoid(Episodes):
 
     def check_config(self, cfg) -> None:
         if self.train_queries == 0:
-            raise ConfigError("data.train_queries must be at least 1 for sinusoid tasks (the query points "
-                              "are the meta-training loss).")
+            raise ConfigError(
+                "data.train_queries must be at least 1 for sinusoid tasks (the query points "
+                "are the meta-training loss)."
+            )
 
     def sampler(self, subset: str):
         from .sinusoid import SinusoidTasks
@@ -203,9 +217,13 @@ class MnistUsps:
 
     name: ClassVar[str] = ""
     config_ranges: ClassVar[dict[str, Range]] = {
-        "image_size": at_least(1), "target_labels_fraction": Range(0, 1), "max_source": at_least(1),
-        "max_target": at_least(1), "split_seed": SEED,
-        "holdout_fraction": Range(0, 1, open_low=True, open_high=True)}
+        "image_size": at_least(1),
+        "target_labels_fraction": Range(0, 1),
+        "max_source": at_least(1),
+        "max_target": at_least(1),
+        "split_seed": SEED,
+        "holdout_fraction": Range(0, 1, open_low=True, open_high=True),
+    }
 
     def check_config(self, cfg) -> None:
         from .digits import _check_options, _parse_direction
@@ -225,11 +243,31 @@ class MnistUsps:
 # Every data set's field, with the default it had when one DataConfig held them all: configs
 # stored by those versions (checkpoints, run folders) list each one; they are dropped when unchanged.
 LEGACY_DEFAULTS = {
-    "ways": 5, "shots": 1, "queries": 15, "train_ways": None, "train_shots": None, "train_queries": None,
-    "split": "vinyals", "train_subset": "train", "image_size": 28, "root": None, "in_channels": 1,
-    "classes": None, "split_fractions": [0.6, 0.2, 0.2], "split_seed": 0, "data_dir": None, "download": False,
-    "direction": "mnist->usps", "target_labels_fraction": 0.0, "max_source": None, "max_target": None,
-    "usps_frame": "pad", "standardize": "none", "test_protocol": "official", "holdout_fraction": 0.2}
+    "ways": 5,
+    "shots": 1,
+    "queries": 15,
+    "train_ways": None,
+    "train_shots": None,
+    "train_queries": None,
+    "split": "vinyals",
+    "train_subset": "train",
+    "image_size": 28,
+    "root": None,
+    "in_channels": 1,
+    "classes": None,
+    "split_fractions": [0.6, 0.2, 0.2],
+    "split_seed": 0,
+    "data_dir": None,
+    "download": False,
+    "direction": "mnist->usps",
+    "target_labels_fraction": 0.0,
+    "max_source": None,
+    "max_target": None,
+    "usps_frame": "pad",
+    "standardize": "none",
+    "test_protocol": "official",
+    "holdout_fraction": 0.2,
+}
 
 
 def build_sampler(data, subset: str):

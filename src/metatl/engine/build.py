@@ -1,4 +1,5 @@
 """From a config to objects: the episode sources and the learner (backbone + algorithm)."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -10,8 +11,11 @@ from ..registry import ALGORITHMS, BACKBONES
 def task_spec(sampler) -> dict:
     """What the learner needs to know of the tasks (stored in checkpoints, so a checkpoint can be
     loaded without its training data): task type, head width and input shape."""
-    return {"task_type": sampler.task_type, "out_features": sampler.out_features,
-            "input_spec": dict(getattr(sampler, "input_spec", {}))}
+    return {
+        "task_type": sampler.task_type,
+        "out_features": sampler.out_features,
+        "input_spec": dict(getattr(sampler, "input_spec", {})),
+    }
 
 
 def learner_from_spec(cfg, spec: dict):
@@ -32,8 +36,11 @@ def build_learner(cfg, sampler):
 
 # facts of the training run, not choices of an evaluation: overrides may not change them
 _UNSEEN = "would feed it inputs it never saw (images are converted to the checkpoint's format)"
-FIXED_DATA = {"image_size": _UNSEEN, "in_channels": _UNSEEN,
-              "train_subset": "cannot change the classes it was trained on (the test classes are the same)"}
+FIXED_DATA = {
+    "image_size": _UNSEEN,
+    "in_channels": _UNSEEN,
+    "train_subset": "cannot change the classes it was trained on (the test classes are the same)",
+}
 
 
 def load_learner(checkpoint, weights=None, overrides=None):
@@ -52,35 +59,49 @@ def load_learner(checkpoint, weights=None, overrides=None):
     from . import checkpoint as ckpt_io
 
     if weights not in (None, "averaged", "raw"):
-        raise ValueError(f"weights={weights!r}: use 'averaged' (the moving average of a run with "
-                         f"train.ema_decay, the default) or 'raw' (the trained weights).")
+        raise ValueError(
+            f"weights={weights!r}: use 'averaged' (the moving average of a run with "
+            f"train.ema_decay, the default) or 'raw' (the trained weights)."
+        )
     state = ckpt_io.load(checkpoint)
     trained = from_dict(state["config"])
     cfg = from_dict(apply_overrides(state["config"], list(overrides))) if overrides else trained
     for key, why in FIXED_DATA.items():
         if getattr(cfg.data, key, None) != getattr(trained.data, key, None):
-            raise ConfigError(f"data.{key}: {checkpoint} was trained with {key}={getattr(trained.data, key, None)!r}; "
-                              f"evaluating with {getattr(cfg.data, key, None)!r} {why}. Leave data.{key} as it is.")
+            raise ConfigError(
+                f"data.{key}: {checkpoint} was trained with {key}={getattr(trained.data, key, None)!r}; "
+                f"evaluating with {getattr(cfg.data, key, None)!r} {why}. Leave data.{key} as it is."
+            )
     spec = state.get("task") or task_spec(build_sampler(trained.data, "train"))
     uses_head = getattr(ALGORITHMS.get(cfg.algorithm["name"]), "uses_head", True)
-    if (uses_head and spec["task_type"] == "classification"
-            and getattr(cfg.data, "ways", None) != getattr(trained.data, "ways", None)):
-        raise ConfigError(f"data.ways: {checkpoint} has a {trained.data.ways}-way head; evaluating it on "
-                          f"{cfg.data.ways}-way episodes cannot work. Leave data.ways as it is (metric-based "
-                          f"learners such as protonet take any number of ways).")
+    if (
+        uses_head
+        and spec["task_type"] == "classification"
+        and getattr(cfg.data, "ways", None) != getattr(trained.data, "ways", None)
+    ):
+        raise ConfigError(
+            f"data.ways: {checkpoint} has a {trained.data.ways}-way head; evaluating it on "
+            f"{cfg.data.ways}-way episodes cannot work. Leave data.ways as it is (metric-based "
+            f"learners such as protonet take any number of ways)."
+        )
     chosen = weights or cfg.eval.weights
     try:
         learner = learner_from_spec(cfg, spec)
         learner.load_state_dict(ckpt_io.learner_weights(state, chosen))
     except RuntimeError as err:
-        raise ConfigError(f"{checkpoint} does not fit the model of its config after overrides "
-                          f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
-                          f"when evaluating a checkpoint.") from err
+        raise ConfigError(
+            f"{checkpoint} does not fit the model of its config after overrides "
+            f"({str(err).splitlines()[0]}); do not override model.* or data.ways "
+            f"when evaluating a checkpoint."
+        ) from err
     learner.eval()
     learner.config, learner.input_spec = cfg, dict(spec["input_spec"])
     averaged = chosen == "averaged" and state.get("averaged") is not None
-    learner.trained = {"iterations": state.get("iteration", 0), "train_seconds": state.get("train_seconds", 0.0),
-                       "weights": "averaged" if averaged else "raw"}
+    learner.trained = {
+        "iterations": state.get("iteration", 0),
+        "train_seconds": state.get("train_seconds", 0.0),
+        "weights": "averaged" if averaged else "raw",
+    }
     if "in_channels" in learner.input_spec and "image_size" in learner.input_spec:
         check = _image_guard(learner.input_spec, cfg.data, checkpoint)
         if hasattr(learner.model, "input_check"):  # the conv nets: a hook would turn off their folded first layer
@@ -103,7 +124,8 @@ def _image_guard(input_spec: dict, data, checkpoint):
                 f"{s}x{s} pixels, as trained on {data.name}); got {tuple(x.shape)}. Give it image files and "
                 f"it converts them as trained: learner.adapt_images(support_folder).predict_images(paths), "
                 f"or `metatl adapt`; by hand: metatl.data.image_folder.load_images(paths, in_channels={c}, "
-                f"image_size={s}{invert}).")
+                f"image_size={s}{invert})."
+            )
 
     return check
 

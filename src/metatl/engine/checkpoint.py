@@ -8,6 +8,7 @@ metatl 0.1.0 kept the numpy random state as numpy arrays and torch's version as 
 :func:`upgrade` rewrites such a file in today's plain form. A file that names any other Python
 object is refused with the names it asks for.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,11 @@ def read(path):
     path = Path(path)
     if not path.exists():
         if path.name == "best.pt" and (path.parent / "last.pt").exists():
-            raise FileNotFoundError(f"{path} does not exist: the run never validated (train.val_every: 0, or "
-                                    f"data.train_subset: trainval, which leaves no validation classes), so it kept "
-                                    f"no best checkpoint; use {path.parent / 'last.pt'}.")
+            raise FileNotFoundError(
+                f"{path} does not exist: the run never validated (train.val_every: 0, or "
+                f"data.train_subset: trainval, which leaves no validation classes), so it kept "
+                f"no best checkpoint; use {path.parent / 'last.pt'}."
+            )
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file in a run folder.")
     try:
         with torch.serialization.safe_globals(_legacy_globals()):
@@ -65,12 +68,17 @@ def read(path):
                 f"{path} was refused: it asks to import {', '.join(names)}, which a metatl checkpoint never "
                 f"holds, and loading it could run code. It is not a metatl checkpoint, or it was altered. "
                 f"Only if you made this file yourself and trust it: `metatl upgrade-checkpoint --trust {path}` "
-                f"rewrites it in the safe format (that one load runs the file's code).") from None
-        raise ValueError(f"{path} is not a readable metatl checkpoint ({str(err).splitlines()[0]}); use another "
-                         f"checkpoint of the run (last.pt, best.pt) or train again.") from None
+                f"rewrites it in the safe format (that one load runs the file's code)."
+            ) from None
+        raise ValueError(
+            f"{path} is not a readable metatl checkpoint ({str(err).splitlines()[0]}); use another "
+            f"checkpoint of the run (last.pt, best.pt) or train again."
+        ) from None
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"{path} is not a readable metatl checkpoint ({err}); use another checkpoint "
-                         f"of the run (last.pt, best.pt) or train again.") from err
+        raise ValueError(
+            f"{path} is not a readable metatl checkpoint ({err}); use another checkpoint "
+            f"of the run (last.pt, best.pt) or train again."
+        ) from err
 
 
 def load(path) -> dict:
@@ -132,8 +140,11 @@ def learner_weights(ckpt: dict, weights: str = "averaged") -> dict:
 def rng_state() -> dict:
     """Every random state, as plain containers (numpy's key as an int64 tensor)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+    }
 
 
 def set_rng_state(state: dict) -> None:

@@ -11,6 +11,7 @@ The backend is ``gloo`` on CPU (each process then uses ``train.num_threads`` thr
 share of the free cores, see :mod:`metatl.engine.runtime`)
 and ``nccl`` on CUDA (process ``r`` on ``cuda:r``).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,10 +49,11 @@ def launch(fn: Callable, processes: int, device: str, *args) -> None:
     """Run ``fn(*args)`` in ``processes`` new processes joined in one process group."""
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl" and torch.cuda.device_count() < processes:
-        raise ValueError(f"train.processes={processes} on CUDA needs {processes} GPUs, found "
-                         f"{torch.cuda.device_count()}; lower train.processes.")
-    torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), backend, fn, args),
-                                nprocs=processes, join=True)
+        raise ValueError(
+            f"train.processes={processes} on CUDA needs {processes} GPUs, found "
+            f"{torch.cuda.device_count()}; lower train.processes."
+        )
+    torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), backend, fn, args), nprocs=processes, join=True)
 
 
 def _average_in_place(tensors: list[torch.Tensor]) -> None:
@@ -63,7 +65,7 @@ def _average_in_place(tensors: list[torch.Tensor]) -> None:
     flat /= world_size()
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 

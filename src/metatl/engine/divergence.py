@@ -15,6 +15,7 @@ both sides each step:
 the non-finite tests stay). The trainer checks the weights again before every checkpoint it
 writes, so ``last.pt`` and ``best.pt`` only ever hold weights that passed.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,10 @@ class DivergenceGuard:
             return None
         start, now = _median(self.first), _median(self.recent)
         if now > self.factor * max(abs(start), 1.0):
-            return (f"the loss exploded: median {now:.4g} over the last {self.window} steps against {start:.4g} "
-                    f"over the first {self.window} (more than train.divergence_factor={self.factor:g} times)")
+            return (
+                f"the loss exploded: median {now:.4g} over the last {self.window} steps against {start:.4g} "
+                f"over the first {self.window} (more than train.divergence_factor={self.factor:g} times)"
+            )
         return None
 
     def weights(self, params: Iterable[torch.Tensor]) -> str | None:
@@ -81,6 +84,8 @@ class DivergenceGuard:
             self.start_norm = norm
             return None
         if self.factor and norm > self.factor * max(self.start_norm, 1.0):
-            return (f"the weights exploded: global norm {norm:.4g} against {self.start_norm:.4g} at the start "
-                    f"(above train.divergence_factor={self.factor:g} times)")
+            return (
+                f"the weights exploded: global norm {norm:.4g} against {self.start_norm:.4g} at the start "
+                f"(above train.divergence_factor={self.factor:g} times)"
+            )
         return None

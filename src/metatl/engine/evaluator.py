@@ -4,6 +4,7 @@ Every method is scored the same way: for each episode, ``learner.adapt(support)`
 predictor, which is scored on the query set (accuracy for classification, MSE for regression).
 The interval is ``1.96 * std / sqrt(N)`` over the N episode scores.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,9 +23,17 @@ def _predict(predictor, episode, transductive: bool) -> torch.Tensor:
     return torch.cat([predictor(torch.cat([sx, q[None]]))[-1:] for q in episode.query_x])
 
 
-def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_steps: int | None = None,
-             transductive: bool = True, progress: bool = True, device: str = "cpu",
-             desc: str = "eval") -> dict:
+def evaluate(
+    learner,
+    sampler,
+    episodes: int = 600,
+    seed: int = 1234,
+    inner_steps: int | None = None,
+    transductive: bool = True,
+    progress: bool = True,
+    device: str = "cpu",
+    desc: str = "eval",
+) -> dict:
     """Score ``learner`` on ``episodes`` episodes drawn from ``sampler`` with ``seed``.
 
     ``transductive=False`` classifies each query in a batch of its own with the support set, so
@@ -45,12 +54,12 @@ def evaluate(learner, sampler, episodes: int = 600, seed: int = 1234, inner_step
     scores: list[float] = []
     kwargs = {} if inner_steps is None else {"steps": inner_steps}
     try:
-        for ep in tqdm(fixed_episodes(sampler, episodes, seed), total=episodes, desc=desc,
-                       disable=not progress, leave=False):
+        for ep in tqdm(
+            fixed_episodes(sampler, episodes, seed), total=episodes, desc=desc, disable=not progress, leave=False
+        ):
             ep = ep.to(device)
             predictor = learner.adapt(ep.support_x, ep.support_y, **kwargs)
             scores.append(task_metric(learner.task_type, _predict(predictor, ep, transductive), ep.query_y))
     finally:
         learner.train(was_training)
-    return {"metric": METRIC_NAME[learner.task_type], **mean_ci95(scores), "episodes": episodes,
-            "scores": scores}
+    return {"metric": METRIC_NAME[learner.task_type], **mean_ci95(scores), "episodes": episodes, "scores": scores}

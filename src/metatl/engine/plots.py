@@ -1,4 +1,5 @@
 """Plots written into the run folder (matplotlib, no display needed)."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ def sinusoid_tasks(learner, tasks, path, n_tasks: int = 3, seed: int = 1234, ste
         ax.plot(grid, a * torch.sin(grid - phi), "k-", label="ground truth")
         ax.plot(ep.support_x, ep.support_y, "^", color="tab:purple", label=f"{len(ep.support_x)} points")
         for s, style in zip((0, *steps), (":", "--", "-")):
-            ax.plot(grid, learner.adapt(ep.support_x, ep.support_y, steps=s)(grid), style,
-                    label="pre-update" if s == 0 else f"{s} grad step{'s' if s > 1 else ''}")
+            ax.plot(
+                grid,
+                learner.adapt(ep.support_x, ep.support_y, steps=s)(grid),
+                style,
+                label="pre-update" if s == 0 else f"{s} grad step{'s' if s > 1 else ''}",
+            )
         ax.set(xlabel="x", ylim=(-6, 6))
     axes[0][0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()

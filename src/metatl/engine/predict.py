@@ -17,6 +17,7 @@ prediction would depend on which other query images share the batch. By default
 set only, as the evaluator's ``eval.transductive: false`` does; with running statistics (or no
 BatchNorm) the batch does not matter and the queries go through in one batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,7 @@ from ..data.image_folder import input_format, list_images, read_image_folder, re
 
 def uses_batch_statistics(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm layers without running statistics (``bn_mode: batch``)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
-               for m in model.modules())
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
 
 
 def queries_interact(learner: nn.Module) -> bool:
@@ -75,8 +75,9 @@ class ImageInput:
         images, kept, skipped = read_images(paths, self.in_channels, self.image_size, warn=False)
         if skipped:
             shown = ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            raise ValueError(f"{len(skipped)} of the {len(paths)} file(s) are not readable images: {shown}; "
-                             f"pass PNG/JPEG/... files.")
+            raise ValueError(
+                f"{len(skipped)} of the {len(paths)} file(s) are not readable images: {shown}; pass PNG/JPEG/... files."
+            )
         return to_float(images, self.invert)
 
     def load_folder(self, folder) -> tuple[Tensor, Tensor, list[str]]:
@@ -89,8 +90,10 @@ class ImageInput:
 def _path_list(paths, what: str) -> list[Path]:
     if isinstance(paths, (str, Path)):
         if Path(paths).is_dir():
-            raise ValueError(f"{what}: {paths} is a folder; pass a list of image files, e.g. "
-                             f"metatl.data.image_folder.list_images({str(paths)!r}, recursive=True).")
+            raise ValueError(
+                f"{what}: {paths} is a folder; pass a list of image files, e.g. "
+                f"metatl.data.image_folder.list_images({str(paths)!r}, recursive=True)."
+            )
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
@@ -102,22 +105,28 @@ def _class_codes(labels, n: int) -> tuple[Tensor, list]:
     """``(codes, classes)``: labels (class names, or integer class ids) as ``0..N-1`` in sorted
     order of the distinct labels, with a clear error for float, mixed or missing labels."""
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
-        raise ValueError(f"labels must be a sequence with one class label per support image, got "
-                         f"{type(labels).__name__}.")
+        raise ValueError(
+            f"labels must be a sequence with one class label per support image, got {type(labels).__name__}."
+        )
     if isinstance(labels, Tensor):
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be class names or integer class ids, got a tensor of dtype "
-                             f"{labels.dtype}; use .long() if they are whole numbers.")
+            raise ValueError(
+                f"labels must be class names or integer class ids, got a tensor of dtype "
+                f"{labels.dtype}; use .long() if they are whole numbers."
+            )
         labels = labels.flatten().tolist() if labels.dim() <= 1 else labels
     if isinstance(labels, np.ndarray):
         if labels.dtype.kind not in "iuUSO":
-            raise ValueError(f"labels must be class names or integer class ids, got an array of dtype "
-                             f"{labels.dtype}; use .astype(int) if they are whole numbers.")
+            raise ValueError(
+                f"labels must be class names or integer class ids, got an array of dtype "
+                f"{labels.dtype}; use .astype(int) if they are whole numbers."
+            )
         labels = labels.tolist()
     labels = list(labels)
     if len(labels) != n:
-        raise ValueError(f"{n} support image(s) but {len(labels)} label(s); give exactly one label per image, "
-                         f"in the same order.")
+        raise ValueError(
+            f"{n} support image(s) but {len(labels)} label(s); give exactly one label per image, in the same order."
+        )
     kinds = set()
     for i, v in enumerate(labels):
         if isinstance(v, str):
@@ -125,8 +134,10 @@ def _class_codes(labels, n: int) -> tuple[Tensor, list]:
         elif isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
             kinds.add("id")
         else:
-            raise ValueError(f"label {i} is {v!r} ({type(v).__name__}); labels must be class names (str) or "
-                             f"integer class ids, one per support image.")
+            raise ValueError(
+                f"label {i} is {v!r} ({type(v).__name__}); labels must be class names (str) or "
+                f"integer class ids, one per support image."
+            )
     if len(kinds) > 1:
         raise ValueError("labels mix class names (str) and integer ids; use one kind.")
     labels = [int(v) for v in labels] if kinds == {"id"} else labels
@@ -141,21 +152,27 @@ def _check_learner(learner, steps: int | None) -> None:
     from ..meta.base import GradientMetaLearner, MetaLearner
 
     if not isinstance(learner, MetaLearner):
-        raise ValueError(f"this {type(learner).__name__} checkpoint is not a meta-learner (a transfer learner "
-                         f"is trained for a fixed set of classes); it cannot adapt to new classes from a "
-                         f"support folder. `metatl adapt` takes meta-learning checkpoints (protonet, matching, "
-                         f"relation, maml, reptile, mann, snail, ...); score a transfer checkpoint with "
-                         f"`metatl eval`.")
+        raise ValueError(
+            f"this {type(learner).__name__} checkpoint is not a meta-learner (a transfer learner "
+            f"is trained for a fixed set of classes); it cannot adapt to new classes from a "
+            f"support folder. `metatl adapt` takes meta-learning checkpoints (protonet, matching, "
+            f"relation, maml, reptile, mann, snail, ...); score a transfer checkpoint with "
+            f"`metatl eval`."
+        )
     if learner.task_type != "classification":
-        raise ValueError(f"this {type(learner).__name__} checkpoint is a {learner.task_type} model (e.g. "
-                         f"sinusoid); `metatl adapt` classifies images: use a checkpoint trained on image "
-                         f"classification episodes (omniglot or image_folder).")
+        raise ValueError(
+            f"this {type(learner).__name__} checkpoint is a {learner.task_type} model (e.g. "
+            f"sinusoid); `metatl adapt` classifies images: use a checkpoint trained on image "
+            f"classification episodes (omniglot or image_folder)."
+        )
     if steps is None:
         return
     if not isinstance(learner, GradientMetaLearner):
-        raise ValueError(f"--steps {steps} (steps={steps}): {type(learner).__name__} adapts without gradient "
-                         f"steps (a forward pass over the support set), so there are no inner steps to set; "
-                         f"leave --steps out. Inner steps apply to maml, reptile, meta_lstm, pretrain.")
+        raise ValueError(
+            f"--steps {steps} (steps={steps}): {type(learner).__name__} adapts without gradient "
+            f"steps (a forward pass over the support set), so there are no inner steps to set; "
+            f"leave --steps out. Inner steps apply to maml, reptile, meta_lstm, pretrain."
+        )
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"--steps must be 0 or more (inner-loop steps on the support set), got {steps}.")
 
@@ -168,10 +185,12 @@ def _check_ways(learner, support_x, n_classes: int) -> None:
         with torch.no_grad():
             width = learner.model(support_x[:1]).shape[-1]
     if width != n_classes:
-        raise ValueError(f"this {type(learner).__name__} checkpoint has a {width}-way head but the support "
-                         f"folder has {n_classes} classes; give it exactly {width} class sub-folders, or use "
-                         f"a checkpoint trained for {n_classes}-way tasks (or a metric-based one: protonet, "
-                         f"matching, relation take any number of classes).")
+        raise ValueError(
+            f"this {type(learner).__name__} checkpoint has a {width}-way head but the support "
+            f"folder has {n_classes} classes; give it exactly {width} class sub-folders, or use "
+            f"a checkpoint trained for {n_classes}-way tasks (or a metric-based one: protonet, "
+            f"matching, relation take any number of classes)."
+        )
 
 
 @contextlib.contextmanager
@@ -195,8 +214,9 @@ class ImagePredictor:
     :class:`ImageInput` the files go through; ``predictor`` the tensor-level
     :class:`~metatl.meta.base.Predictor`."""
 
-    def __init__(self, learner, predictor, support_x: Tensor, classes: list, image_input: ImageInput,
-                 transductive: bool = False):
+    def __init__(
+        self, learner, predictor, support_x: Tensor, classes: list, image_input: ImageInput, transductive: bool = False
+    ):
         self.learner, self.predictor, self.support_x = learner, predictor, support_x
         self.classes, self.input, self.transductive = list(classes), image_input, transductive
 
@@ -207,8 +227,7 @@ class ImagePredictor:
         with _eval_mode(self.learner), torch.no_grad():
             if self.transductive or not queries_interact(self.learner):
                 return torch.cat([self.predictor.predict_proba(chunk) for chunk in x.split(256)]).cpu()
-            return torch.cat([self.predictor(torch.cat([self.support_x, q[None]]))[-1:].softmax(-1)
-                              for q in x]).cpu()
+            return torch.cat([self.predictor(torch.cat([self.support_x, q[None]]))[-1:].softmax(-1) for q in x]).cpu()
 
     def predict_proba_images(self, paths) -> Tensor:
         """Probabilities ``(len(paths), len(classes))``, one row per file (an unreadable file is an
@@ -226,8 +245,9 @@ class ImagePredictor:
         return (self.proba(x) if kept else torch.empty(0, len(self.classes))), kept
 
 
-def adapt_images(learner, support, labels=None, steps: int | None = None, invert: bool | None = None,
-                 transductive: bool = False) -> ImagePredictor:
+def adapt_images(
+    learner, support, labels=None, steps: int | None = None, invert: bool | None = None, transductive: bool = False
+) -> ImagePredictor:
     """Adapt ``learner`` to image files converted as its checkpoint expects (:class:`ImageInput`).
 
     ``support`` is a folder with one sub-folder of images per class (``labels`` must then be
@@ -241,14 +261,18 @@ def adapt_images(learner, support, labels=None, steps: int | None = None, invert
     is_folder = isinstance(support, (str, Path)) and Path(support).is_dir()
     if is_folder:
         if labels is not None:
-            raise ValueError(f"support {support} is a folder: its sub-folder names are the classes, so leave "
-                             f"labels out (or pass a list of image files with their labels).")
+            raise ValueError(
+                f"support {support} is a folder: its sub-folder names are the classes, so leave "
+                f"labels out (or pass a list of image files with their labels)."
+            )
         support_x, support_y, classes = image_input.load_folder(support)
     else:
         paths = _path_list(support, "support")
         if labels is None:
-            raise ValueError("labels are needed with a list of support images: one class name or integer id "
-                             "per image (or pass a folder with one sub-folder per class).")
+            raise ValueError(
+                "labels are needed with a list of support images: one class name or integer id "
+                "per image (or pass a folder with one sub-folder per class)."
+            )
         support_y, classes = _class_codes(labels, len(paths))
         support_x = image_input.load(paths)
     _check_ways(learner, support_x, len(classes))
@@ -259,8 +283,9 @@ def adapt_images(learner, support, labels=None, steps: int | None = None, invert
     return ImagePredictor(learner, predictor, support_x, classes, image_input, transductive)
 
 
-def classify_folder(learner, support_dir, query_dir, steps: int | None = None,
-                    invert: bool | None = None, transductive: bool = False) -> dict:
+def classify_folder(
+    learner, support_dir, query_dir, steps: int | None = None, invert: bool | None = None, transductive: bool = False
+) -> dict:
     """Adapt ``learner`` to ``support_dir`` (one sub-folder per class) and classify every image in
     ``query_dir`` (searched recursively; an image in a sub-folder named like a support class is
     taken as labelled, and an accuracy is reported over those): ``metatl adapt``, through
@@ -282,13 +307,24 @@ def classify_folder(learner, support_dir, query_dir, steps: int | None = None,
     rows: list[dict] = []
     for path, p, conf in zip(kept, predicted.tolist(), confidence.tolist()):
         parent = path.parent.name if path.parent != query_dir else None
-        rows.append({"file": str(path.relative_to(query_dir)), "predicted": classes[p], "confidence": conf,
-                     "true": parent if parent in classes else None})
+        rows.append(
+            {
+                "file": str(path.relative_to(query_dir)),
+                "predicted": classes[p],
+                "confidence": conf,
+                "true": parent if parent in classes else None,
+            }
+        )
     labelled = [r for r in rows if r["true"] is not None]
     accuracy = sum(r["predicted"] == r["true"] for r in labelled) / len(labelled) if labelled else None
     i = predictor.input
-    return {"classes": classes, "rows": rows, "accuracy": accuracy, "labelled": len(labelled),
-            "input": {"in_channels": i.in_channels, "image_size": i.image_size, "invert": i.invert}}
+    return {
+        "classes": classes,
+        "rows": rows,
+        "accuracy": accuracy,
+        "labelled": len(labelled),
+        "input": {"in_channels": i.in_channels, "image_size": i.image_size, "invert": i.invert},
+    }
 
 
 def write_predictions(result: dict, path) -> Path:

@@ -6,6 +6,7 @@ A run folder holds ``config.yaml``, checkpoints (``last.pt``, ``best.pt``, ``sna
 ``metatl adapt`` writes ``predictions.csv`` in its ``--out`` folder. ``--overwrite`` removes the
 files of the run it replaces, and only those.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -16,9 +17,21 @@ import subprocess
 from pathlib import Path
 
 # what a run writes (glob patterns); --overwrite removes these and nothing else
-RUN_FILES = ("config.yaml", "last.pt", "best.pt", "snapshot_*min.pt", "*.pt.rng*", ".*.pt.tmp*",
-             "metrics.jsonl", "resume_log.jsonl", "results.json", ".results.json.tmp", "eval_*.json",
-             "learning_curve.png", "sinusoid_tasks.png")
+RUN_FILES = (
+    "config.yaml",
+    "last.pt",
+    "best.pt",
+    "snapshot_*min.pt",
+    "*.pt.rng*",
+    ".*.pt.tmp*",
+    "metrics.jsonl",
+    "resume_log.jsonl",
+    "results.json",
+    ".results.json.tmp",
+    "eval_*.json",
+    "learning_curve.png",
+    "sinusoid_tasks.png",
+)
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_HEADER = "file,predicted,confidence"
 
@@ -49,15 +62,19 @@ def predictions_path(out) -> Path:
     eval). Refuses to write over anything but an earlier predictions table."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; --out names a folder (metatl adapt writes {PREDICTIONS} in it). "
-                         f"Nothing was written.")
+        raise ValueError(
+            f"--out {out} is a file; --out names a folder (metatl adapt writes {PREDICTIONS} in it). "
+            f"Nothing was written."
+        )
     path = out / PREDICTIONS
     if path.exists():
         with open(path, errors="replace") as f:
             first = f.readline().strip()
         if not first.startswith(PREDICTIONS_HEADER):
-            raise ValueError(f"{path} exists and is not a predictions table of metatl adapt; it was left as it "
-                             f"is. Pass another --out folder.")
+            raise ValueError(
+                f"{path} exists and is not a predictions table of metatl adapt; it was left as it "
+                f"is. Pass another --out folder."
+            )
     return path
 
 
@@ -89,12 +106,15 @@ def git_commit() -> str | None:
     changes), else None."""
     src = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -103,8 +123,11 @@ def git_commit() -> str | None:
 def provenance() -> dict:
     """What traces a result to the software that made it: Python's version, metatl's git commit
     (None outside a checkout) and the UTC date and time."""
-    return {"python_version": platform.python_version(), "metatl_commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "python_version": platform.python_version(),
+        "metatl_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def table(rows, headers) -> str:
@@ -119,10 +142,20 @@ def results_table(results: dict) -> str:
     """A results record (``results.json``, ``eval_*.json``) as a table."""
     m = results["metric"]
     fmt = (lambda v: f"{100 * v:.2f}%") if m["name"] == "accuracy" else (lambda v: f"{v:.4f}")
-    setting = results.get("setting") or (f"{results['ways']}-way {results['shots']}-shot" if results.get("ways")
-                                         else f"K={results['shots']}")
-    rows = [[results["algorithm"], results["dataset"], setting, results["inner_steps_test"], m["name"],
-             f"{fmt(m['mean'])} +- {fmt(m['ci95'])}", results["episodes"]]]
+    setting = results.get("setting") or (
+        f"{results['ways']}-way {results['shots']}-shot" if results.get("ways") else f"K={results['shots']}"
+    )
+    rows = [
+        [
+            results["algorithm"],
+            results["dataset"],
+            setting,
+            results["inner_steps_test"],
+            m["name"],
+            f"{fmt(m['mean'])} +- {fmt(m['ci95'])}",
+            results["episodes"],
+        ]
+    ]
     for steps, r in (results.get("by_inner_steps") or {}).items():
         rows.append(["", "", "", steps, m["name"], f"{fmt(r['mean'])} +- {fmt(r['ci95'])}", results["episodes"]])
     return table(rows, ["algorithm", "dataset", "setting", "test steps", "metric", "mean +- 95% CI", "episodes"])
@@ -139,16 +172,19 @@ def train(cfg, out, progress: bool = True, resume: bool = False, overwrite: bool
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
     if not resume and not overwrite and (out / "last.pt").exists():
-        raise ConfigError(f"{out} already holds a run (last.pt): continue it with --resume, replace it "
-                          f"with --overwrite, or train into another folder with --out.")
+        raise ConfigError(
+            f"{out} already holds a run (last.pt): continue it with --resume, replace it "
+            f"with --overwrite, or train into another folder with --out."
+        )
     device = check_device(cfg.train.device)  # "auto" resolved here, so every process agrees
     if overwrite:
         clear_run(out)  # no file of the replaced run (best.pt, snapshots, evaluations) stays beside the new one
     if cfg.train.processes > 1:
         from . import distributed
 
-        distributed.launch(train_and_test, cfg.train.processes, str(device), cfg, out, progress, resume,
-                           tuple(allow_changes))
+        distributed.launch(
+            train_and_test, cfg.train.processes, str(device), cfg, out, progress, resume, tuple(allow_changes)
+        )
         return None
     return train_and_test(cfg, out, progress, resume, tuple(allow_changes))
 
@@ -165,8 +201,10 @@ def train_and_test(cfg, out: Path, progress: bool = True, resume: bool = False, 
         trainer.resume(allow=allow_changes)
         if trainer.rank == 0:
             changed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in trainer.resumed_changes.items())
-            print(f"resumed {out} at iteration {trainer.iteration}"
-                  + (f" with {changed} (recorded in {out / 'resume_log.jsonl'})" if changed else ""))
+            print(
+                f"resumed {out} at iteration {trainer.iteration}"
+                + (f" with {changed} (recorded in {out / 'resume_log.jsonl'})" if changed else "")
+            )
     trainer.fit()
     if trainer.rank != 0:
         return None
@@ -177,8 +215,9 @@ def train_and_test(cfg, out: Path, progress: bool = True, resume: bool = False, 
     print(f"results: {out / 'results.json'}")
     print(f"plot: {plots.learning_curve(out)}")
     if cfg.data.name == "sinusoid" and cfg.eval.plot_tasks:
-        path = plots.sinusoid_tasks(trainer.scored, trainer.val_tasks, out / "sinusoid_tasks.png",
-                                    cfg.eval.plot_tasks, cfg.eval.seed)
+        path = plots.sinusoid_tasks(
+            trainer.scored, trainer.val_tasks, out / "sinusoid_tasks.png", cfg.eval.plot_tasks, cfg.eval.seed
+        )
         print(f"plot: {path}")
     return results
 
@@ -195,12 +234,23 @@ def evaluate_checkpoint(checkpoint, overrides=None, out=None, progress: bool = T
     cfg = learner.config
     device = check_device(cfg.train.device)
     learner.to(device)
-    results = score_on_test(cfg, learner, build_sampler(cfg.data, "test"), device, progress,
-                            learner.trained["iterations"], learner.trained["train_seconds"], str(checkpoint),
-                            learner.trained["weights"])
+    results = score_on_test(
+        cfg,
+        learner,
+        build_sampler(cfg.data, "test"),
+        device,
+        progress,
+        learner.trained["iterations"],
+        learner.trained["train_seconds"],
+        str(checkpoint),
+        learner.trained["weights"],
+    )
     folder = Path(out) if out else Path(checkpoint).parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / eval_name(checkpoint, results["episodes"],  # what was scored (a data source may count its own)
-                              [o for o in overrides or [] if not o.startswith(("data.data_dir=", "data.download="))])
+    path = folder / eval_name(
+        checkpoint,
+        results["episodes"],  # what was scored (a data source may count its own)
+        [o for o in overrides or [] if not o.startswith(("data.data_dir=", "data.download="))],
+    )
     write_results(results, path)
     return results, path

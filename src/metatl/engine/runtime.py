@@ -9,6 +9,7 @@ operation wait at its barrier for a thread that the scheduler has parked, which 
 than the lost parallelism. :class:`Runtime.rebalance` repeats the count from the counters since
 its last call, so a long run follows the load of the machine as it changes.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -103,7 +104,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def seed_everything(seed: int) -> None:
@@ -121,9 +122,16 @@ class Runtime:
     ``keep_freed_memory``: tune glibc's malloc for CPU runs (:func:`keep_freed_memory`).
     """
 
-    def __init__(self, threads: int | str | None = "auto", device: str = "cpu",
-                 precision: str = "float32", keep_freed_memory: bool = True, seed: int | None = None,
-                 world: int = 1, sample_seconds: float = 0.1):
+    def __init__(
+        self,
+        threads: int | str | None = "auto",
+        device: str = "cpu",
+        precision: str = "float32",
+        keep_freed_memory: bool = True,
+        seed: int | None = None,
+        world: int = 1,
+        sample_seconds: float = 0.1,
+    ):
         self.auto = threads == "auto"
         self.world = max(1, world)
         self.cores = max(1, available_cores() // self.world)

@@ -26,6 +26,7 @@ With ``train.processes > 1`` (see :mod:`metatl.engine.distributed`) each process
 meta-loss of its share of the same meta-batch, gradients are averaged, and process 0 alone logs,
 validates and checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,6 +93,7 @@ def moving_average(learner, decay: float) -> AveragedModel:
     average follows the weights instead of staying near the initial ones. Integer buffers (counters)
     are copied, not averaged.
     """
+
     def update(averaged, current, n):
         d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
         for a, c in zip(averaged, current):
@@ -111,12 +113,15 @@ def check_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"train.device={name!r} is not a device torch knows; use cpu, cuda or cuda:N "
-                          f"(--set train.device=cpu).") from None
+        raise ConfigError(
+            f"train.device={name!r} is not a device torch knows; use cpu, cuda or cuda:N (--set train.device=cpu)."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but this torch has no CUDA device "
-                          f"(torch.cuda.is_available() is False); train on the CPU with "
-                          f"--set train.device=cpu.")
+        raise ConfigError(
+            f"train.device={name!r} but this torch has no CUDA device "
+            f"(torch.cuda.is_available() is False); train on the CPU with "
+            f"--set train.device=cpu."
+        )
     return device
 
 
@@ -124,8 +129,10 @@ def make_optimizer(cfg: Config, params):
     t = cfg.train
     if t.optimizer == "adam":
         if t.momentum:
-            raise ConfigError(f"train.momentum={t.momentum} applies to train.optimizer=sgd only; Adam has "
-                              f"its own moments (set train.momentum=0 or train.optimizer=sgd).")
+            raise ConfigError(
+                f"train.momentum={t.momentum} applies to train.optimizer=sgd only; Adam has "
+                f"its own moments (set train.momentum=0 or train.optimizer=sgd)."
+            )
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -199,10 +206,12 @@ class Trainer:
             self.train_tasks = self.train_tasks.to(self.device)
         self.learner = build_learner(cfg, self.train_tasks).to(self.device)
         if not any(p.requires_grad for p in self.learner.parameters()):
-            raise ConfigError(f"nothing to train: algorithm {cfg.algorithm['name']!r} with backbone "
-                              f"{cfg.model['name']!r} has no trainable parameters (a backbone without weights "
-                              f"suits only algorithms that learn on top of it). Choose a backbone with weights "
-                              f"(`metatl list` shows them).")
+            raise ConfigError(
+                f"nothing to train: algorithm {cfg.algorithm['name']!r} with backbone "
+                f"{cfg.model['name']!r} has no trainable parameters (a backbone without weights "
+                f"suits only algorithms that learn on top of it). Choose a backbone with weights "
+                f"(`metatl list` shows them)."
+            )
         if self.world > 1:  # one starting point for all; then each its own random stream
             for tensor in [*self.learner.parameters(), *self.learner.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
@@ -221,15 +230,24 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"config": self.cfg.to_dict(), "task": task_spec(self.train_tasks),
-                "learner": self.learner.state_dict(),
-                "averaged": self.ema.module.state_dict() if self.ema is not None else None,
-                "averaged_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
-                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
-                "train_seconds": self.train_seconds, "best": self.best,
-                "snapshots_done": self.snapshots_done, "generator": self.generator.get_state(),
-                "rng": ckpt_io.rng_state(), "divergence": self.guard.state(), "metatl_version": __version__,
-                "torch_version": str(torch.__version__), "format": ckpt_io.FORMAT}
+        return {
+            "config": self.cfg.to_dict(),
+            "task": task_spec(self.train_tasks),
+            "learner": self.learner.state_dict(),
+            "averaged": self.ema.module.state_dict() if self.ema is not None else None,
+            "averaged_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "train_seconds": self.train_seconds,
+            "best": self.best,
+            "snapshots_done": self.snapshots_done,
+            "generator": self.generator.get_state(),
+            "rng": ckpt_io.rng_state(),
+            "divergence": self.guard.state(),
+            "metatl_version": __version__,
+            "torch_version": str(torch.__version__),
+            "format": ckpt_io.FORMAT,
+        }
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / name
@@ -241,8 +259,9 @@ class Trainer:
             if name == "last.pt":
                 self.saved_last = self.iteration
         else:  # ... except their own random streams, kept beside it for an exact resume
-            ckpt_io.save_atomic({"iteration": self.iteration, "rng": ckpt_io.rng_state()},
-                                path.with_name(f"{path.name}.rng{self.rank}"))
+            ckpt_io.save_atomic(
+                {"iteration": self.iteration, "rng": ckpt_io.rng_state()}, path.with_name(f"{path.name}.rng{self.rank}")
+            )
         return path
 
     def resume(self, path=None, allow=()) -> None:
@@ -253,20 +272,26 @@ class Trainer:
         to ``resume_log.jsonl`` in the run folder, with the iteration they start at."""
         path = Path(path) if path else self.out / "last.pt"
         state = ckpt_io.load(path)
-        changes = config_changes(from_dict(state["config"]).to_dict(), self.cfg.to_dict())  # defaults for keys added since
+        changes = config_changes(
+            from_dict(state["config"]).to_dict(), self.cfg.to_dict()
+        )  # defaults for keys added since
         refused = {k: v for k, v in changes.items() if k not in allow and k not in RESUME_FREE_KEYS}
         if refused:
             listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in refused.items())
             names = " ".join(f"--allow-change {k}" for k in refused)
-            raise ConfigError(f"cannot resume from {path}: it was trained with another config ({listed}). "
-                              f"Resume with the run's own config.yaml ({self.out / 'config.yaml'}); to continue "
-                              f"with the change on purpose, name it: {names} (it is recorded in "
-                              f"resume_log.jsonl); or start a new run with a different --out.")
+            raise ConfigError(
+                f"cannot resume from {path}: it was trained with another config ({listed}). "
+                f"Resume with the run's own config.yaml ({self.out / 'config.yaml'}); to continue "
+                f"with the change on purpose, name it: {names} (it is recorded in "
+                f"resume_log.jsonl); or start a new run with a different --out."
+            )
         try:
             self.learner.load_state_dict(state["learner"])
         except RuntimeError as err:
-            raise ConfigError(f"cannot resume from {path}: its weights do not fit the model of the changed config "
-                              f"({str(err).splitlines()[0]}).") from err
+            raise ConfigError(
+                f"cannot resume from {path}: its weights do not fit the model of the changed config "
+                f"({str(err).splitlines()[0]})."
+            ) from err
         self.optimizer.load_state_dict(state["optimizer"])
         self._load_average(state)
         self.iteration, self.train_seconds = state["iteration"], state["train_seconds"]
@@ -278,8 +303,12 @@ class Trainer:
         self.saved_last = self.iteration
         if self.rank == 0:  # the interrupted run's lines after the checkpoint are logged again
             trim_metrics(self.out / "metrics.jsonl", self.iteration)
-            record = {"date": provenance()["date"], "checkpoint": path.name, "iteration": self.iteration,
-                      "changes": {k: {"run": a, "now": b} for k, (a, b) in changes.items()}}
+            record = {
+                "date": provenance()["date"],
+                "checkpoint": path.name,
+                "iteration": self.iteration,
+                "changes": {k: {"run": a, "now": b} for k, (a, b) in changes.items()},
+            }
             with open(self.out / "resume_log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.rank > 0:
@@ -337,13 +366,17 @@ class Trainer:
 
     def validate(self) -> dict:
         c = self.cfg
-        res = self._evaluate(self.val_tasks, c.train.val_episodes, c.eval.seed + 1, c.eval.inner_steps,
-                             False, "eval")
-        record = {"iteration": self.iteration, "train_minutes": self.train_seconds / 60,
-                  f"val_{res['metric']}": res["mean"], "val_ci95": res["ci95"]}
+        res = self._evaluate(self.val_tasks, c.train.val_episodes, c.eval.seed + 1, c.eval.inner_steps, False, "eval")
+        record = {
+            "iteration": self.iteration,
+            "train_minutes": self.train_seconds / 60,
+            f"val_{res['metric']}": res["mean"],
+            "val_ci95": res["ci95"],
+        }
         self.log(record)
-        better = (self.best is None or (res["mean"] > self.best if res["metric"] == "accuracy"
-                                        else res["mean"] < self.best))
+        better = self.best is None or (
+            res["mean"] > self.best if res["metric"] == "accuracy" else res["mean"] < self.best
+        )
         if better:
             self.best = res["mean"]
             self.save("best.pt")
@@ -354,17 +387,18 @@ class Trainer:
         batch = self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator)
         if self.world > 1:  # every process drew the same meta-batch; each keeps its share
             if not isinstance(batch, list):
-                raise ConfigError(f"train.processes > 1 splits a meta-batch of episodes, but "
-                                  f"{type(self.train_tasks).__name__} gives {type(batch).__name__} "
-                                  f"batches; use train.processes=1 for this data source.")
-            batch = batch[self.rank::self.world]
+                raise ConfigError(
+                    f"train.processes > 1 splits a meta-batch of episodes, but "
+                    f"{type(self.train_tasks).__name__} gives {type(batch).__name__} "
+                    f"batches; use train.processes=1 for this data source."
+                )
+            batch = batch[self.rank :: self.world]
         batch = to_device(batch, self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, self.iteration, self.train_seconds) * group.get("lr_scale", 1.0)
         if callable(getattr(self.learner, "set_progress", None)):
             self.learner.set_progress(progress_at(self.cfg, self.iteration, self.train_seconds))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.cfg.train.precision == "bfloat16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bfloat16"):
             loss, metrics = self.executor(self.learner, batch)
         finite = bool(torch.isfinite(loss))
         if self.world > 1:  # the mean over the processes' shares; all stop if one is not finite
@@ -388,8 +422,9 @@ class Trainer:
         except RuntimeError as err:  # e.g. Adam's step size lr / (1 - beta1) beyond float32's range
             if "overflow" not in str(err):
                 raise
-            raise DivergenceError(self._stop_message(f"the optimizer step overflowed ({err}; train.lr="
-                                                     f"{self.cfg.train.lr:g})")) from None
+            raise DivergenceError(
+                self._stop_message(f"the optimizer step overflowed ({err}; train.lr={self.cfg.train.lr:g})")
+            ) from None
         problem = self.guard.weights(self.learner.parameters())
         if problem:
             raise DivergenceError(self._stop_message(problem))
@@ -407,11 +442,16 @@ class Trainer:
             kept = f"the last good checkpoint {last}{at} is untouched"
         else:
             kept = "no checkpoint was written"
-        return (f"training diverged in step {self.iteration + 1}: {problem}; {written + ', ' if written else ''}"
-                f"{kept}. Lower train.lr or the inner learning rate, or set train.grad_clip (e.g. --set "
-                f"train.grad_clip=10), then start again with --overwrite"
-                + (", or continue from that checkpoint with --resume and the change named (e.g. "
-                   "--allow-change train.lr)." if last.exists() else "."))
+        return (
+            f"training diverged in step {self.iteration + 1}: {problem}; {written + ', ' if written else ''}"
+            f"{kept}. Lower train.lr or the inner learning rate, or set train.grad_clip (e.g. --set "
+            f"train.grad_clip=10), then start again with --overwrite"
+            + (
+                ", or continue from that checkpoint with --resume and the change named (e.g. --allow-change train.lr)."
+                if last.exists()
+                else "."
+            )
+        )
 
     def fit(self) -> Trainer:
         c, t = self.cfg, self.cfg.train
@@ -424,8 +464,13 @@ class Trainer:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
         budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
         self.guard.weights(self.learner.parameters())  # the reference norm, on a fresh run
-        bar = tqdm(total=t.iterations, initial=self.iteration, desc=c.name,
-                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(
+            total=t.iterations,
+            initial=self.iteration,
+            desc=c.name,
+            disable=not self.progress or self.rank != 0,
+            dynamic_ncols=True,
+        )
         try:
             while self.iteration < t.iterations and self.train_seconds < budget:
                 self.runtime.rebalance()
@@ -459,24 +504,41 @@ class Trainer:
     def test(self, sampler=None, checkpoint: str | None = None, name: str = "results.json") -> dict:
         """Evaluate on the fixed test episodes and write ``name`` (default ``results.json``) in the
         run folder."""
-        results = score_on_test(self.cfg, self.scored, sampler or self.test_tasks, self.device,
-                               self.progress, self.iteration, self.train_seconds,
-                               checkpoint or str(self.out / "last.pt"),
-                               "averaged" if self.scored is not self.learner else "raw")
+        results = score_on_test(
+            self.cfg,
+            self.scored,
+            sampler or self.test_tasks,
+            self.device,
+            self.progress,
+            self.iteration,
+            self.train_seconds,
+            checkpoint or str(self.out / "last.pt"),
+            "averaged" if self.scored is not self.learner else "raw",
+        )
         write_results(results, self.out / name)
         return results
 
 
-def evaluate_on(learner, tasks, cfg: Config, episodes: int, seed: int, inner_steps, progress: bool, device,
-                desc: str = "eval") -> dict:
+def evaluate_on(
+    learner, tasks, cfg: Config, episodes: int, seed: int, inner_steps, progress: bool, device, desc: str = "eval"
+) -> dict:
     """The data source's own ``evaluate`` when it has one, else the episodic evaluator."""
     if callable(getattr(tasks, "evaluate", None)):
         return tasks.evaluate(learner, episodes=episodes, seed=seed, progress=progress, device=device, desc=desc)
     return evaluate(learner, tasks, episodes, seed, inner_steps, cfg.eval.transductive, progress, device, desc=desc)
 
 
-def score_on_test(cfg: Config, learner, tasks, device, progress: bool, iterations: int, train_seconds: float,
-                 checkpoint: str, weights: str) -> dict:
+def score_on_test(
+    cfg: Config,
+    learner,
+    tasks,
+    device,
+    progress: bool,
+    iterations: int,
+    train_seconds: float,
+    checkpoint: str,
+    weights: str,
+) -> dict:
     """The test record of ``learner`` on ``tasks`` (``eval.episodes`` fixed episodes, and each of
     ``eval.extra_steps``), as written to ``results.json``."""
     e = cfg.eval
@@ -488,23 +550,38 @@ def score_on_test(cfg: Config, learner, tasks, device, progress: bool, iteration
     return results
 
 
-def results_record(cfg: Config, learner, res: dict, iterations: int, train_seconds: float,
-                   checkpoint: str, weights: str = "raw") -> dict:
+def results_record(
+    cfg: Config, learner, res: dict, iterations: int, train_seconds: float, checkpoint: str, weights: str = "raw"
+) -> dict:
     d = cfg.data
     return {
-        "algorithm": cfg.algorithm["name"], "algorithm_config": cfg.algorithm,
-        "dataset": d.name, "split": getattr(d, "split", None), "train_subset": getattr(d, "train_subset", None),
+        "algorithm": cfg.algorithm["name"],
+        "algorithm_config": cfg.algorithm,
+        "dataset": d.name,
+        "split": getattr(d, "split", None),
+        "train_subset": getattr(d, "train_subset", None),
         "ways": getattr(d, "ways", None) if learner.task_type == "classification" else None,
-        "shots": getattr(d, "shots", None), "queries": getattr(d, "queries", None), "episodes": res["episodes"],
+        "shots": getattr(d, "shots", None),
+        "queries": getattr(d, "queries", None),
+        "episodes": res["episodes"],
         "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
-        "inner_steps_test": cfg.eval.inner_steps if cfg.eval.inner_steps is not None
+        "inner_steps_test": cfg.eval.inner_steps
+        if cfg.eval.inner_steps is not None
         else getattr(learner, "inner_steps_test", None),
-        "weights": weights, "ema_decay": cfg.train.ema_decay if weights == "averaged" else None,
-        "bn_mode": cfg.model.get("bn_mode", "batch"), "transductive": cfg.eval.transductive,
-        "backbone": cfg.model["name"], "train_precision": cfg.train.precision,  # evaluation runs in float32
-        "train_seconds": train_seconds, "iterations": iterations,
-        "seed": cfg.train.seed, "eval_seed": cfg.eval.seed, "checkpoint": checkpoint,
-        "metatl_version": __version__, "torch_version": str(torch.__version__), **provenance(),
+        "weights": weights,
+        "ema_decay": cfg.train.ema_decay if weights == "averaged" else None,
+        "bn_mode": cfg.model.get("bn_mode", "batch"),
+        "transductive": cfg.eval.transductive,
+        "backbone": cfg.model["name"],
+        "train_precision": cfg.train.precision,  # evaluation runs in float32
+        "train_seconds": train_seconds,
+        "iterations": iterations,
+        "seed": cfg.train.seed,
+        "eval_seed": cfg.eval.seed,
+        "checkpoint": checkpoint,
+        "metatl_version": __version__,
+        "torch_version": str(torch.__version__),
+        **provenance(),
         "hardware": hardware("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else cfg.train.device),
         **res.get("record", {}),  # extra fields from a data source's own evaluate (e.g. the direction)
     }
@@ -527,4 +604,3 @@ def write_results(results: dict, path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     tmp.replace(path)
-

@@ -1,4 +1,5 @@
 """Meta-learning algorithms, one file each (optimization-, metric- and RNN-based)."""
+
 from .adapt import adapt
 from .base import GradientMetaLearner, MetaLearner, Predictor
 from .learned_optimizer import LearnedOptimizer
@@ -13,6 +14,18 @@ from .reptile import Reptile
 from .rules import SGD, Adam
 from .snail import SNAIL
 
-__all__ = ["MAML", "Adam", "GradientMetaLearner", "MatchingNet", "MetaLearner", "Predictor", "Pretrain", "ProtoNet",
-           "RelationNet", "Reptile", "SGD", "adapt"]
+__all__ = [
+    "MAML",
+    "Adam",
+    "GradientMetaLearner",
+    "MatchingNet",
+    "MetaLearner",
+    "Predictor",
+    "Pretrain",
+    "ProtoNet",
+    "RelationNet",
+    "Reptile",
+    "SGD",
+    "adapt",
+]
 __all__ += ["LearnedOptimizer", "MANN", "MetaLSTM", "SNAIL"]  # RNN-based

@@ -14,6 +14,7 @@ Reptile). Training and evaluation call this same function. A rule with ``uses_lo
 receives the (detached) inner loss: ``rule.update(grads, state, params, loss=...)`` (the
 meta-learner LSTM needs it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,11 +25,22 @@ from torch import Tensor
 Params = dict[str, Tensor]
 
 
-def adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor, y: Tensor,
-          loss_fn: Callable[[Tensor, Tensor], Tensor], rule, steps: int, *,
-          create_graph: bool = False, trainable: Callable[[str], bool] | None = None,
-          buffers: Params | None = None, batch_size: int | None = None,
-          generator: torch.Generator | None = None, batched: bool = False) -> Params:
+def adapt(
+    forward: Callable[[Params, Tensor], Tensor],
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    rule,
+    steps: int,
+    *,
+    create_graph: bool = False,
+    trainable: Callable[[str], bool] | None = None,
+    buffers: Params | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    batched: bool = False,
+) -> Params:
     """Run ``steps`` updates of ``rule`` on the loss of ``forward(params, x)`` against ``y``.
 
     ``forward`` receives the parameters merged with ``buffers`` (e.g. BatchNorm running statistics,

@@ -13,6 +13,7 @@ built without a classification head and returns embeddings, as for the metric-ba
 ``couples_queries`` (``True``: a query's prediction depends on the other queries of its batch in a
 way other than BatchNorm, so a non-transductive test must classify one query per forward pass).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -50,24 +51,33 @@ def check_support(support_x: Tensor, support_y: Tensor, task_type: str = "classi
     for a support set it cannot read: not tensors, not one label per example, float class labels."""
     for name, t in (("support_x", support_x), ("support_y", support_y)):
         if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}; use torch.as_tensor(...) "
-                             f"(image files: learner.adapt_images).")
+            raise ValueError(
+                f"{name} must be a tensor, got {type(t).__name__}; use torch.as_tensor(...) "
+                f"(image files: learner.adapt_images)."
+            )
     n_y = len(support_y) if support_y.dim() else 0
     if support_x.dim() == 0 or len(support_x) != n_y:
-        raise ValueError(f"support_x has {len(support_x) if support_x.dim() else 0} example(s) but support_y has "
-                         f"{n_y} label(s) (shape {tuple(support_y.shape)}); give one label per example, in order.")
+        raise ValueError(
+            f"support_x has {len(support_x) if support_x.dim() else 0} example(s) but support_y has "
+            f"{n_y} label(s) (shape {tuple(support_y.shape)}); give one label per example, in order."
+        )
     if task_type != "classification":
         if not support_y.dtype.is_floating_point:
-            raise ValueError(f"support_y of a {task_type} task must hold float targets, got dtype "
-                             f"{support_y.dtype}; use support_y.float().")
+            raise ValueError(
+                f"support_y of a {task_type} task must hold float targets, got dtype "
+                f"{support_y.dtype}; use support_y.float()."
+            )
         return support_y
     if support_y.dtype.is_floating_point or support_y.dtype.is_complex or support_y.dtype == torch.bool:
-        raise ValueError(f"support_y must hold integer class labels 0..N-1, got dtype {support_y.dtype}; use "
-                         f"support_y.long() if they are whole numbers (class names: learner.adapt_images "
-                         f"takes them as labels).")
+        raise ValueError(
+            f"support_y must hold integer class labels 0..N-1, got dtype {support_y.dtype}; use "
+            f"support_y.long() if they are whole numbers (class names: learner.adapt_images "
+            f"takes them as labels)."
+        )
     if support_y.dim() != 1:
-        raise ValueError(f"support_y must hold one class label per example, shape (n,), got shape "
-                         f"{tuple(support_y.shape)}.")
+        raise ValueError(
+            f"support_y must hold one class label per example, shape (n,), got shape {tuple(support_y.shape)}."
+        )
     return support_y.long()
 
 
@@ -120,8 +130,9 @@ class MetaLearner(nn.Module):
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         raise NotImplementedError  # pragma: no cover - interface
 
-    def adapt_images(self, support, labels=None, steps: int | None = None, invert: bool | None = None,
-                     transductive: bool = False):
+    def adapt_images(
+        self, support, labels=None, steps: int | None = None, invert: bool | None = None, transductive: bool = False
+    ):
         """:meth:`adapt` on image files, converted as the checkpoint expects (channels, size, and
         inverted for Omniglot models): ``support`` is a folder with one sub-folder per class, or a
         list of files with ``labels`` (class names or integer ids). Returns an
@@ -155,9 +166,16 @@ class GradientMetaLearner(MetaLearner):
     second_order = False
     vmappable = True  # False: the inner loop cannot run under torch.func.vmap (data-dependent control flow)
 
-    def __init__(self, model: nn.Module, task_type: str, rule, inner_steps: int,
-                 inner_steps_test: int | None = None, inner_batch: int | None = None,
-                 inner_batch_test: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str,
+        rule,
+        inner_steps: int,
+        inner_steps_test: int | None = None,
+        inner_batch: int | None = None,
+        inner_batch_test: int | None = None,
+    ):
         super().__init__(model, task_type)
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}.")
@@ -167,23 +185,48 @@ class GradientMetaLearner(MetaLearner):
         self.inner_batch, self.inner_batch_test = inner_batch, inner_batch_test
 
     # -- what one task computes ----------------------------------------------------------------
-    def adapted(self, params: Params, support_x: Tensor, support_y: Tensor, *, batched: bool = False,
-                generator: torch.Generator | None = None) -> Params:
+    def adapted(
+        self,
+        params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        batched: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Params:
         """``theta'_i``: ``inner_steps`` updates of the rule on the support set, differentiable
         with respect to ``params`` through the inner gradients when ``second_order``."""
-        return self.adapt_params(params, support_x, support_y, self.inner_steps, create_graph=self.second_order,
-                                 batch_size=self.inner_batch, batched=batched, generator=generator)
+        return self.adapt_params(
+            params,
+            support_x,
+            support_y,
+            self.inner_steps,
+            create_graph=self.second_order,
+            batch_size=self.inner_batch,
+            batched=batched,
+            generator=generator,
+        )
 
     def query_loss(self, params: Params, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
         """``L^query(params)`` and the query outputs."""
         out = self.functional(params, query_x)
         return self.loss_fn(out, query_y), out
 
-    def task_loss(self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
-                  batched: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def task_loss(
+        self,
+        params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        batched: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """``L_i^query(theta'_i)`` and the query outputs."""
-        return self.query_loss(self.adapted(params, support_x, support_y, batched=batched, generator=generator),
-                               query_x, query_y)
+        return self.query_loss(
+            self.adapted(params, support_x, support_y, batched=batched, generator=generator), query_x, query_y
+        )
 
     outer_loss: Callable[[Params, list[Params]], Tensor] | None = None
 
@@ -193,7 +236,7 @@ class GradientMetaLearner(MetaLearner):
         ``None`` for each task when the inner loop takes whole support sets."""
         if self.inner_batch is None:
             return [None] * tasks
-        return [torch.Generator().manual_seed(s) for s in torch.randint(0, 2 ** 62, (tasks,)).tolist()]
+        return [torch.Generator().manual_seed(s) for s in torch.randint(0, 2**62, (tasks,)).tolist()]
 
     def metrics(self, loss: Tensor, scores: list[float]) -> dict:
         """The metrics of a meta-batch: the loss and the mean query accuracy (or MSE)."""
@@ -212,8 +255,11 @@ class GradientMetaLearner(MetaLearner):
         if self.outer_loss is not None:
             adapted = [self.adapted(theta, *ep.support, generator=g) for ep, g in zip(batch, generators)]
             with torch.no_grad():
-                scores = [task_metric(self.task_type, self.functional(a, ep.query_x), ep.query_y)
-                          for a, ep in zip(adapted, batch) if len(ep.query_x)]
+                scores = [
+                    task_metric(self.task_type, self.functional(a, ep.query_x), ep.query_y)
+                    for a, ep in zip(adapted, batch)
+                    if len(ep.query_x)
+                ]
             loss = self.outer_loss(theta, adapted)
             return loss, self.metrics(loss, scores)
         losses, scores = [], []
@@ -225,17 +271,38 @@ class GradientMetaLearner(MetaLearner):
         return loss, self.metrics(loss, scores)
 
     # -- adaptation ------------------------------------------------------------------------------
-    def adapt_params(self, params: Params, x: Tensor, y: Tensor, steps: int, *,
-                     create_graph: bool = False, batch_size: int | None = None,
-                     buffers: Params | None = None, batched: bool = False,
-                     generator: torch.Generator | None = None) -> Params:
+    def adapt_params(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        *,
+        create_graph: bool = False,
+        batch_size: int | None = None,
+        buffers: Params | None = None,
+        batched: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Params:
         """:func:`metatl.meta.adapt.adapt` with this learner's model, loss and rule. ``buffers``
         defaults to the model's own (BatchNorm running statistics are updated in training);
         ``generator`` draws the minibatches (default: the global generator)."""
         if buffers is None:
             buffers = dict(self.model.named_buffers())
-        return adapt(self.functional, params, x, y, self.loss_fn, self.rule, steps, create_graph=create_graph,
-                     batch_size=batch_size, buffers=buffers, batched=batched, generator=generator)
+        return adapt(
+            self.functional,
+            params,
+            x,
+            y,
+            self.loss_fn,
+            self.rule,
+            steps,
+            create_graph=create_graph,
+            batch_size=batch_size,
+            buffers=buffers,
+            batched=batched,
+            generator=generator,
+        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Adapt a copy of the meta-learned parameters to a support set (no meta-gradient)."""
@@ -243,7 +310,8 @@ class GradientMetaLearner(MetaLearner):
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
         params = {k: p.detach() for k, p in self.params().items()}
         steps = self.inner_steps_test if steps is None else steps
-        adapted = self.adapt_params(params, support_x, support_y, steps,
-                                    batch_size=self.inner_batch_test, buffers=buffers)
+        adapted = self.adapt_params(
+            params, support_x, support_y, steps, batch_size=self.inner_batch_test, buffers=buffers
+        )
         adapted = {k: p.detach() for k, p in adapted.items()}
         return Predictor(lambda x: self.functional({**buffers, **adapted}, x), self.task_type)

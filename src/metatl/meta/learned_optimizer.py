@@ -28,6 +28,7 @@ and ``loss(params)``. :func:`meta_train` has its own unroll rather than :func:`m
 ``adapt`` returns only the final parameters and starts a fresh rule state, while this objective needs
 the loss at every step and the LSTM state carried across truncations.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ def flatten(tensors: Params) -> Tensor:
 def unflatten(vector: Tensor, like: Params) -> Params:
     out, i = {}, 0
     for k, t in like.items():
-        out[k] = vector[i:i + t.numel()].view_as(t)
+        out[k] = vector[i : i + t.numel()].view_as(t)
         i += t.numel()
     return out
 
@@ -67,9 +68,11 @@ def unflatten(vector: Tensor, like: Params) -> Params:
 def check_finite(grads: Params, who: str) -> None:
     bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
     if bad:
-        raise UnrolledLossError(f"{who}: the gradient of {', '.join(bad)} is NaN or infinite, so the inner "
-                                f"optimisation diverged; lower the inner learning rate / output scale, or "
-                                f"take fewer inner steps.")
+        raise UnrolledLossError(
+            f"{who}: the gradient of {', '.join(bad)} is NaN or infinite, so the inner "
+            f"optimisation diverged; lower the inner learning rate / output scale, or "
+            f"take fewer inner steps."
+        )
 
 
 class LearnedOptimizer(nn.Module):
@@ -84,8 +87,14 @@ class LearnedOptimizer(nn.Module):
     detach_inputs : drop second derivatives through the gradient input (paper: True).
     """
 
-    def __init__(self, hidden: int = 20, layers: int = 2, output_scale: float = 0.1,
-                 p: float | None = 10.0, detach_inputs: bool = True):
+    def __init__(
+        self,
+        hidden: int = 20,
+        layers: int = 2,
+        output_scale: float = 0.1,
+        p: float | None = 10.0,
+        detach_inputs: bool = True,
+    ):
         super().__init__()
         self.hidden, self.output_scale, self.p, self.detach_inputs = hidden, output_scale, p, detach_inputs
         width = 2 if p is not None else 1
@@ -138,8 +147,16 @@ class MLPProblem:
     layer of 20 sigmoid units, batches of 128). ``hidden`` and ``activation`` give the
     generalisation variants (40 units, two layers, ReLU)."""
 
-    def __init__(self, x: Tensor, y: Tensor, hidden: Sequence[int] = (20,), activation: str = "sigmoid",
-                 batch: int = 128, n_classes: int | None = None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        hidden: Sequence[int] = (20,),
+        activation: str = "sigmoid",
+        batch: int = 128,
+        n_classes: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}.")
         self.x, self.y = x.reshape(len(x), -1).float(), y.long()
@@ -198,9 +215,17 @@ def _detach(state):
     return state
 
 
-def meta_train(rule: nn.Module, sample_problem: Callable[[torch.Generator], object], iterations: int,
-               unroll_steps: int = 100, truncation: int = 20, lr: float = 1e-3, clip: float = 1.0,
-               seed: int = 0, callback: Callable[[int, float], None] | None = None) -> dict:
+def meta_train(
+    rule: nn.Module,
+    sample_problem: Callable[[torch.Generator], object],
+    iterations: int,
+    unroll_steps: int = 100,
+    truncation: int = 20,
+    lr: float = 1e-3,
+    clip: float = 1.0,
+    seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
+) -> dict:
     """Meta-train ``rule`` on ``iterations`` problems from ``sample_problem(generator)``.
 
     Each problem is optimised for ``unroll_steps`` steps from its ``init_params()``; after every
@@ -209,8 +234,10 @@ def meta_train(rule: nn.Module, sample_problem: Callable[[torch.Generator], obje
     ``{"meta_loss": [...], "clipped": n, "truncations": n, "max_grad_norm": x}``.
     """
     if unroll_steps % truncation:
-        raise ValueError(f"unroll_steps={unroll_steps} is not a multiple of truncation={truncation}; "
-                         f"pick values that divide (e.g. 100 and 20).")
+        raise ValueError(
+            f"unroll_steps={unroll_steps} is not a multiple of truncation={truncation}; "
+            f"pick values that divide (e.g. 100 and 20)."
+        )
     opt = torch.optim.Adam(rule.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     history = {"meta_loss": [], "clipped": 0, "truncations": 0, "max_grad_norm": 0.0}
@@ -226,13 +253,16 @@ def meta_train(rule: nn.Module, sample_problem: Callable[[torch.Generator], obje
                 raise UnrolledLossError(
                     f"the unrolled loss became {loss.item()} on problem {it}, steps {start}..{start + truncation}; "
                     f"lower the meta learning rate (lr={lr}) or the rule's output_scale, or shorten the "
-                    f"truncation ({truncation}).")
+                    f"truncation ({truncation})."
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = float(torch.nn.utils.clip_grad_norm_(rule.parameters(), clip))
             if not math.isfinite(norm):
-                raise UnrolledLossError(f"the meta-gradient became non-finite on problem {it}, steps "
-                                        f"{start}..{start + truncation}; lower lr={lr} or clip={clip}.")
+                raise UnrolledLossError(
+                    f"the meta-gradient became non-finite on problem {it}, steps "
+                    f"{start}..{start + truncation}; lower lr={lr} or clip={clip}."
+                )
             history["clipped"] += int(norm > clip)
             history["truncations"] += 1
             history["max_grad_norm"] = max(history["max_grad_norm"], norm)

@@ -18,6 +18,7 @@ default mean task loss (:meth:`GradientMetaLearner.meta_loss`). How a meta-batch
 vmap over tasks, CPU threads, compiled) is chosen by ``train.executor``
 (:mod:`metatl.engine.executors`).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -41,8 +42,15 @@ class MAML(GradientMetaLearner):
     first_order : drop the second-order term (first-order MAML).
     """
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
-                 inner_steps: int = 1, inner_steps_test: int | None = None, first_order: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        inner_steps_test: int | None = None,
+        first_order: bool = False,
+    ):
         super().__init__(model, task_type, SGD(inner_lr), inner_steps, inner_steps_test)
         self.inner_lr, self.first_order = inner_lr, first_order
         self.second_order = not first_order

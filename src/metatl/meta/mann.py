@@ -55,6 +55,7 @@ pixels are the ``pixels`` backbone with ``size: 20`` (configs/mann_omniglot_onli
 sharpens reads with beta 10 and turns on the write options above; the config says why). In the
 online protocol every class appears equally often (``shots + queries`` times) in random order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -108,17 +109,30 @@ def update_usage(usage: Tensor, read: Tensor, write: Tensor, gamma: float) -> Te
 class MANNCore(nn.Module):
     """The recurrent part: controller LSTM, optional LRU memory, output layer (equations above)."""
 
-    def __init__(self, input_size: int, n_classes: int, hidden: int = 200, memory: bool = True,
-                 slots: int = 128, slot_size: int = 40, heads: int = 4, gamma: float = 0.95,
-                 beta: float = 1.0, add_vector: bool = False, lru_per_head: bool = False,
-                 erase_slots: int | None = None):
+    def __init__(
+        self,
+        input_size: int,
+        n_classes: int,
+        hidden: int = 200,
+        memory: bool = True,
+        slots: int = 128,
+        slot_size: int = 40,
+        heads: int = 4,
+        gamma: float = 0.95,
+        beta: float = 1.0,
+        add_vector: bool = False,
+        lru_per_head: bool = False,
+        erase_slots: int | None = None,
+    ):
         super().__init__()
         if memory and heads > slots:
             raise ValueError(f"heads={heads} exceeds memory slots={slots}; use heads <= slots.")
         self.erase_slots = heads if erase_slots is None else erase_slots
         if memory and not 0 <= self.erase_slots <= slots:
-            raise ValueError(f"erase_slots={erase_slots} must lie in 0..slots={slots}; leave it unset to "
-                             f"zero the {heads} least used slots (one per head).")
+            raise ValueError(
+                f"erase_slots={erase_slots} must lie in 0..slots={slots}; leave it unset to "
+                f"zero the {heads} least used slots (one per head)."
+            )
         self.n_classes, self.hidden, self.memory = n_classes, hidden, memory
         self.slots, self.slot_size, self.heads, self.gamma, self.beta = slots, slot_size, heads, gamma, beta
         self.lru_per_head = lru_per_head
@@ -140,8 +154,13 @@ class MANNCore(nn.Module):
         if self.memory:
             n, w, heads = self.slots, self.slot_size, self.heads
             usage = z(batch, n)
-            state.update(r=z(batch, heads * w), M=like.new_full((batch, n, w), 1e-6),
-                         w_r=z(batch, heads, n), w_u=usage, w_lu=self.least_used(usage))
+            state.update(
+                r=z(batch, heads * w),
+                M=like.new_full((batch, n, w), 1e-6),
+                w_r=z(batch, heads, n),
+                w_u=usage,
+                w_lu=self.least_used(usage),
+            )
         return state
 
     def step(self, x: Tensor, y_prev: Tensor, s: State):
@@ -158,8 +177,7 @@ class MANNCore(nn.Module):
         w_r = cosine_read_weights(keys, memory, self.beta)
         r = (w_r @ memory).flatten(1)
         w_u = update_usage(s["w_u"], w_r, w_w, self.gamma)
-        state = {"h": h, "c": c, "r": r, "M": memory, "w_r": w_r, "w_u": w_u,
-                 "w_lu": self.least_used(w_u)}
+        state = {"h": h, "c": c, "r": r, "M": memory, "w_r": w_r, "w_u": w_u, "w_lu": self.least_used(w_u)}
         return self.out(torch.cat([h, r], -1)), state
 
     def forward(self, x_seq: Tensor, y_prev_seq: Tensor, state: State | None = None):
@@ -198,10 +216,23 @@ class MANN(MetaLearner):
         step of the shuffled support + query sequence, the paper's training).
     """
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", ways: int | None = None,
-                 memory: bool = True, hidden: int = 200, slots: int = 128, slot_size: int = 40,
-                 heads: int = 4, gamma: float = 0.95, beta: float = 1.0, objective: str = "episode",
-                 add_vector: bool = False, lru_per_head: bool = False, erase_slots: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        ways: int | None = None,
+        memory: bool = True,
+        hidden: int = 200,
+        slots: int = 128,
+        slot_size: int = 40,
+        heads: int = 4,
+        gamma: float = 0.95,
+        beta: float = 1.0,
+        objective: str = "episode",
+        add_vector: bool = False,
+        lru_per_head: bool = False,
+        erase_slots: int | None = None,
+    ):
         super().__init__(model, task_type)
         if task_type != "classification":
             raise ValueError("MANN classifies; use it with classification episodes (e.g. data.name: omniglot).")
@@ -209,8 +240,20 @@ class MANN(MetaLearner):
             raise ValueError(f"unknown objective {objective!r}; use 'episode' or 'online'.")
         ways = infer_ways(model, ways)
         self.ways, self.objective = ways, objective
-        self.core = MANNCore(feature_dim(model), ways, hidden, memory, slots, slot_size, heads, gamma, beta,
-                             add_vector, lru_per_head, erase_slots)
+        self.core = MANNCore(
+            feature_dim(model),
+            ways,
+            hidden,
+            memory,
+            slots,
+            slot_size,
+            heads,
+            gamma,
+            beta,
+            add_vector,
+            lru_per_head,
+            erase_slots,
+        )
 
     # -- the two protocols -------------------------------------------------------------------
     def online_logits(self, x: Tensor, y: Tensor) -> Tensor:
@@ -269,8 +312,9 @@ class MANN(MetaLearner):
         """Read the support set (in a fixed shuffled order); the predictor classifies each query as
         one step after it. ``steps`` must be None: there are no gradient steps."""
         if steps is not None:
-            raise ValueError("MANN adapts by reading the support sequence, not by gradient steps; "
-                             "leave eval.inner_steps unset.")
+            raise ValueError(
+                "MANN adapts by reading the support sequence, not by gradient steps; leave eval.inner_steps unset."
+            )
         support_y = check_support(support_x, support_y, self.task_type)
         check_ways(support_y, self.ways, "MANN")
         order = torch.randperm(len(support_y), generator=torch.Generator().manual_seed(0)).to(support_y.device)
@@ -280,8 +324,9 @@ class MANN(MetaLearner):
 
 
 @torch.no_grad()
-def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234,
-                         instances: Sequence[int] = (1, 2, 5, 10)) -> dict[int, dict[str, float]]:
+def mann_online_accuracy(
+    learner, sampler, episodes: int = 100, seed: int = 1234, instances: Sequence[int] = (1, 2, 5, 10)
+) -> dict[int, dict[str, float]]:
     """The paper's online protocol: accuracy of the prediction at the k-th presentation of a class.
 
     Each episode's support and query examples (e.g. 5 ways x 10 examples = 50) are shuffled into one
@@ -315,6 +360,8 @@ def mann_online_accuracy(learner, sampler, episodes: int = 100, seed: int = 1234
         learner.train(was_training)
     empty = [k for k in instances if not scores[k]]
     if empty:
-        raise ValueError(f"no class reached instance(s) {empty}: episodes have fewer examples per class; "
-                         f"use shots + queries >= {max(empty)}.")
+        raise ValueError(
+            f"no class reached instance(s) {empty}: episodes have fewer examples per class; "
+            f"use shots + queries >= {max(empty)}."
+        )
     return {k: mean_ci95(v) for k, v in scores.items()}

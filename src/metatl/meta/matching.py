@@ -26,6 +26,7 @@ before the softmax (an inverse temperature, ``a = softmax_i(s * cos(f(x), g(x_i)
 size does not match ``h_k``; like the common reimplementations we feed the sum.) The predictor's
 output is ``log P(y | x, S)``, so ``predict_proba`` returns ``P`` itself.
 """
+
 from __future__ import annotations
 
 import torch
@@ -88,8 +89,15 @@ class MatchingNet(MetaLearner):
 
     uses_head = False
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", fce: bool = False,
-                 fce_steps: int = 5, scale: float = 1.0, learn_scale: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        fce: bool = False,
+        fce_steps: int = 5,
+        scale: float = 1.0,
+        learn_scale: bool = False,
+    ):
         if task_type != "classification":
             raise ValueError("matching classifies; it has no regression form (use maml or reptile).")
         if not scale > 0:
@@ -104,8 +112,10 @@ class MatchingNet(MetaLearner):
             self.register_buffer("log_scale", log_scale, persistent=False)
         if fce:
             if not hasattr(model, "embedding_dim"):
-                raise ValueError(f"fce needs the embedding width: backbone {type(model).__name__} has no "
-                                 f"`embedding_dim`; use conv4_pool / conv4_stride or set fce: false.")
+                raise ValueError(
+                    f"fce needs the embedding width: backbone {type(model).__name__} has no "
+                    f"`embedding_dim`; use conv4_pool / conv4_stride or set fce: false."
+                )
             self.context = FullContextEmbedding(int(model.embedding_dim), fce_steps)
 
     def support_embeddings(self, support_x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ The update is an update rule (``init`` / ``update``, with ``uses_loss = True``),
 evaluation both run the one inner loop :func:`metatl.meta.adapt`. The paper reports miniImageNet
 (43.44% 1-shot, 60.60% 5-shot, 5-way), not Omniglot.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,9 +63,11 @@ class MetaLSTMRule(nn.Module):
     def update(self, grads, state, params, loss: Tensor):
         t, i_prev, f_prev, h, c = state
         if not torch.isfinite(loss):
-            raise UnrolledLossError(f"the meta-LSTM's inner loss became {loss.item()} at inner step {t}; "
-                                    f"lower the initial input gate (b_I) or train.lr, set train.grad_clip "
-                                    f"(e.g. 1.0), or take fewer inner_steps.")
+            raise UnrolledLossError(
+                f"the meta-LSTM's inner loss became {loss.item()} at inner step {t}; "
+                f"lower the initial input gate (b_I) or train.lr, set train.grad_clip "
+                f"(e.g. 1.0), or take fewer inner_steps."
+            )
         check_finite(grads, f"meta-LSTM inner step {t}")
         g = flatten(grads).detach()
         theta = flatten(params)
@@ -90,10 +93,18 @@ class MetaLSTM(GradientMetaLearner):
     hidden : units of the first, standard LSTM layer (paper: 20); 0 feeds ``x_t`` to the gates directly.
     """
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", inner_steps: int = 5,
-                 inner_steps_test: int | None = None, inner_batch: int | None = None,
-                 inner_batch_test: int | None = None, hidden: int = 20):
-        super().__init__(model, task_type, MetaLSTMRule(hidden), inner_steps, inner_steps_test,
-                         inner_batch, inner_batch_test)
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        inner_steps: int = 5,
+        inner_steps_test: int | None = None,
+        inner_batch: int | None = None,
+        inner_batch_test: int | None = None,
+        hidden: int = 20,
+    ):
+        super().__init__(
+            model, task_type, MetaLSTMRule(hidden), inner_steps, inner_steps_test, inner_batch, inner_batch_test
+        )
 
     vmappable = False  # the rule checks each inner loss for NaN (data-dependent control flow)

@@ -5,6 +5,7 @@ Shapes: ``embeddings`` ``(n, d)``, ``labels`` ``(n,)`` int64 in ``0..n_classes-1
 bfloat16``) these helpers still compute in float32: a squared distance written as
 ``||a||^2 + ||b||^2 - 2 a.b`` loses every digit it has in bfloat16 once the points are close.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,6 +19,7 @@ METRICS = ("sqeuclidean", "euclidean", "cosine")
 
 def full_precision(fn):
     """Run ``fn`` with autocast off and its half-precision tensor arguments cast to float32."""
+
     def up(t):
         return t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -26,6 +28,7 @@ def full_precision(fn):
         device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
         with torch.autocast(device, enabled=False):
             return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
     return wrapper
 
 
@@ -39,8 +42,10 @@ def prototypes(embeddings: Tensor, labels: Tensor, n_classes: int) -> Tensor:
     counts = onehot.sum(0)  # (K,)
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"class(es) {empty} have no support examples; every class 0..{n_classes - 1} "
-                         f"needs at least one (check the support labels).")
+        raise ValueError(
+            f"class(es) {empty} have no support examples; every class 0..{n_classes - 1} "
+            f"needs at least one (check the support labels)."
+        )
     return onehot.t() @ embeddings / counts[:, None]
 
 

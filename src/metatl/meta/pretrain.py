@@ -4,6 +4,7 @@ One model is trained on all tasks at once, ``min_theta mean_i L_i(theta)`` over 
 query points of every task in the meta-batch, with no adaptation in the loop. At test time it is
 fine-tuned on the support set with the same SGD inner loop as MAML.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,13 +19,24 @@ from .rules import SGD
 class Pretrain(GradientMetaLearner):
     """Pretrained on all tasks jointly, fine-tuned with ``inner_steps_test`` SGD steps of ``inner_lr``."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 0.01,
-                 inner_steps_test: int | None = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        inner_lr: float = 0.01,
+        inner_steps_test: int | None = 1,
+    ):
         super().__init__(model, task_type, SGD(inner_lr), 0, inner_steps_test)
         self.inner_lr = inner_lr
 
     def meta_loss(self, batch):
         theta = self.params()
-        loss = torch.stack([self.loss_fn(self.functional(theta, torch.cat([ep.support_x, ep.query_x])),
-                                         torch.cat([ep.support_y, ep.query_y])) for ep in batch]).mean()
+        loss = torch.stack(
+            [
+                self.loss_fn(
+                    self.functional(theta, torch.cat([ep.support_x, ep.query_x])), torch.cat([ep.support_y, ep.query_y])
+                )
+                for ep in batch
+            ]
+        ).mean()
         return loss, {"loss": loss.item()}

@@ -12,6 +12,7 @@ cosine``, the paper's comparison). Adaptation to a new task is computing the pro
 is no inner loop, and any number of classes works at test time, so the paper trains with more
 ways than it tests (60-way episodes for Omniglot: ``data.train_ways: 60``).
 """
+
 from __future__ import annotations
 
 import torch

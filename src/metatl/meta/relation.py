@@ -10,6 +10,7 @@ With embedding ``f_phi`` returning feature maps and relation module ``g_phi``
 The predictor's output is ``log r_{j,k}``: the argmax is the class of highest relation, and
 ``predict_proba`` gives the scores normalised over the classes, ``r_{j,k} / sum_k' r_{j,k'}``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,10 @@ class RelationNet(MetaLearner):
         if task_type != "classification":
             raise ValueError("relation classifies; it has no regression form (use maml or reptile).")
         if not hasattr(model, "map_shape"):
-            raise ValueError(f"relation needs a backbone that returns feature maps with a `map_shape` "
-                             f"attribute; {type(model).__name__} has none. Use model: {{name: conv4_relation}}.")
+            raise ValueError(
+                f"relation needs a backbone that returns feature maps with a `map_shape` "
+                f"attribute; {type(model).__name__} has none. Use model: {{name: conv4_relation}}."
+            )
         super().__init__(model, task_type)
         self.relation = RelationModule(tuple(model.map_shape), filters, hidden, getattr(model, "bn_mode", "batch"))
 
@@ -56,8 +59,9 @@ class RelationNet(MetaLearner):
         """``r_{j,k}``, shape ``(len(x), N)``."""
         q = self.model(x)
         m, n = len(q), len(class_maps)
-        pairs = torch.cat([class_maps[None].expand(m, -1, -1, -1, -1),
-                           q[:, None].expand(-1, n, -1, -1, -1)], dim=2)  # (m, N, 2c, s, s)
+        pairs = torch.cat(
+            [class_maps[None].expand(m, -1, -1, -1, -1), q[:, None].expand(-1, n, -1, -1, -1)], dim=2
+        )  # (m, N, 2c, s, s)
         return self.relation(pairs.flatten(0, 1)).view(m, n)
 
     def meta_loss(self, batch):

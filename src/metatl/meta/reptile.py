@@ -12,6 +12,7 @@ plain SGD with learning rate epsilon on it is exactly the Reptile update (the pa
 ``train.lr_schedule: linear``). ``train.meta_batch: 1`` gives the serial version (Algorithm 1), a
 larger meta-batch the batched version (Algorithm 2).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,10 +40,18 @@ class Reptile(GradientMetaLearner):
 
     vmappable = False  # minibatches drawn with randperm
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", inner_lr: float = 1e-3,
-                 inner_steps: int = 5, inner_steps_test: int | None = 50,
-                 inner_optimizer: str = "adam", inner_betas: Sequence[float] = (0.0, 0.999),
-                 inner_batch: int | None = 10, inner_batch_test: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        inner_lr: float = 1e-3,
+        inner_steps: int = 5,
+        inner_steps_test: int | None = 50,
+        inner_optimizer: str = "adam",
+        inner_betas: Sequence[float] = (0.0, 0.999),
+        inner_batch: int | None = 10,
+        inner_batch_test: int | None = None,
+    ):
         kwargs = {"betas": tuple(inner_betas)} if inner_optimizer == "adam" else {}
         rule = make_rule(inner_optimizer, lr=inner_lr, **kwargs)
         super().__init__(model, task_type, rule, inner_steps, inner_steps_test, inner_batch, inner_batch_test)

@@ -5,6 +5,7 @@ parameters are ``params[k] + updates[k]``. Rules never touch a module: parameter
 tensors. MAML, Meta-SGD and a learned LSTM optimizer differ only in the rule they pass to
 :func:`metatl.meta.adapt.adapt`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,7 @@ class Adam:
         b1, b2 = self.betas
         m = {k: b1 * m[k] + (1 - b1) * g for k, g in grads.items()}
         v = {k: b2 * v[k] + (1 - b2) * g * g for k, g in grads.items()}
-        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        c1, c2 = 1 - b1**t, 1 - b2**t
         updates = {k: -self.lr * (m[k] / c1) / ((v[k] / c2).sqrt() + self.eps) for k in grads}
         return updates, (t, m, v)
 

@@ -28,6 +28,7 @@ and the Omniglot network of the paper (appendix B) is::
 A TC block built for length ``T = seq_len`` sees exactly ``2^ceil(log2 T)`` steps back, so a longer
 sequence is refused (build with a larger ``seq_len``): for N ways and K shots, ``T = N K + 1``.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,7 @@ class TCBlock(nn.Module):
         super().__init__()
         blocks = []
         for i in range(max(1, math.ceil(math.log2(seq_len)))):
-            blocks.append(DenseBlock(in_channels + i * filters, 2 ** i, filters))
+            blocks.append(DenseBlock(in_channels + i * filters, 2**i, filters))
         self.blocks = nn.Sequential(*blocks)
         self.out_channels = in_channels + len(blocks) * filters
 
@@ -126,8 +127,14 @@ class AttentionBlock(nn.Module):
 class SNAILNet(nn.Module):
     """Attention, then (TC, Attention) pairs, then a linear layer: ``(B, T, in) -> (B, T, N)``."""
 
-    def __init__(self, input_size: int, n_classes: int, seq_len: int, filters: int = 128,
-                 attention: Sequence[Sequence[int]] = ((64, 32), (256, 128), (512, 256))):
+    def __init__(
+        self,
+        input_size: int,
+        n_classes: int,
+        seq_len: int,
+        filters: int = 128,
+        attention: Sequence[Sequence[int]] = ((64, 32), (256, 128), (512, 256)),
+    ):
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (support + query), got {seq_len}.")
@@ -144,9 +151,11 @@ class SNAILNet(nn.Module):
 
     def check_length(self, t: int) -> None:
         if t > self.seq_len:
-            raise ValueError(f"a sequence of length {t} is longer than the seq_len={self.seq_len} "
-                             f"this SNAIL was built for (its temporal convolutions see only that far back); "
-                             f"build it with algorithm.seq_len >= ways * shots + 1 = {t}.")
+            raise ValueError(
+                f"a sequence of length {t} is longer than the seq_len={self.seq_len} "
+                f"this SNAIL was built for (its temporal convolutions see only that far back); "
+                f"build it with algorithm.seq_len >= ways * shots + 1 = {t}."
+            )
 
     def forward(self, z: Tensor) -> Tensor:
         """Logits at every step of the sequences ``z`` ``(B, T, in)``."""
@@ -175,9 +184,15 @@ class SNAIL(MetaLearner):
     attention : ``[key_size, value_size]`` of each attention block (paper: 64/32, 256/128, 512/256).
     """
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", ways: int | None = None,
-                 seq_len: int = 26, filters: int = 128,
-                 attention: Sequence[Sequence[int]] = ((64, 32), (256, 128), (512, 256))):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        ways: int | None = None,
+        seq_len: int = 26,
+        filters: int = 128,
+        attention: Sequence[Sequence[int]] = ((64, 32), (256, 128), (512, 256)),
+    ):
         super().__init__(model, task_type)
         if task_type != "classification":
             raise ValueError("SNAIL classifies here; use it with classification episodes.")
@@ -213,8 +228,10 @@ class SNAIL(MetaLearner):
         """Embed the support set once (in a fixed shuffled order); each query is one forward pass of
         ``[support, (query, 0)]``. ``steps`` must be None: there are no gradient steps."""
         if steps is not None:
-            raise ValueError("SNAIL adapts by attending to the support sequence, not by gradient steps; "
-                             "leave eval.inner_steps unset.")
+            raise ValueError(
+                "SNAIL adapts by attending to the support sequence, not by gradient steps; "
+                "leave eval.inner_steps unset."
+            )
         support_y = check_support(support_x, support_y, self.task_type)
         self.net.check_length(len(support_y) + 1)
         check_ways(support_y, self.ways, "SNAIL")

@@ -10,6 +10,7 @@ BatchNorm is an explicit choice, ``bn_mode``:
 - ``"running"``: keep running statistics during meta-training and use them in ``eval()`` mode.
 - ``"none"``: no normalisation layers.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -75,8 +76,16 @@ class ConvNet(nn.Module):
     (:func:`metatl.engine.build.load_learner` sets one that checks the image shape).
     """
 
-    def __init__(self, in_channels: int = 1, out_features: int = 5, filters: int = 64,
-                 variant: str = "stride", bn_mode: str = "batch", image_size: int = 28, fast: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_features: int = 5,
+        filters: int = 64,
+        variant: str = "stride",
+        bn_mode: str = "batch",
+        image_size: int = 28,
+        fast: bool = True,
+    ):
         super().__init__()
         if variant not in ("stride", "pool"):
             raise ValueError(f"unknown conv variant {variant!r}; use 'stride' or 'pool'.")
@@ -88,8 +97,12 @@ class ConvNet(nn.Module):
             else:
                 # ReLU after the pool: max and ReLU commute (ReLU is monotone), so the outputs and
                 # gradients are those of conv-BN-ReLU-pool, with the ReLU on a quarter of the values
-                blocks += [nn.Conv2d(c, filters, 3, padding=1), _norm(filters, bn_mode),
-                           MaxPool2d(2) if fast else nn.MaxPool2d(2), nn.ReLU()]
+                blocks += [
+                    nn.Conv2d(c, filters, 3, padding=1),
+                    _norm(filters, bn_mode),
+                    MaxPool2d(2) if fast else nn.MaxPool2d(2),
+                    nn.ReLU(),
+                ]
                 size = size // 2
             c = filters
         self.features = nn.Sequential(*blocks)
@@ -119,15 +132,29 @@ class ConvNet(nn.Module):
 
 
 @BACKBONES.register("conv4_stride")
-def conv4_stride(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
-                 image_size: int = 28, filters: int = 64, fast: bool = True, **_) -> nn.Module:
+def conv4_stride(
+    in_channels: int = 1,
+    out_features: int = 5,
+    bn_mode: str = "batch",
+    image_size: int = 28,
+    filters: int = 64,
+    fast: bool = True,
+    **_,
+) -> nn.Module:
     """MAML's Omniglot net: 4 x (3x3 conv stride 2, BN, ReLU), mean over space, linear head."""
     return ConvNet(in_channels, out_features, filters, "stride", bn_mode, image_size, fast)
 
 
 @BACKBONES.register("conv4_pool")
-def conv4_pool(in_channels: int = 1, out_features: int = 5, bn_mode: str = "batch",
-               image_size: int = 28, filters: int = 64, fast: bool = True, **_) -> nn.Module:
+def conv4_pool(
+    in_channels: int = 1,
+    out_features: int = 5,
+    bn_mode: str = "batch",
+    image_size: int = 28,
+    filters: int = 64,
+    fast: bool = True,
+    **_,
+) -> nn.Module:
     """The Prototypical Networks net: 4 x (3x3 conv, BN, ReLU, 2x2 max-pool), linear head."""
     return ConvNet(in_channels, out_features, filters, "pool", bn_mode, image_size, fast)
 

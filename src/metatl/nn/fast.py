@@ -13,6 +13,7 @@ checkpoints load either way.
 - :func:`functional_call`: ``torch.func.functional_call`` with the module tree walked once per tree
   instead of twice per call.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -121,8 +122,10 @@ def conv_batch_stats_norm(x, conv: nn.Conv2d, norm: BatchStatsNorm2d):
     same function as the two layers (tests in float64). The conv bias cancels, and gets a zero
     gradient."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
-        raise ValueError(f"conv_batch_stats_norm needs a convolution with groups=1 and zero padding, got "
-                         f"groups={conv.groups}, padding_mode={conv.padding_mode!r}; run the two layers instead.")
+        raise ValueError(
+            f"conv_batch_stats_norm needs a convolution with groups=1 and zero padding, got "
+            f"groups={conv.groups}, padding_mode={conv.padding_mode!r}; run the two layers instead."
+        )
     size = conv.weight[0].numel()  # C_in k k
     windows = torch.eye(size, dtype=x.dtype, device=x.device).view(size, *conv.weight.shape[1:])
     # each output position's input window, by a convolution with one-hot kernels (faster than
@@ -175,7 +178,6 @@ class MaxPool2d(nn.MaxPool2d):
         if x.dim() != 4 or x.device.type != "cpu" or _in_func_transform(x) or _transforms_active():
             return super().forward(x)
         return _MaxPoolChannelsLast.apply(x, self.kernel_size)
-
 
 
 # -- functional_call ---------------------------------------------------------------------------

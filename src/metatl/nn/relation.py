@@ -7,6 +7,7 @@
 - :class:`RelationModule`, ``g_phi``: two blocks of 3x3 conv (padding 1), BatchNorm, ReLU, 2x2
   max-pool on the concatenated pair of maps, then ``FC(hidden) -> ReLU -> FC(1) -> sigmoid``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ class RelationEmbedding(nn.Module):
 
 
 @BACKBONES.register("conv4_relation")
-def conv4_relation(in_channels: int = 1, out_features: int = 0, bn_mode: str = "batch",
-                   image_size: int = 28, filters: int = 64, **_) -> nn.Module:
+def conv4_relation(
+    in_channels: int = 1, out_features: int = 0, bn_mode: str = "batch", image_size: int = 28, filters: int = 64, **_
+) -> nn.Module:
     """The Relation Network embedding: 4 x (3x3 conv, BN, ReLU), max-pool after the first two; feature maps out."""
     return RelationEmbedding(in_channels, filters, bn_mode, image_size)
 
@@ -49,17 +51,25 @@ def conv4_relation(in_channels: int = 1, out_features: int = 0, bn_mode: str = "
 class RelationModule(nn.Module):
     """``g_phi``: pairs of maps ``(n, 2c, s, s)`` -> relation scores ``(n,)`` in (0, 1)."""
 
-    def __init__(self, map_shape: tuple[int, int, int], filters: int = 64, hidden: int = 8,
-                 bn_mode: str = "batch"):
+    def __init__(self, map_shape: tuple[int, int, int], filters: int = 64, hidden: int = 8, bn_mode: str = "batch"):
         super().__init__()
         c, h, w = map_shape
         self.convs = nn.Sequential(
-            nn.Conv2d(2 * c, filters, 3, padding=1), _norm(filters, bn_mode), MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(filters, filters, 3, padding=1), _norm(filters, bn_mode), MaxPool2d(2), nn.ReLU())
+            nn.Conv2d(2 * c, filters, 3, padding=1),
+            _norm(filters, bn_mode),
+            MaxPool2d(2),
+            nn.ReLU(),
+            nn.Conv2d(filters, filters, 3, padding=1),
+            _norm(filters, bn_mode),
+            MaxPool2d(2),
+            nn.ReLU(),
+        )
         flat = filters * (h // 4) * (w // 4)
         if flat == 0:
-            raise ValueError(f"feature maps of {h}x{w} are too small for the relation module's two "
-                             f"2x2 max-pools (need >= 4x4); use larger images.")
+            raise ValueError(
+                f"feature maps of {h}x{w} are too small for the relation module's two "
+                f"2x2 max-pools (need >= 4x4); use larger images."
+            )
         self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, pairs: Tensor) -> Tensor:

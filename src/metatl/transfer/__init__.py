@@ -7,6 +7,7 @@ Every estimator here is registered in :data:`metatl.registry.ESTIMATORS`. The de
 (``source_only``, ``dann``, ``deep_coral``, ``dan``, ``linear_probe``, ``finetune``, ``l2sp``,
 ``rkd``) are registered in :data:`metatl.registry.ALGORITHMS` and run by the one trainer.
 """
+
 from metatl.transfer import relation  # noqa: F401  (registers rkd)
 from metatl.transfer._base import SourceOnly
 from metatl.transfer._deep import DeepTransfer

@@ -2,6 +2,7 @@
 
 Private: the public classes are re-exported from :mod:`metatl.transfer`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -135,8 +136,15 @@ class SourceOnly(_DomainEstimator):
 
     def fit(self, X, y, sample_domain=None, sample_weight=None):
         """Fit on rows with ``sample_domain > 0``; returns ``self``."""
-        X, y, sd = check_domains(X, y, sample_domain, classification=not is_regressor(self._base()),
-                                 requires_y=True, estimator=self, who="SourceOnly")
+        X, y, sd = check_domains(
+            X,
+            y,
+            sample_domain,
+            classification=not is_regressor(self._base()),
+            requires_y=True,
+            estimator=self,
+            who="SourceOnly",
+        )
         s = sd > 0
         est = self._base()
         if sample_weight is None:
@@ -157,8 +165,15 @@ class BaseReweighter(_DomainEstimator):
 
     def fit(self, X, y, sample_domain=None, sample_weight=None):
         """Learn ``weights_`` on ``X[source]`` vs ``X[target]`` and fit the estimator; returns ``self``."""
-        X, y, sd = check_domains(X, y, sample_domain, classification=not is_regressor(self._base()),
-                                 requires_y=True, estimator=self, who=type(self).__name__)
+        X, y, sd = check_domains(
+            X,
+            y,
+            sample_domain,
+            classification=not is_regressor(self._base()),
+            requires_y=True,
+            estimator=self,
+            who=type(self).__name__,
+        )
         s, t = sd > 0, sd < 0
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X)

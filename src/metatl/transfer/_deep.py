@@ -14,6 +14,7 @@ and the data source scores ``learner(x)`` (the logits). ``init_checkpoint`` star
 the ``model.*`` weights of a metatl checkpoint (e.g. a source-only run); the file must exist
 whenever the learner is rebuilt from its config (``metatl eval`` of the run included).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,12 +29,14 @@ def load_model_weights(model: nn.Module, checkpoint: str) -> None:
     from ..engine import checkpoint as ckpt_io
 
     state = ckpt_io.load(checkpoint)
-    weights = {k[len("model."):]: v for k, v in state["learner"].items() if k.startswith("model.")}
+    weights = {k[len("model.") :]: v for k, v in state["learner"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(f"{checkpoint} does not fit this model ({str(err).splitlines()[0]}); use a checkpoint "
-                         f"trained with the same model.* settings.") from err
+        raise ValueError(
+            f"{checkpoint} does not fit this model ({str(err).splitlines()[0]}); use a checkpoint "
+            f"trained with the same model.* settings."
+        ) from err
 
 
 class DeepTransfer(nn.Module):
@@ -44,8 +47,10 @@ class DeepTransfer(nn.Module):
         if task_type != "classification":
             raise ValueError(f"{type(self).__name__} is for classification data; got task type {task_type!r}.")
         if not (hasattr(model, "embed") and hasattr(model, "head")):
-            raise ValueError(f"{type(self).__name__} needs a backbone with embed() and head (e.g. model.name: "
-                             f"digits_cnn, conv4_pool); got {type(model).__name__}.")
+            raise ValueError(
+                f"{type(self).__name__} needs a backbone with embed() and head (e.g. model.name: "
+                f"digits_cnn, conv4_pool); got {type(model).__name__}."
+            )
         self.model, self.task_type = model, task_type
         self.progress = 0.0
         if init_checkpoint:
@@ -91,12 +96,16 @@ def labelled_rows(batch: dict[str, Tensor], labels: str) -> tuple[Tensor, Tensor
     has_target = "target_labelled_x" in batch
     if labels == "target" or (labels == "both" and has_target):
         if not has_target:
-            raise ValueError("labels='target' needs revealed target labels: set data.target_labels_fraction "
-                             "(e.g. --set data.target_labels_fraction=0.01).")
+            raise ValueError(
+                "labels='target' needs revealed target labels: set data.target_labels_fraction "
+                "(e.g. --set data.target_labels_fraction=0.01)."
+            )
         if labels == "target":
             return batch["target_labelled_x"], batch["target_labelled_y"]
-        return (torch.cat([batch["source_x"], batch["target_labelled_x"]]),
-                torch.cat([batch["source_y"], batch["target_labelled_y"]]))
+        return (
+            torch.cat([batch["source_x"], batch["target_labelled_x"]]),
+            torch.cat([batch["source_y"], batch["target_labelled_y"]]),
+        )
     if labels in ("source", "both"):
         return batch["source_x"], batch["source_y"]
     raise ValueError(f"unknown labels {labels!r}; use source, target or both.")

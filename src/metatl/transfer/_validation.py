@@ -13,6 +13,7 @@ and routed like any other metadata.
 
 Every error names the fix.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -147,9 +148,7 @@ def check_domains(
         if y.shape != (n,):
             raise ValueError(f"y has shape {y.shape}; expected ({n},), one label per row of X.")
     if n < 2:
-        raise ValueError(
-            f"{who} got n_samples={n}; it needs at least one source and one target row."
-        )
+        raise ValueError(f"{who} got n_samples={n}; it needs at least one source and one target row.")
     if sample_domain is None:
         if y is None:
             raise ValueError(

@@ -25,6 +25,7 @@ features :math:`z` and class probabilities :math:`p`:
 Reverse validation (:class:`~metatl.transfer.selection.ReverseValidationScorer`) would retrain the
 network once per grid point; it is left to the classical estimators, where a refit is cheap.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ def features_and_logits(learner, x: Tensor, batch_size: int = 1024):
         device = next(learner.parameters()).device
         zs, ls = [], []
         for i in range(0, len(x), batch_size):
-            z = learner.features(x[i:i + batch_size].to(device))
+            z = learner.features(x[i : i + batch_size].to(device))
             zs.append(z.double().cpu())
             ls.append(learner.classify(z).double().cpu())
     finally:
@@ -99,8 +100,9 @@ def snd_score(target_logits, temperature: float = 0.05) -> float:
     return float(-(q * logq.nan_to_num(neginf=0.0)).sum(1).mean())
 
 
-def label_free_scores(learner, source_x: Tensor, source_y: Tensor, target_x: Tensor,
-                      scorers: Sequence[str] = SCORERS) -> dict[str, float]:
+def label_free_scores(
+    learner, source_x: Tensor, source_y: Tensor, target_x: Tensor, scorers: Sequence[str] = SCORERS
+) -> dict[str, float]:
     """Every scorer in ``scorers`` for ``learner`` on held-out labelled source rows and unlabelled
     target rows (see the module docstring); no target label is read."""
     unknown = set(scorers) - set(SCORERS)

@@ -18,6 +18,7 @@ The importance :math:`w(x) = \frac{n_s}{n_t}\frac{P(t \mid x)}{P(s \mid x)}` com
 probabilistic domain classifier fitted on the fold (default: logistic regression) -- the
 discriminative density-ratio estimate used by DEV.
 """
+
 from __future__ import annotations
 
 import inspect

@@ -19,6 +19,7 @@ The vmap executors need equally shaped episodes, no BatchNorm running statistics
 order, normalisation layers that are exact when differentiated twice under vmap
 (:class:`~metatl.nn.BatchStatsNorm2d`); they refuse bfloat16 autocast.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -59,8 +60,7 @@ def small_queries(batch) -> bool:
     """Whether a meta-batch's episodes are equally shaped with query sets no larger than their
     support sets (MAML's training protocol: one query per class)."""
     first = batch[0]
-    same = all(ep.support_x.shape == first.support_x.shape and ep.query_x.shape == first.query_x.shape
-               for ep in batch)
+    same = all(ep.support_x.shape == first.support_x.shape and ep.query_x.shape == first.query_x.shape for ep in batch)
     return same and len(first.query_x) <= len(first.support_x)
 
 
@@ -102,9 +102,11 @@ def make_executor(name: str, learner, device: str = "cpu", precision: str = "flo
     why it cannot run this learner and what to set instead."""
     if not is_gradient_learner(learner):
         if name not in ("auto", "loop"):
-            raise ExecutorError(f"train.executor={name} runs gradient-based meta-learners (maml, reptile, "
-                                f"meta_lstm); {type(learner).__name__} computes its meta-loss itself. "
-                                f"Use train.executor=auto.")
+            raise ExecutorError(
+                f"train.executor={name} runs gradient-based meta-learners (maml, reptile, "
+                f"meta_lstm); {type(learner).__name__} computes its meta-loss itself. "
+                f"Use train.executor=auto."
+            )
         return Direct()
     if name == "auto":
         name = choose(learner, device, precision)
@@ -113,24 +115,41 @@ def make_executor(name: str, learner, device: str = "cpu", precision: str = "flo
     if name not in EXECUTORS:
         raise ExecutorError(f"unknown train.executor {name!r}; choose auto or one of {', '.join(EXECUTORS)}.")
     if getattr(learner, "outer_loss", None) is not None and name not in ("loop", "threads"):
-        raise ExecutorError(f"train.executor={name}: {type(learner).__name__} has its own outer rule, which runs "
-                            f"with train.executor loop, threads or auto.")
+        raise ExecutorError(
+            f"train.executor={name}: {type(learner).__name__} has its own outer rule, which runs "
+            f"with train.executor loop, threads or auto."
+        )
     if name in VMAP_EXECUTORS:
         why = vmap_unfit(learner)
         if why:
             raise ExecutorError(f"train.executor={name}: {why}. Or use train.executor=threads (or loop, or auto).")
         if precision == "bfloat16":
-            raise ExecutorError(f"train.executor={name} (vmap) cannot run with train.precision=bfloat16 (its double "
-                                f"backward mixes dtypes under autocast); set train.executor=threads or "
-                                f"train.precision=float32.")
+            raise ExecutorError(
+                f"train.executor={name} (vmap) cannot run with train.precision=bfloat16 (its double "
+                f"backward mixes dtypes under autocast); set train.executor=threads or "
+                f"train.precision=float32."
+            )
     if name in ("threads", "threads_inner_vmap") and threads_unsafe(learner.model):
-        raise ExecutorError(f"train.executor={name}: the model cannot run in several threads at once, because "
-                            f"{threads_unsafe(learner.model)}; use train.executor={name.replace('threads', 'loop').replace('loop_', '')} or auto.")
+        raise ExecutorError(
+            f"train.executor={name}: the model cannot run in several threads at once, because "
+            f"{threads_unsafe(learner.model)}; use train.executor={name.replace('threads', 'loop').replace('loop_', '')} or auto."
+        )
     executor = EXECUTORS[name]()
     if getattr(learner, "outer_loss", None) is not None and name == "loop":
         return Loop()
     return executor
 
 
-__all__ = ["EXECUTORS", "Direct", "ExecutorError", "KnownGradient", "Loop", "TaskByTask", "Threads", "Vmap",
-           "choose", "make_executor", "with_gradient"]
+__all__ = [
+    "EXECUTORS",
+    "Direct",
+    "ExecutorError",
+    "KnownGradient",
+    "Loop",
+    "TaskByTask",
+    "Threads",
+    "Vmap",
+    "choose",
+    "make_executor",
+    "with_gradient",
+]

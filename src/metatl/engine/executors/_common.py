@@ -1,5 +1,6 @@
 """What the executors share: a loss that carries a gradient computed already, and the checks of
 whether a meta-learner can run under ``torch.func.vmap``."""
+
 from __future__ import annotations
 
 import torch
@@ -51,20 +52,26 @@ def vmap_unfit(learner) -> str:
     if not getattr(learner, "vmappable", False) or getattr(learner, "outer_loss", None) is not None:
         return f"{type(learner).__name__}'s inner loop does not run under vmap"
     if any(True for _ in model.buffers()):
-        return ("vmap cannot update BatchNorm running statistics; use model.bn_mode 'batch' (the MAML "
-                "default) or 'none'")
+        return "vmap cannot update BatchNorm running statistics; use model.bn_mode 'batch' (the MAML default) or 'none'"
     if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
         return "the model has dropout, whose random draws vmap over tasks does not batch"
-    unexact = [name for name, m in model.named_modules()
-               if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and not isinstance(m, BatchStatsNorm2d)]
+    unexact = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and not isinstance(m, BatchStatsNorm2d)
+    ]
     if learner.second_order and unexact:
-        return (f"PyTorch's fused batch_norm and layer_norm give wrong second-order gradients under vmap "
-                f"(pytorch/functorch#534), and the model has {', '.join(unexact[:3])}; use "
-                f"metatl.nn.BatchStatsNorm2d (the conv nets' bn_mode 'batch') or first_order=true")
+        return (
+            f"PyTorch's fused batch_norm and layer_norm give wrong second-order gradients under vmap "
+            f"(pytorch/functorch#534), and the model has {', '.join(unexact[:3])}; use "
+            f"metatl.nn.BatchStatsNorm2d (the conv nets' bn_mode 'batch') or first_order=true"
+        )
     return ""
 
 
 def refuse_autocast(name: str, device_type: str) -> None:
     if autocast_enabled(device_type):
-        raise ExecutorError(f"train.executor={name} (vmap) cannot run under bfloat16 autocast (its double "
-                            "backward mixes dtypes); set train.precision=float32 or train.executor=threads.")
+        raise ExecutorError(
+            f"train.executor={name} (vmap) cannot run under bfloat16 autocast (its double "
+            "backward mixes dtypes); set train.precision=float32 or train.executor=threads."
+        )

@@ -1,5 +1,6 @@
 """The per-task executors: the plain loop, and the loop that differentiates each task's query loss
 as soon as it is computed (optionally with the inner loops as one vmap over tasks)."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -34,7 +35,8 @@ def task_gradients(learner, theta, wrt, tasks, generators, scale: float, inner_v
     if inner_vmap:
         refuse_autocast("inner_vmap", tasks[0].support_x.device.type)
         stacked = torch.func.vmap(partial(learner.adapted, theta, batched=True))(
-            torch.stack([ep.support_x for ep in tasks]), torch.stack([ep.support_y for ep in tasks]))
+            torch.stack([ep.support_x for ep in tasks]), torch.stack([ep.support_y for ep in tasks])
+        )
         tracked = [k for k in names if stacked[k].requires_grad]
         adapted = [{k: v.detach()[i] for k, v in stacked.items()} for i in range(len(tasks))]
     else:
@@ -70,8 +72,10 @@ def mean_task_loss(parts, learner, wrt, tasks: int):
     scores = [s for _, sc, _ in parts for s in sc]
     if parts[0][2] is None:  # gradients disabled
         return value, learner.metrics(value, scores)
-    grads = {k: sum(g[j] if g[j] is not None else torch.zeros_like(p) for _, _, g in parts)
-             for j, (k, p) in enumerate(wrt.items())}
+    grads = {
+        k: sum(g[j] if g[j] is not None else torch.zeros_like(p) for _, _, g in parts)
+        for j, (k, p) in enumerate(wrt.items())
+    }
     loss = with_gradient(value, wrt, grads)
     return loss, learner.metrics(loss, scores)
 
@@ -87,6 +91,7 @@ class TaskByTask:
 
     def __call__(self, learner, batch):
         theta, wrt = learner.params(), meta_parameters(learner)
-        part = task_gradients(learner, theta, wrt, batch, learner.task_generators(len(batch)), 1 / len(batch),
-                              self.inner_vmap)
+        part = task_gradients(
+            learner, theta, wrt, batch, learner.task_generators(len(batch)), 1 / len(batch), self.inner_vmap
+        )
         return mean_task_loss([part], learner, wrt, len(batch))

@@ -13,6 +13,7 @@ enabled, outside ``torch.func`` transforms, and for models that neither update b
 (BatchNorm running statistics) nor draw random numbers (dropout). Results differ from one
 thread's only by floating-point rounding.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,9 +56,11 @@ def replicate(module: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(module, memo)
     except Exception as error:  # e.g. a module holding a lock or an open file
-        raise ExecutorError(f"task threads: cannot copy the {type(module).__name__} for a second thread "
-                            f"({type(error).__name__}: {error}); set train.executor=loop to run the tasks "
-                            f"one after another.") from error
+        raise ExecutorError(
+            f"task threads: cannot copy the {type(module).__name__} for a second thread "
+            f"({type(error).__name__}: {error}); set train.executor=loop to run the tasks "
+            f"one after another."
+        ) from error
 
 
 def map_shards(learner, fn: Callable, items: Sequence, threads: int) -> list:
@@ -85,8 +88,7 @@ def map_shards(learner, fn: Callable, items: Sequence, threads: int) -> list:
         except BaseException as error:  # re-raised in the caller's thread
             errors[w] = error
 
-    workers = [threading.Thread(target=run, args=(w,), name=f"metatl-task-{w}", daemon=True)
-               for w in range(1, threads)]
+    workers = [threading.Thread(target=run, args=(w,), name=f"metatl-task-{w}", daemon=True) for w in range(1, threads)]
     try:
         for worker in workers:
             worker.start()

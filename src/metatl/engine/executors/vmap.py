@@ -1,4 +1,5 @@
 """The meta-batch as one ``torch.func.vmap`` over tasks, eager or compiled."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -13,7 +14,8 @@ from ._common import meta_parameters, refuse_autocast, with_gradient
 def batch_loss(learner, theta, support_x, support_y, query_x, query_y):
     """The mean query loss of a stacked meta-batch, and the query outputs (tasks x queries x outputs)."""
     losses, outs = torch.func.vmap(partial(learner.task_loss, batched=True), in_dims=(None, 0, 0, 0, 0))(
-        theta, support_x, support_y, query_x, query_y)
+        theta, support_x, support_y, query_x, query_y
+    )
     return losses.mean(), outs
 
 

@@ -22,6 +22,7 @@ four-line Algorithm 1 applies the linear map to features it does not re-centre (
 On the simulated covariate shift of docs/transfer.md the centred map scores higher (numbers there).
 Target rows are left unchanged either way.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -88,8 +89,7 @@ class CORAL(TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None, sample_domain=None):
         """Learn ``A_`` from the source and target rows; returns ``self``."""
-        X, _, sd = check_domains(X, None, _domains(y, sample_domain), classification=False, estimator=self,
-                                 who="CORAL")
+        X, _, sd = check_domains(X, None, _domains(y, sample_domain), classification=False, estimator=self, who="CORAL")
         for name, rows in (("source", sd > 0), ("target", sd < 0)):
             if rows.sum() < 2:
                 raise ValueError(

@@ -14,6 +14,7 @@ adaptation factor follows the paper's schedule over training progress ``p`` in [
 
 The domain classifier is ``d -> hidden -> BatchNorm -> ReLU -> 1`` (as in skada).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,15 @@ def domain_loss(source_logits: Tensor, target_logits: Tensor) -> Tensor:
 class DANN(DeepTransfer):
     """DANN (Ganin et al. 2016): gradient reversal, domain classifier, lambda schedule 2/(1+exp(-10p))-1."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", weight: float = 1.0,
-                 gamma: float = 10.0, hidden: int = 100, init_checkpoint: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        weight: float = 1.0,
+        gamma: float = 10.0,
+        hidden: int = 100,
+        init_checkpoint: str | None = None,
+    ):
         super().__init__(model, task_type, init_checkpoint)
         if not hasattr(model, "embedding_dim"):
             raise ValueError("dann needs model.embedding_dim (the feature width) to size its domain classifier.")
@@ -77,8 +85,14 @@ class DANN(DeepTransfer):
         ce = F.cross_entropy(logits, batch["source_y"])
         lambd = dann_lambda(self.progress, self.gamma)
         d = self.discriminator(grad_reverse(torch.cat([zs, zt]), lambd))
-        dom = domain_loss(d[:len(zs)], d[len(zs):])
+        dom = domain_loss(d[: len(zs)], d[len(zs) :])
         loss = ce + self.weight * dom
-        d_acc = torch.cat([d[:len(zs)] > 0, d[len(zs):] <= 0]).float().mean().item()
-        return loss, {"loss": loss.item(), "ce": ce.item(), "domain_loss": dom.item(), "domain_acc": d_acc,
-                      "lambda": lambd, "source_acc": accuracy(logits, batch["source_y"])}
+        d_acc = torch.cat([d[: len(zs)] > 0, d[len(zs) :] <= 0]).float().mean().item()
+        return loss, {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "domain_loss": dom.item(),
+            "domain_acc": d_acc,
+            "lambda": lambd,
+            "source_acc": accuracy(logits, batch["source_y"]),
+        }

@@ -9,6 +9,7 @@ For source features ``D_S (n_s, d)`` and target features ``D_T (n_t, d)``::
 The loss is taken on the ``embed`` features after the backbone's dropout (the layer skada-bench
 aligns on its digits net).
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -35,8 +36,13 @@ def coral_loss(source: Tensor, target: Tensor) -> Tensor:
 class DeepCORAL(DeepTransfer):
     """Deep CORAL (Sun & Saenko 2016): CE + weight * ||C_s - C_t||_F^2 / (4 d^2) on the features."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", weight: float = 1.0,
-                 init_checkpoint: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        weight: float = 1.0,
+        init_checkpoint: str | None = None,
+    ):
         super().__init__(model, task_type, init_checkpoint)
         self.weight = weight
 
@@ -46,5 +52,9 @@ class DeepCORAL(DeepTransfer):
         ce = F.cross_entropy(logits, batch["source_y"])
         coral = coral_loss(zs, zt)
         loss = ce + self.weight * coral
-        return loss, {"loss": loss.item(), "ce": ce.item(), "coral": coral.item(),
-                      "source_acc": accuracy(logits, batch["source_y"])}
+        return loss, {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "coral": coral.item(),
+            "source_acc": accuracy(logits, batch["source_y"]),
+        }

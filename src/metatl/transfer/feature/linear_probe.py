@@ -9,6 +9,7 @@ on the labelled rows chosen by ``labels`` (default ``target``: the revealed targ
 ``source`` to probe on the source labels). :func:`extract_features` gives ``phi(x)`` for any other
 use (e.g. a scikit-learn classifier or a classical estimator from :mod:`metatl.transfer`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ def extract_features(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Ten
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model.embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 
@@ -34,8 +35,14 @@ def extract_features(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Ten
 class LinearProbe(DeepTransfer):
     """Linear probe: a frozen pretrained feature extractor (eval mode) and a trained linear head."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None,
-                 labels: str = "target", reset_head: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        init_checkpoint: str | None = None,
+        labels: str = "target",
+        reset_head: bool = True,
+    ):
         super().__init__(model, task_type, init_checkpoint)
         if reset_head:
             model.head.reset_parameters()

@@ -24,6 +24,7 @@ The objective (on the ``embed`` features after the backbone's dropout, and on th
 
     L = CE(f(x_s), y_s) + weight * sum_{layer} MMD^2(h_s^layer, h_t^layer)
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,8 +54,13 @@ def multi_kernel(a: Tensor, b: Tensor, bandwidths: Tensor) -> Tensor:
     return torch.stack([torch.exp(-sq / s) for s in bandwidths]).mean(0)
 
 
-def mk_mmd(source: Tensor, target: Tensor, bandwidths: Tensor | None = None, estimator: str = "unbiased",
-           multipliers: Sequence[float] = MULTIPLIERS) -> Tensor:
+def mk_mmd(
+    source: Tensor,
+    target: Tensor,
+    bandwidths: Tensor | None = None,
+    estimator: str = "unbiased",
+    multipliers: Sequence[float] = MULTIPLIERS,
+) -> Tensor:
     """Multi-kernel ``MMD^2`` between ``source (n_s, d)`` and ``target (n_t, d)`` (see the module docstring)."""
     if bandwidths is None:
         bandwidths = default_bandwidths(source, target, multipliers)
@@ -65,8 +71,11 @@ def mk_mmd(source: Tensor, target: Tensor, bandwidths: Tensor | None = None, est
             raise ValueError("the unbiased MMD needs at least 2 source and 2 target rows.")
         kss, ktt = multi_kernel(source, source, bandwidths), multi_kernel(target, target, bandwidths)
         kst = multi_kernel(source, target, bandwidths)
-        return ((kss.sum() - kss.diagonal().sum()) / (ns * (ns - 1))
-                + (ktt.sum() - ktt.diagonal().sum()) / (nt * (nt - 1)) - 2 * kst.mean())
+        return (
+            (kss.sum() - kss.diagonal().sum()) / (ns * (ns - 1))
+            + (ktt.sum() - ktt.diagonal().sum()) / (nt * (nt - 1))
+            - 2 * kst.mean()
+        )
     if estimator == "linear":
         n = min(len(source), len(target)) // 2 * 2
         if n < 2:
@@ -85,24 +94,40 @@ def mk_mmd(source: Tensor, target: Tensor, bandwidths: Tensor | None = None, est
 class DAN(DeepTransfer):
     """DAN (Long et al. 2015): CE + weight * multi-kernel MMD^2 (unbiased U-statistic by default)."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", weight: float = 1.0,
-                 estimator: str = "unbiased", layers: Sequence[str] = ("features",),
-                 multipliers: Sequence[float] = MULTIPLIERS, init_checkpoint: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        weight: float = 1.0,
+        estimator: str = "unbiased",
+        layers: Sequence[str] = ("features",),
+        multipliers: Sequence[float] = MULTIPLIERS,
+        init_checkpoint: str | None = None,
+    ):
         super().__init__(model, task_type, init_checkpoint)
         unknown = set(layers) - {"features", "logits"}
         if unknown or not layers:
             raise ValueError(f"dan layers must be a non-empty subset of features, logits; got {list(layers)}.")
         if estimator not in ("unbiased", "linear"):
             raise ValueError(f"unknown estimator {estimator!r}; use 'unbiased' or 'linear'.")
-        self.weight, self.estimator, self.layers, self.multipliers = weight, estimator, tuple(layers), tuple(multipliers)
+        self.weight, self.estimator, self.layers, self.multipliers = (
+            weight,
+            estimator,
+            tuple(layers),
+            tuple(multipliers),
+        )
 
     def meta_loss(self, batch):
         zs, zt = self.source_and_target_features(batch)
         logits = self.classify(torch.cat([zs, zt]), dropped=True)
-        ls, lt = logits[:len(zs)], logits[len(zs):]
+        ls, lt = logits[: len(zs)], logits[len(zs) :]
         ce = F.cross_entropy(ls, batch["source_y"])
         pairs = {"features": (zs, zt), "logits": (ls, lt)}
         mmd = sum(mk_mmd(*pairs[name], estimator=self.estimator, multipliers=self.multipliers) for name in self.layers)
         loss = ce + self.weight * mmd
-        return loss, {"loss": loss.item(), "ce": ce.item(), "mmd": mmd.item(),
-                      "source_acc": accuracy(ls, batch["source_y"])}
+        return loss, {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "mmd": mmd.item(),
+            "source_acc": accuracy(ls, batch["source_y"]),
+        }

@@ -39,6 +39,7 @@ the distance of the mean log-likelihood to its optimum, is at most ``tol`` (repo
 is kept; these fits stop at the looser ``max(tol, 1e-3)``, enough to rank widths. Memory is ``n x b``,
 never ``n x n``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -95,8 +96,9 @@ def kliep_em_step(alpha, A, b_bar):
     return alpha * (A.T @ (1.0 / (A @ alpha)) / len(A)) / b_bar
 
 
-def kliep_fit_alpha(A, b_bar, *, solver="em", max_iter=20000, tol=1e-5, step_sizes=STEP_SIZES,
-                    projection="exact", return_info=False):
+def kliep_fit_alpha(
+    A, b_bar, *, solver="em", max_iter=20000, tol=1e-5, step_sizes=STEP_SIZES, projection="exact", return_info=False
+):
     """``alpha`` maximising ``mean(log(A alpha))`` s.t. ``b_bar' alpha = 1, alpha >= 0``.
 
     ``solver='em'`` (default) repeats :func:`kliep_em_step`. ``solver='pg'`` is the paper's projected
@@ -138,8 +140,21 @@ def _kernel_mean(X, centers, gamma, chunk=4096):
     return sum(rbf_kernel(X[i : i + chunk], centers, gamma).sum(0) for i in range(0, len(X), chunk)) / len(X)
 
 
-def kliep_weights(X_source, X_target, *, gamma=1.0, n_centers=100, cv=5, solver="em", max_iter=20000, tol=1e-5,
-                  projection="exact", chunk=4096, random_state=None, return_info=False):
+def kliep_weights(
+    X_source,
+    X_target,
+    *,
+    gamma=1.0,
+    n_centers=100,
+    cv=5,
+    solver="em",
+    max_iter=20000,
+    tol=1e-5,
+    projection="exact",
+    chunk=4096,
+    random_state=None,
+    return_info=False,
+):
     """KLIEP weights ``w(x_i)`` for the source rows.
 
     ``gamma`` may be a float or a list; with a list the width is chosen by ``cv``-fold likelihood
@@ -174,8 +189,9 @@ def kliep_weights(X_source, X_target, *, gamma=1.0, n_centers=100, cv=5, solver=
         best = float(gammas[np.nanargmax(cv_scores)])
     else:
         best = float(gammas[0])
-    alpha, info = kliep_fit_alpha(rbf_kernel(Xt, centers, best), _kernel_mean(Xs, centers, best, chunk),
-                                  return_info=True, **fit)
+    alpha, info = kliep_fit_alpha(
+        rbf_kernel(Xt, centers, best), _kernel_mean(Xs, centers, best, chunk), return_info=True, **fit
+    )
     w = np.concatenate([rbf_kernel(Xs[i : i + chunk], centers, best) @ alpha for i in range(0, len(Xs), chunk)])
     if not return_info:
         return w
@@ -219,8 +235,18 @@ class KLIEP(BaseReweighter):
     (``gap_ <= tol`` when it converged; a ``ConvergenceWarning`` says when it did not).
     """
 
-    def __init__(self, estimator=None, gamma=(0.1, 0.3, 1.0, 3.0, 10.0), n_centers=100, cv=5, solver="em",
-                 max_iter=20000, tol=1e-5, projection="exact", random_state=None):
+    def __init__(
+        self,
+        estimator=None,
+        gamma=(0.1, 0.3, 1.0, 3.0, 10.0),
+        n_centers=100,
+        cv=5,
+        solver="em",
+        max_iter=20000,
+        tol=1e-5,
+        projection="exact",
+        random_state=None,
+    ):
         self.estimator = estimator
         self.gamma = gamma
         self.n_centers = n_centers
@@ -237,15 +263,27 @@ class KLIEP(BaseReweighter):
             gamma = [scale * g for g in self.gamma]
         else:
             gamma = resolve_gamma(self.gamma, np.vstack([X_source, X_target]))
-        w, info = kliep_weights(X_source, X_target, gamma=gamma, n_centers=self.n_centers, cv=self.cv,
-                                solver=self.solver, max_iter=self.max_iter, tol=self.tol, projection=self.projection,
-                                random_state=self.random_state, return_info=True)
+        w, info = kliep_weights(
+            X_source,
+            X_target,
+            gamma=gamma,
+            n_centers=self.n_centers,
+            cv=self.cv,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            projection=self.projection,
+            random_state=self.random_state,
+            return_info=True,
+        )
         self.alpha_, self.centers_ = info["alpha"], info["centers"]
         self.gamma_, self.cv_scores_ = info["gamma"], info["cv_scores"]
         self.n_iter_, self.gap_ = info["n_iter"], info["gap"]
         if not info["converged"]:
             warnings.warn(
                 f"KLIEP stopped after {self.n_iter_} steps with gap {self.gap_:.2g} > tol={self.tol}; "
-                "raise max_iter or tol.", ConvergenceWarning, stacklevel=3,
+                "raise max_iter or tol.",
+                ConvergenceWarning,
+                stacklevel=3,
             )
         return w

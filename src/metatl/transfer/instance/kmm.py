@@ -23,6 +23,7 @@ eigenvalue of ``K`` from power iteration. The projection onto the box-and-slab s
 ``'auto'`` uses ``'dense'`` when it fits, else ``'rff'``. The kernel is Gaussian,
 ``k(x, z) = exp(-gamma ||x - z||^2)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,9 +58,22 @@ def _rff(X: np.ndarray, W: np.ndarray, phase: np.ndarray, chunk: int) -> np.ndar
     return Z
 
 
-def kmm_weights(X_source, X_target, *, gamma=1.0, B=1000.0, eps=None, solver="auto", n_components=1000,
-                max_iter=1000, tol=1e-4, max_dense_memory=5e8, chunk=2048, random_state=None,
-                return_info=False):
+def kmm_weights(
+    X_source,
+    X_target,
+    *,
+    gamma=1.0,
+    B=1000.0,
+    eps=None,
+    solver="auto",
+    n_components=1000,
+    max_iter=1000,
+    tol=1e-4,
+    max_dense_memory=5e8,
+    chunk=2048,
+    random_state=None,
+    return_info=False,
+):
     """KMM weights ``beta`` (shape ``(n_s,)``) for ``X_source`` against ``X_target``; see the module docstring.
 
     ``eps=None`` uses ``(sqrt(n_s) - 1) / sqrt(n_s)``. With ``return_info`` also returns a dict with
@@ -151,8 +165,19 @@ class KMM(BaseReweighter):
     n_iter_ : int
     """
 
-    def __init__(self, estimator=None, gamma="scale", B=1000.0, eps=None, solver="auto", n_components=1000,
-                 max_iter=1000, tol=1e-4, max_dense_memory=5e8, random_state=None):
+    def __init__(
+        self,
+        estimator=None,
+        gamma="scale",
+        B=1000.0,
+        eps=None,
+        solver="auto",
+        n_components=1000,
+        max_iter=1000,
+        tol=1e-4,
+        max_dense_memory=5e8,
+        random_state=None,
+    ):
         self.estimator = estimator
         self.gamma = gamma
         self.B = B
@@ -167,9 +192,18 @@ class KMM(BaseReweighter):
     def _source_weights(self, X_source, X_target):
         self.gamma_ = resolve_gamma(self.gamma, np.vstack([X_source, X_target]))
         beta, info = kmm_weights(
-            X_source, X_target, gamma=self.gamma_, B=self.B, eps=self.eps, solver=self.solver,
-            n_components=self.n_components, max_iter=self.max_iter, tol=self.tol,
-            max_dense_memory=self.max_dense_memory, random_state=self.random_state, return_info=True,
+            X_source,
+            X_target,
+            gamma=self.gamma_,
+            B=self.B,
+            eps=self.eps,
+            solver=self.solver,
+            n_components=self.n_components,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            max_dense_memory=self.max_dense_memory,
+            random_state=self.random_state,
+            return_info=True,
         )
         self.n_iter_, self.solver_ = info["n_iter"], info["solver"]
         return beta

@@ -36,6 +36,7 @@ For two classes (``'auto'``) nothing changes: the paper's rule, ties going to th
 in :math:`\ge`. ``predict_proba`` is the normalised vote. :math:`\epsilon_t` is clipped to
 ``[1e-10, 1 - 1/K]``: at chance level a learner gets zero vote and leaves the target weights unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,8 +117,9 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_domain=None):
         """Run ``n_estimators`` rounds of TrAdaBoost; returns ``self``."""
-        X, y, sd = check_domains(X, y, sample_domain, target_labels="require", requires_y=True, estimator=self,
-                                 who="TrAdaBoost")
+        X, y, sd = check_domains(
+            X, y, sample_domain, target_labels="require", requires_y=True, estimator=self, who="TrAdaBoost"
+        )
         keep = (sd > 0) | ~is_masked(y)
         order = np.argsort(sd[keep] < 0, kind="stable")  # source rows first, then labelled target
         X, y, is_target = X[keep][order], y[keep][order], (sd[keep] < 0)[order]

@@ -14,6 +14,7 @@ learning rates: ``lr_scales={pattern: scale}`` puts the parameters matching ``pa
 wins) in an optimizer group whose learning rate is ``scale * train.lr`` (the trainer's schedule
 multiplied by the group's ``lr_scale``). ``reset_head=True`` re-initialises the head (a new task).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -60,18 +61,30 @@ def param_groups(named_params, lr_scales: dict[str, float] | None = None) -> lis
 class Finetune(DeepTransfer):
     """Fine-tuning: all layers, head only, or a freeze filter (fnmatch); per-pattern lr scales."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None,
-                 strategy: str = "all", freeze: Sequence[str] = (), lr_scales: dict[str, float] | None = None,
-                 labels: str = "target", reset_head: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        init_checkpoint: str | None = None,
+        strategy: str = "all",
+        freeze: Sequence[str] = (),
+        lr_scales: dict[str, float] | None = None,
+        labels: str = "target",
+        reset_head: bool = False,
+    ):
         super().__init__(model, task_type, init_checkpoint)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
         if freeze and strategy != "filter":
-            raise ValueError("freeze patterns need strategy: filter (strategy all trains everything, head only the head).")
+            raise ValueError(
+                "freeze patterns need strategy: filter (strategy all trains everything, head only the head)."
+            )
         if reset_head:
             model.head.reset_parameters()
         names = [n for n, _ in model.named_parameters()]
-        patterns = {"all": [], "head": [n for n in names if not n.startswith("head.")], "filter": list(freeze)}[strategy]
+        patterns = {"all": [], "head": [n for n in names if not n.startswith("head.")], "filter": list(freeze)}[
+            strategy
+        ]
         self.frozen = freeze_by_filter(model, patterns)
         if len(self.frozen) == len(names):
             raise ValueError(f"the freeze filter {list(freeze)} freezes every parameter; nothing would train.")

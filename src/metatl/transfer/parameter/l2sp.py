@@ -10,6 +10,7 @@ copies taken after ``init_checkpoint`` is loaded) and ``w_new`` the parameters o
 Frozen parameters are constant, so they are left out of the penalty. Defaults ``alpha=0.1``,
 ``beta=0.01`` as in the paper.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ from ...registry import ALGORITHMS
 from .finetune import Finetune
 
 
-def l2sp_penalty(params: dict[str, Tensor], start: dict[str, Tensor], new: Sequence[str],
-                 alpha: float, beta: float) -> Tensor:
+def l2sp_penalty(
+    params: dict[str, Tensor], start: dict[str, Tensor], new: Sequence[str], alpha: float, beta: float
+) -> Tensor:
     """``alpha/2 sum_{k in start} ||params[k] - start[k]||^2 + beta/2 sum_{k in new} ||params[k]||^2``."""
     shared = sum(((params[k] - w0) ** 2).sum() for k, w0 in start.items())
     fresh = sum((params[k] ** 2).sum() for k in new)
@@ -33,9 +35,19 @@ def l2sp_penalty(params: dict[str, Tensor], start: dict[str, Tensor], new: Seque
 class L2SP(Finetune):
     """Fine-tuning with the L2-SP penalty alpha/2 ||w_s - w_s^0||^2 + beta/2 ||w_new||^2 (Li et al. 2018)."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None,
-                 alpha: float = 0.1, beta: float = 0.01, strategy: str = "all", freeze: Sequence[str] = (),
-                 lr_scales: dict[str, float] | None = None, labels: str = "target", reset_head: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        init_checkpoint: str | None = None,
+        alpha: float = 0.1,
+        beta: float = 0.01,
+        strategy: str = "all",
+        freeze: Sequence[str] = (),
+        lr_scales: dict[str, float] | None = None,
+        labels: str = "target",
+        reset_head: bool = False,
+    ):
         super().__init__(model, task_type, init_checkpoint, strategy, freeze, lr_scales, labels, reset_head)
         self.alpha, self.beta = alpha, beta
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -20,6 +20,7 @@ The intercept :math:`c` is not penalised. :math:`\alpha \to \infty` returns the 
   penalty :math:`\frac{\alpha}{2}\|W - W_s\|_F^2`); minimised by L-BFGS. The source model is the same
   objective on the source with :math:`w_s = 0` and strength ``alpha_source``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,16 @@ from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
 
 
 def _labelled_split(estimator, X, y, sample_domain, classification):
-    X, y, sd = check_domains(X, y, sample_domain, target_labels="require", classification=classification,
-                             requires_y=True, estimator=estimator, who=type(estimator).__name__)
+    X, y, sd = check_domains(
+        X,
+        y,
+        sample_domain,
+        target_labels="require",
+        classification=classification,
+        requires_y=True,
+        estimator=estimator,
+        who=type(estimator).__name__,
+    )
     t = (sd < 0) & ~is_masked(y, classification)
     return X[sd > 0], y[sd > 0], X[t], y[t]
 

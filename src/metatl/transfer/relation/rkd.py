@@ -24,6 +24,7 @@ Two uses, one objective (:class:`RKD`), ``L = ce_weight * CE(f(x), y) + L_RKD(st
   e.g. a source-only run) and ``on="target"`` keeps the relations among target features that the
   source model sees while the network adapts (``both``: source and target rows).
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,9 +75,18 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class RKD(DeepTransfer):
     """Relational KD (Park et al. 2019): distance- and angle-wise Huber losses to a frozen teacher."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", teacher_checkpoint: str | None = None,
-                 init_checkpoint: str | None = None, distance_weight: float = 25.0, angle_weight: float = 50.0,
-                 ce_weight: float = 1.0, on: str = "source", labels: str = "source"):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        teacher_checkpoint: str | None = None,
+        init_checkpoint: str | None = None,
+        distance_weight: float = 25.0,
+        angle_weight: float = 50.0,
+        ce_weight: float = 1.0,
+        on: str = "source",
+        labels: str = "source",
+    ):
         super().__init__(model, task_type, init_checkpoint)
         if on not in ("source", "target", "both"):
             raise ValueError(f"unknown on {on!r}; use source, target or both.")
@@ -87,8 +97,10 @@ class RKD(DeepTransfer):
         elif init_checkpoint:
             teacher = copy.deepcopy(model)
         else:
-            raise ValueError("rkd needs a teacher: algorithm.teacher_checkpoint (distillation) or "
-                             "algorithm.init_checkpoint (the starting model as a frozen teacher).")
+            raise ValueError(
+                "rkd needs a teacher: algorithm.teacher_checkpoint (distillation) or "
+                "algorithm.init_checkpoint (the starting model as a frozen teacher)."
+            )
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.teacher = teacher.eval()
@@ -104,12 +116,20 @@ class RKD(DeepTransfer):
         x, y = labelled_rows(batch, self.labels)
         logits = self(x)
         ce = F.cross_entropy(logits, y)
-        rows = {"source": batch["source_x"], "target": batch["target_x"],
-                "both": torch.cat([batch["source_x"], batch["target_x"]])}[self.on]
+        rows = {
+            "source": batch["source_x"],
+            "target": batch["target_x"],
+            "both": torch.cat([batch["source_x"], batch["target_x"]]),
+        }[self.on]
         with torch.no_grad():
             t = self.teacher.embed(rows)
         s = self.features(rows)
         ld, la = rkd_distance_loss(s, t), rkd_angle_loss(s, t)
         loss = self.ce_weight * ce + self.distance_weight * ld + self.angle_weight * la
-        return loss, {"loss": loss.item(), "ce": ce.item(), "rkd_distance": ld.item(), "rkd_angle": la.item(),
-                      "train_acc": accuracy(logits, y)}
+        return loss, {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "rkd_distance": ld.item(),
+            "rkd_angle": la.item(),
+            "train_acc": accuracy(logits, y),
+        }
