@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Params = dict[str, Tensor]
+from ._types import Params
 
 
 def adapt(

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.fast import functional_call
+from ._types import Params
 from .adapt import adapt
-
-Params = dict[str, Tensor]
 
 
 def task_loss(task_type: str) -> Callable[[Tensor, Tensor], Tensor]:

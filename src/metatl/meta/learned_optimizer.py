@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Params = dict[str, Tensor]
+from ._types import Params
 
 
 class UnrolledLossError(FloatingPointError):

@@ -9,9 +9,8 @@ tensors. MAML, Meta-SGD and a learned LSTM optimizer differ only in the rule the
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-Params = dict[str, Tensor]
+from ._types import Params
 
 
 class SGD:

@@ -10,7 +10,7 @@ Every estimator here is registered in :data:`metatl.registry.ESTIMATORS`. The de
 
 from metatl.transfer import relation  # noqa: F401  (registers rkd)
 from metatl.transfer._base import SourceOnly
-from metatl.transfer._deep import DeepTransfer
+from metatl.transfer._deep import DeepSourceOnly, DeepTransfer
 from metatl.transfer._validation import TargetLabelLeakWarning
 from metatl.transfer.feature import CORAL
 from metatl.transfer.instance import KLIEP, KMM, TrAdaBoost, kliep_weights, kmm_weights
@@ -20,6 +20,7 @@ from metatl.transfer.selection import DEVScorer, ImportanceWeightedScorer, Rever
 __all__ = [
     "CORAL",
     "DEVScorer",
+    "DeepSourceOnly",
     "DeepTransfer",
     "ImportanceWeightedScorer",
     "KLIEP",

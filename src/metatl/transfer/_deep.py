@@ -116,7 +116,7 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 
 
 @ALGORITHMS.register("source_only")
-class SourceOnly(DeepTransfer):
+class DeepSourceOnly(DeepTransfer):
     """Deep baseline: cross-entropy on labelled source rows only, ``L = CE(f(x_s), y_s)``."""
 
     def meta_loss(self, batch):
