@@ -6,7 +6,11 @@ of training episodes done in the time. With ``num_threads: auto`` (the default) 
 cores the other processes leave free (:mod:`metatl.engine.runtime`); the target is at most 2.5 times
 slower beside one busy process than alone on 2 cores.
 
-    python benchmarks/contention.py [--seconds 60] [--threads auto 2] [--out benchmarks/results/contention.json]
+    python benchmarks/contention.py [--seconds 60] [--threads auto 2] [--busy 0 1 3] [--set KEY=VALUE ...]
+        [--out benchmarks/results/contention.json]
+
+The config trains in bfloat16, which is fast only on CPUs with bfloat16 units (Intel AMX); elsewhere
+``--set train.precision=float32`` measures the runtime rather than bfloat16 emulation.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def _busy() -> None:
         pass
 
 
-def run_child(seconds: float, threads: str) -> dict:
+def run_child(seconds: float, threads: str, overrides: list[str]) -> dict:
     """One training run in this process; returns episodes done and the thread count used."""
     from metatl.config import load_config
     from metatl.engine.trainer import Trainer
@@ -37,7 +41,12 @@ def run_child(seconds: float, threads: str) -> dict:
     value = "auto" if threads == "auto" else int(threads)
     cfg = load_config(
         CONFIG,
-        [f"train.time_budget_min={seconds / 60}", "train.ckpt_every=0", f"train.num_threads={json.dumps(value)}"],
+        [
+            f"train.time_budget_min={seconds / 60}",
+            "train.ckpt_every=0",
+            f"train.num_threads={json.dumps(value)}",
+            *overrides,
+        ],
     )
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out, progress=False)
@@ -54,13 +63,13 @@ def run_child(seconds: float, threads: str) -> dict:
     }
 
 
-def measure(seconds: float, threads: str, busy: int) -> dict:
+def measure(seconds: float, threads: str, busy: int, overrides: list[str]) -> dict:
     hogs = [mp.Process(target=_busy, daemon=True) for _ in range(busy)]
     for hog in hogs:
         hog.start()
     try:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", "--seconds", str(seconds), "--threads", threads],
+            [sys.executable, __file__, "--child", "--seconds", str(seconds), "--threads", threads, "--set", *overrides],
             capture_output=True,
             text=True,
             check=True,
@@ -78,10 +87,13 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", default=["auto"], help="train.num_threads settings to compare")
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="busy processes beside the run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "contention.json"))
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. train.precision=float32)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.seconds, args.threads[0])))
+        print(json.dumps(run_child(args.seconds, args.threads[0], args.set)))
         return
 
     from metatl.engine.runtime import available_cores
@@ -90,7 +102,7 @@ def main() -> None:
     runs = []
     for threads in args.threads:
         for busy in args.busy:
-            res = {"threads": threads, "busy_processes": busy, **measure(args.seconds, threads, busy)}
+            res = {"threads": threads, "busy_processes": busy, **measure(args.seconds, threads, busy, args.set)}
             runs.append(res)
             print(
                 f"num_threads={threads:>4} beside {busy} busy: {res['episodes']:6d} episodes "
@@ -104,6 +116,7 @@ def main() -> None:
                 r["slowdown"] = alone["episodes_per_s"] / r["episodes_per_s"]
     record = {
         "config": str(CONFIG.relative_to(ROOT)),
+        "overrides": args.set,
         "seconds": args.seconds,
         "cores": available_cores(),
         "hardware": hardware(),
