@@ -503,7 +503,14 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
     if (RESULTS / "contention.json").exists():  # the runtime's share of a busy machine
         contention = load("contention.json")
         for r in contention["runs"]:
-            slowdown = f", {r['slowdown']:.2f} times slower than alone" if "slowdown" in r else ""
+            slowdown = ""
+            if "slowdown" in r:  # a fair share of the cores: 1 / (busy + 1) of them, for a run alone on all
+                slowdown = (
+                    f", {r['slowdown']:.2f} times slower than alone (a fair share of "
+                    f"{contention['cores']} cores: {r['busy_processes'] + 1} times)"
+                )
+            overrides = contention.get("overrides", [])
+            command = "python benchmarks/contention.py" + (" --set " + " ".join(overrides) if overrides else "")
             rows.append(
                 [
                     "ProtoNet 10-minute config beside busy processes",
@@ -512,7 +519,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                     "",
                     f"{contention['seconds']:.0f} s",
                     f"{contention['hardware']}, {contention['cores']} cores",
-                    code("python benchmarks/contention.py"),
+                    code(command),
                 ]
             )
     out.append(
