@@ -100,14 +100,13 @@ def test_a_checkpoint_of_the_older_format_loads_safely_and_upgrades(run, tmp_pat
     assert ckpt_io.read(tmp_path / "new.pt")["format"] == ckpt_io.FORMAT
 
 
-def test_upgrade_runs_a_refused_file_only_when_trusted(tmp_path):
+def test_upgrade_never_runs_a_refused_file(tmp_path):
     marker = tmp_path / "ran"
     _crafted(tmp_path / "c.pt", marker)
     assert main(["upgrade-checkpoint", str(tmp_path / "c.pt")]) == 2
-    assert not marker.exists()
-    ckpt_io.upgrade(tmp_path / "c.pt", tmp_path / "d.pt", trust=True)  # the user vouches: its code runs
-    assert marker.exists()
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "d.pt") == []
+    with pytest.raises(ValueError, match="refused"):
+        ckpt_io.upgrade(tmp_path / "c.pt", tmp_path / "d.pt")
+    assert not marker.exists() and not (tmp_path / "d.pt").exists()
 
 
 # -- run folders ------------------------------------------------------------------------------

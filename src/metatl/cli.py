@@ -3,7 +3,7 @@
 metatl train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-change KEY ...]] [--overwrite]
 metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
 metatl adapt CHECKPOINT --support DIR --query DIR [--out DIR]
-metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt] [--trust]
+metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt]
 metatl list
 """
 
@@ -83,7 +83,7 @@ def cmd_adapt(args) -> int:
 def cmd_upgrade(args) -> int:
     from .engine.checkpoint import upgrade
 
-    print(f"upgraded: {upgrade(args.checkpoint, args.out, trust=args.trust)}")
+    print(f"upgraded: {upgrade(args.checkpoint, args.out)}")
     return 0
 
 
@@ -163,11 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upgrade-checkpoint", help="rewrite a checkpoint of an older metatl in the safe format")
     p.add_argument("checkpoint")
     p.add_argument("--out", help="write the upgraded checkpoint here (default: in place)")
-    p.add_argument(
-        "--trust",
-        action="store_true",
-        help="read a file that the safe loader refuses, running its code: only for a file you made",
-    )
     p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("list", help="list algorithms, datasets, backbones and estimators")

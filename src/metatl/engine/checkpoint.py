@@ -66,9 +66,8 @@ def read(path):
         if names:
             raise ValueError(
                 f"{path} was refused: it asks to import {', '.join(names)}, which a metatl checkpoint never "
-                f"holds, and loading it could run code. It is not a metatl checkpoint, or it was altered. "
-                f"Only if you made this file yourself and trust it: `metatl upgrade-checkpoint --trust {path}` "
-                f"rewrites it in the safe format (that one load runs the file's code)."
+                f"holds, and loading it could run code. It is not a metatl checkpoint, or it was altered; "
+                f"use another checkpoint of the run (last.pt, best.pt) or train again."
             ) from None
         raise ValueError(
             f"{path} is not a readable metatl checkpoint ({str(err).splitlines()[0]}); use another "
@@ -107,19 +106,13 @@ def plain(value):
     return value
 
 
-def upgrade(path, out=None, trust: bool = False) -> Path:
+def upgrade(path, out=None) -> Path:
     """Rewrite the checkpoint ``path`` (into ``out``, default in place) in today's format.
 
-    A file of an older metatl is read safely and rewritten in plain containers. A file that
-    :func:`read` refuses is read only with ``trust=True``, with ``weights_only=False``: that runs
-    whatever code the file holds, so pass it only for a file you made yourself."""
+    A file of an older metatl is read safely (:func:`read` allows the few data types it held) and
+    rewritten in plain containers; a file that asks for anything else is refused, never unpickled."""
     path, out = Path(path), Path(out or path)
-    try:
-        state = read(path)
-    except ValueError:
-        if not trust:
-            raise
-        state = torch.load(path, map_location="cpu", weights_only=False)  # the caller vouches for the file
+    state = read(path)
     if not isinstance(state, dict) or "learner" not in state or "config" not in state:
         raise ValueError(f"{path} is not a metatl checkpoint (no learner state or config); nothing was written.")
     state = plain(state)
