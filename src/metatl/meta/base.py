@@ -153,6 +153,7 @@ class GradientMetaLearner(MetaLearner):
       with this learner's ``rule``) on a task's support set;
     - :meth:`query_loss`: ``L_i^query`` of some parameters, and the query outputs;
     - :meth:`task_loss`: ``L_i^query(theta'_i)``;
+    - :meth:`adapts`: which parameters the inner loop adapts (all by default; ANIL: the head's);
     - ``second_order``: whether the meta-gradient flows through the inner gradients;
     - :meth:`outer_loss`: the outer objective from every task's ``theta'_i``. By default ``None``:
       the outer objective is the mean task loss ``1/|B| sum_i L_i^query(theta'_i)``; a learner
@@ -184,6 +185,13 @@ class GradientMetaLearner(MetaLearner):
         self.inner_batch, self.inner_batch_test = inner_batch, inner_batch_test
 
     # -- what one task computes ----------------------------------------------------------------
+    def adapts(self, name: str) -> bool:
+        """Whether the inner loop adapts the parameter ``name`` (a key of :meth:`params`). Every
+        parameter by default; a learner that adapts a part of the model only (ANIL: the head)
+        says so here, and :meth:`adapted` and :meth:`adapt` (so every executor) leave the others
+        at ``theta``, where they get their meta-gradient through the outer loop only."""
+        return True
+
     def adapted(
         self,
         params: Params,
@@ -297,6 +305,7 @@ class GradientMetaLearner(MetaLearner):
             self.rule,
             steps,
             create_graph=create_graph,
+            trainable=self.adapts,
             batch_size=batch_size,
             buffers=buffers,
             batched=batched,

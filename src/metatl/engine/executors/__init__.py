@@ -25,7 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...meta.base import GradientMetaLearner
-from ._common import ExecutorError, KnownGradient, vmap_unfit, with_gradient
+from ._common import ExecutorError, KnownGradient, meta_parameters, vmap_unfit, with_gradient
 from .loop import Loop, TaskByTask
 from .threads import Threads, threads_unsafe
 from .vmap import Vmap
@@ -128,6 +128,16 @@ def make_executor(name: str, learner, device: str = "cpu", precision: str = "flo
                 f"train.executor={name} (vmap) cannot run with train.precision=bfloat16 (its double "
                 f"backward mixes dtypes under autocast); set train.executor=threads or "
                 f"train.precision=float32."
+            )
+    if name == "compile":
+        model = {id(p) for p in learner.params().values()}
+        learned = [k for k, p in meta_parameters(learner).items() if id(p) not in model]
+        if learned:
+            raise ExecutorError(
+                f"train.executor=compile differentiates the model's parameters only, and "
+                f"{type(learner).__name__} also meta-learns {', '.join(learned[:3])}"
+                f"{', ...' if len(learned) > 3 else ''}; use train.executor=vmap (the same "
+                f"function, not compiled) or auto."
             )
     if name in ("threads", "threads_inner_vmap") and threads_unsafe(learner.model):
         raise ExecutorError(
