@@ -9,6 +9,7 @@ from .sources import (
     SUBSETS,
     TRAINING,
     ClassEpisodes,
+    DigitsEpisodes,
     Episodes,
     ImageFolderData,
     MnistUsps,
@@ -21,6 +22,7 @@ from .sources import (
 __all__ = [
     "ClassEpisodes",
     "ClassPool",
+    "DigitsEpisodes",
     "Episode",
     "EpisodeSampler",
     "Episodes",

@@ -102,12 +102,23 @@ class EpisodeSampler:
     Classes are drawn without replacement, labels are remapped to ``0..N-1`` in draw order,
     and support and query examples of a class are disjoint. All randomness comes from the
     ``torch.Generator`` passed to :meth:`sample`, so the same seed gives the same episodes.
+
+    ``labels="class"`` keeps each example's class index in the pool (``0..len(pool)-1``) instead,
+    and ``out_features`` is then ``len(pool)``: batches for training one classifier over all the
+    classes (the pretraining of Chen et al.'s Baseline), drawn ``ways`` classes at a time.
     """
 
     task_type = "classification"
+    LABELS = ("episode", "class")
 
     def __init__(
-        self, pool: ClassPool, ways: int, shots: int, queries: int, transform: Callable[[Tensor], Tensor] | None = None
+        self,
+        pool: ClassPool,
+        ways: int,
+        shots: int,
+        queries: int,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        labels: str = "episode",
     ):
         if ways < 1 or shots < 1 or queries < 0:
             raise ValueError(
@@ -124,9 +135,15 @@ class EpisodeSampler:
                 f"shots + queries = {shots}+{queries} = {shots + queries} exceeds the "
                 f"smallest class ({smallest} examples); lower `shots` or `queries`."
             )
+        if labels not in self.LABELS:
+            raise ValueError(
+                f"labels={labels!r}: use 'episode' (0..N-1 in draw order) or 'class' (the class's "
+                f"index among all {len(pool)} classes)."
+            )
         self.pool, self.ways, self.shots, self.queries = pool, ways, shots, queries
         self.transform = transform
-        self.out_features = ways
+        self.labels = labels
+        self.out_features = ways if labels == "episode" else len(pool)
 
     def sample(self, generator: torch.Generator) -> Episode:
         return self.sample_batch(1, generator)[0]
@@ -144,8 +161,12 @@ class EpisodeSampler:
             requests += [(c, idx[:k]) for c, idx in zip(classes, picks)]
             requests += [(c, idx[k:]) for c, idx in zip(classes, picks)]
         x = self.pool.get_many(requests)
-        episodes, labels = [], torch.arange(n)
+        episodes = []
         for e in range(size):
+            if self.labels == "episode":
+                labels = torch.arange(n)
+            else:
+                labels = torch.tensor([c for c, _ in requests[2 * n * e : 2 * n * e + n]])
             start = e * n * (k + q)
             support_x, query_x = x[start : start + n * k], x[start + n * k : start + n * (k + q)]
             if self.transform is not None:

@@ -95,8 +95,17 @@ class ClassEpisodes(Episodes):
     ways: int = 5
     train_ways: int | None = None
     train_subset: str = "train"  # classes of meta-training: train, or trainval (train + val; no validation then)
+    # training labels: episode (0..ways-1 per episode) or class (the index among all training classes,
+    # for one classifier over every base class: the pretraining of Baseline / Baseline++)
+    train_labels: str = "episode"
 
     def check_config(self, cfg) -> None:
+        if self.train_labels not in EpisodeSampler.LABELS:
+            raise ConfigError(
+                f"data.train_labels must be 'episode' (labels 0..ways-1 in each episode) or 'class' "
+                f"(each class's index among all training classes, for algorithm baseline or "
+                f"baseline_pp), got {self.train_labels!r}."
+            )
         if self.train_subset not in TRAINING:
             raise ConfigError(
                 f"data.train_subset must be 'train' or 'trainval' (the training and validation "
@@ -111,8 +120,9 @@ class ClassEpisodes(Episodes):
     def _episodes(self, pool, subset: str) -> EpisodeSampler:
         """An :class:`EpisodeSampler` whose errors name the config keys that set the episode shape."""
         ways, shots, queries = self.episode_shape(subset)
+        labels = self.train_labels if subset in TRAINING else "episode"
         try:
-            return EpisodeSampler(pool, ways, shots, queries)
+            return EpisodeSampler(pool, ways, shots, queries, labels=labels)
         except ValueError as err:
             raise ValueError(f"{err.args[0]} ({subset} episodes: {self._keys(subset)})") from None
 
@@ -192,6 +202,49 @@ class ImageFolderData(ClassEpisodes):
         pool = image_folder_classes(self, subset, shots, queries, ways)
         sampler = self._episodes(pool, subset)
         sampler.input_spec = {"in_channels": self.in_channels, "image_size": self.image_size}
+        return sampler
+
+
+@dataset("digits_episodes")
+@dataclass
+class DigitsEpisodes(ClassEpisodes):
+    """N-way K-shot episodes of handwritten digits (MNIST, USPS or scikit-learn digits): cross-domain tests.
+
+    Images are 1-channel ``image_size`` x ``image_size`` in [0, 1] with ink = 1 on a 0 background,
+    the convention of the Omniglot data set (whose black-on-white scans are inverted when read), and
+    framed like MNIST (:mod:`metatl.data.digits`): a model meta-trained on Omniglot takes them as
+    they are. There are only ten classes, so the subsets are not class-disjoint: ``test`` and
+    ``val`` episodes are drawn from the domain's test images, ``train`` from its training images.
+    Made for testing models trained elsewhere (``metatl eval CKPT --set data.name=digits_episodes``,
+    ``metatl compare``)."""
+
+    domain: str = "mnist"  # mnist, usps or sklearn_digits
+    image_size: int = 28
+    usps_frame: str = "pad"  # pad: 16x16 USPS padded by 6 px to 28x28 (skada-bench); stretch: resized
+    data_dir: str | None = None  # default: $METATL_DATA_DIR, then the user cache
+    download: bool = False
+
+    def check_config(self, cfg) -> None:
+        super().check_config(cfg)
+        from .digits import DOMAINS, USPS_FRAMES
+
+        if self.domain not in DOMAINS:
+            raise ConfigError(f"data.domain must be one of {', '.join(DOMAINS)}, got {self.domain!r}.")
+        if self.usps_frame not in USPS_FRAMES:
+            raise ConfigError(f"data.usps_frame must be one of {', '.join(USPS_FRAMES)}, got {self.usps_frame!r}.")
+        for key, ways in (("ways", self.ways), ("train_ways", self.train_ways)):
+            if ways is not None and ways > 10:
+                raise ConfigError(f"data.{key}={ways}: digits have 10 classes; use at most 10 ways.")
+
+    def sampler(self, subset: str) -> EpisodeSampler:
+        from .digits import _domain
+        from .episode import TensorClassPool
+
+        self._check_subset(subset)
+        split = "train" if subset in TRAINING else "test"
+        x, y = _domain(self.domain, split, self.image_size, self.data_dir, self.download, self.usps_frame)
+        sampler = self._episodes(TensorClassPool(x, y), subset)
+        sampler.input_spec = {"in_channels": 1, "image_size": self.image_size}
         return sampler
 
 
