@@ -7,7 +7,7 @@ import torch
 
 from metatl.data.episode import Episode
 from metatl.engine.executors import EXECUTORS, ExecutorError, choose, make_executor
-from metatl.meta import MAML, MetaLSTM, Reptile
+from metatl.meta import IMAML, MAML, MetaLSTM, Reptile
 from metatl.nn import conv4_stride, mlp
 
 ALGORITHMS = {
@@ -19,6 +19,8 @@ ALGORITHMS = {
         model, task, inner_lr=0.05, inner_steps=3, inner_batch=2, inner_optimizer="sgd"
     ),
     "meta_lstm": lambda model, task: MetaLSTM(model, task, inner_steps=2, inner_batch=2, hidden=3),
+    # the implicit meta-gradient is a backward of its own (conjugate gradient on Hessian-vector products)
+    "imaml": lambda model, task: IMAML(model, task, lam=1.0, inner_lr=0.1, inner_steps=2, cg_steps=3),
 }
 MODELS = {
     "mlp": (lambda: mlp(hidden=(8, 8)).double(), "regression"),
@@ -68,7 +70,7 @@ def test_every_executor_computes_the_plain_loop(algorithm, model, executor):
         run = make_executor(executor, learner)
     except ExecutorError as error:  # a refusal names what to use instead
         assert "train.executor" in str(error) and ("loop" in str(error) or "threads" in str(error))
-        assert executor != "loop" and (algorithm in ("reptile", "meta_lstm") and "vmap" in executor)
+        assert executor != "loop" and (algorithm in ("reptile", "meta_lstm", "imaml") and "vmap" in executor)
         return
     before = torch.get_num_threads()
     torch.set_num_threads(3)  # the thread executors then run three threads
@@ -109,6 +111,8 @@ def test_auto_picks_by_learner_model_and_device():
     assert choose(MetaLSTM(net(), "regression")) == "threads"
     assert choose(MAML(conv()), device="cuda") == "vmap"
     assert choose(Reptile(conv()), device="cuda") == "loop"
+    assert choose(IMAML(conv())) == "threads"
+    assert choose(IMAML(net(), "regression")) == "threads"
 
 
 def test_auto_decides_by_the_episodes_shape_for_conv_nets():

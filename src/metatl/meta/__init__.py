@@ -2,6 +2,7 @@
 
 from .adapt import adapt
 from .base import GradientMetaLearner, MetaLearner, Predictor
+from .imaml import IMAML
 from .learned_optimizer import LearnedOptimizer
 from .maml import MAML
 from .mann import MANN
@@ -15,6 +16,7 @@ from .rules import SGD, Adam
 from .snail import SNAIL
 
 __all__ = [
+    "IMAML",
     "MAML",
     "Adam",
     "GradientMetaLearner",
