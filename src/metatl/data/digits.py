@@ -359,6 +359,24 @@ def labelled_subset(y, fraction: float, seed: int):
     return torch.sort(torch.cat(picks)).values
 
 
+def labelled_per_class(y, per_class: int, seed: int):
+    """Indices of exactly ``per_class`` seeded random rows of every class (few-label fine-tuning:
+    1, 5 or 10 labelled target examples per class)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in torch.unique(y):
+        rows = torch.nonzero(y == c).flatten()
+        if len(rows) < per_class:
+            raise ValueError(
+                f"data.target_labels_per_class={per_class}, but class {int(c)} has only {len(rows)} target "
+                f"training rows (data.max_target caps them); lower it or raise data.max_target."
+            )
+        picks.append(rows[torch.randperm(len(rows), generator=g)[:per_class]])
+    return torch.sort(torch.cat(picks)).values
+
+
 def _check_options(cfg) -> None:
     for key, value, valid in (
         ("usps_frame", cfg.usps_frame, USPS_FRAMES),
@@ -417,7 +435,8 @@ def digits_adaptation(cfg, subset: str):
       the target *training* split for scoring and adapts on the rest (skada-bench's protocol).
     * ``train``: the source training split with labels, the target training rows without labels
       (:class:`~metatl.data.adaptation.DomainPairSampler`). ``target_labels_fraction`` reveals a
-      class-stratified fraction of the target training labels (seed ``split_seed``).
+      class-stratified fraction of the target training labels (seed ``split_seed``);
+      ``target_labels_per_class`` reveals exactly that many per class instead.
     * ``val``: the labelled source test split -- held-out *source* accuracy, so validation never
       reads target labels.
     * ``test``: the target test rows (per ``test_protocol``), labels for scoring only.
@@ -436,6 +455,7 @@ def digits_adaptation(cfg, subset: str):
         "shots": None,
         "queries": None,
         "target_labels_fraction": cfg.target_labels_fraction,
+        "target_labels_per_class": getattr(cfg, "target_labels_per_class", None),
         "image_size": cfg.image_size,
         "usps_frame": cfg.usps_frame,
         "standardize": cfg.standardize,
@@ -443,9 +463,13 @@ def digits_adaptation(cfg, subset: str):
     }
     if subset == "train":
         (xs, ys), (xt, yt) = parts["source_train"], parts["target_train"]
-        return DomainPairSampler(
-            xs, ys, xt, yt, labelled_subset(yt, cfg.target_labels_fraction, cfg.split_seed), out_features=10
+        per_class = getattr(cfg, "target_labels_per_class", None)
+        revealed = (
+            labelled_per_class(yt, per_class, cfg.split_seed)
+            if per_class
+            else labelled_subset(yt, cfg.target_labels_fraction, cfg.split_seed)
         )
+        return DomainPairSampler(xs, ys, xt, yt, revealed, out_features=10)
     if subset == "val":
         x, y = parts["source_test"]
         return LabelledSet(x, y, {**record, "eval_set": f"{source} test (source, held out)"}, out_features=10)

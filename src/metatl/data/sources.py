@@ -262,6 +262,9 @@ class MnistUsps:
     test_protocol: str = "official"  # official: target test split; holdout: holdout_fraction of target train
     holdout_fraction: float = 0.2
     target_labels_fraction: float = 0.0  # e.g. 0.01: fine-tuning on 1% of the target training labels
+    # transferability / few-label fine-tuning: exactly this many revealed target labels per class
+    # (instead of target_labels_fraction; null: use the fraction)
+    target_labels_per_class: int | None = None
     max_source: int | None = None  # use at most this many training rows per domain (quick runs)
     max_target: int | None = None
     split_seed: int = 0
@@ -272,6 +275,7 @@ class MnistUsps:
     config_ranges: ClassVar[dict[str, Range]] = {
         "image_size": at_least(1),
         "target_labels_fraction": Range(0, 1),
+        "target_labels_per_class": at_least(1),
         "max_source": at_least(1),
         "max_target": at_least(1),
         "split_seed": SEED,
@@ -286,6 +290,11 @@ class MnistUsps:
             _check_options(self)
         except ValueError as err:
             raise ConfigError(err.args[0]) from None
+        if self.target_labels_per_class is not None and self.target_labels_fraction:
+            raise ConfigError(
+                "data.target_labels_per_class and data.target_labels_fraction both reveal target labels; "
+                "set one of them (the other to null / 0)."
+            )
 
     def sampler(self, subset: str):
         from .digits import digits_adaptation

@@ -24,12 +24,19 @@ from torch import Tensor, nn
 from ..registry import ALGORITHMS
 
 
-def load_model_weights(model: nn.Module, checkpoint: str) -> None:
-    """Load the ``model.*`` entries of a metatl checkpoint's learner into ``model`` (strict)."""
+def load_model_weights(model: nn.Module, checkpoint: str, keep_head: bool = False) -> None:
+    """Load the ``model.*`` entries of a metatl checkpoint's learner into ``model`` (strict).
+
+    ``keep_head=True`` loads everything but ``head.*`` and keeps ``model``'s own head: the start of a
+    new task whose classes differ from the checkpoint's (a 5-way MAML head, a 4,112-way Omniglot
+    classifier or a headless ProtoNet backbone, fine-tuned on 10 digits)."""
     from ..engine import checkpoint as ckpt_io
 
     state = ckpt_io.load(checkpoint)
     weights = {k[len("model.") :]: v for k, v in state["learner"].items() if k.startswith("model.")}
+    if keep_head:
+        weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+        weights.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -42,7 +49,13 @@ def load_model_weights(model: nn.Module, checkpoint: str) -> None:
 class DeepTransfer(nn.Module):
     """Base class: ``model`` plus the hooks the trainer uses (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, task_type: str = "classification", init_checkpoint: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str = "classification",
+        init_checkpoint: str | None = None,
+        keep_head: bool = False,
+    ):
         super().__init__()
         if task_type != "classification":
             raise ValueError(f"{type(self).__name__} is for classification data; got task type {task_type!r}.")
@@ -54,7 +67,7 @@ class DeepTransfer(nn.Module):
         self.model, self.task_type = model, task_type
         self.progress = 0.0
         if init_checkpoint:
-            load_model_weights(model, init_checkpoint)
+            load_model_weights(model, init_checkpoint, keep_head)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -12,7 +12,9 @@ filter over parameter names (``fnmatch`` patterns on ``model.named_parameters()`
 Frozen parameters get ``requires_grad=False`` and are left out of the optimizer. Discriminative
 learning rates: ``lr_scales={pattern: scale}`` puts the parameters matching ``pattern`` (first match
 wins) in an optimizer group whose learning rate is ``scale * train.lr`` (the trainer's schedule
-multiplied by the group's ``lr_scale``). ``reset_head=True`` re-initialises the head (a new task).
+multiplied by the group's ``lr_scale``). ``reset_head=True`` re-initialises the head (a new task)
+and loads only the rest of the checkpoint, so the checkpoint's head may have other classes or none
+(a meta-learned MAML or ProtoNet backbone as the starting point).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Finetune(DeepTransfer):
         labels: str = "target",
         reset_head: bool = False,
     ):
-        super().__init__(model, task_type, init_checkpoint)
+        # a new head is not read from the checkpoint, so its classes may differ from the checkpoint's
+        super().__init__(model, task_type, init_checkpoint, keep_head=reset_head)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
         if freeze and strategy != "filter":
