@@ -328,3 +328,9 @@ def test_conv_nets_fold_the_first_batchnorm_for_grey_scale_float_input_only(fact
     assert count(folding, grey)[0] == 3
     assert count(folding.double(), grey.double())[0] == 3
     assert count(folding.bfloat16(), grey.bfloat16())[0] == 4
+
+
+def test_pool_net_refuses_images_too_small_for_four_poolings():
+    with pytest.raises(ValueError, match="image_size must be at least 16, got 8"):
+        conv4_pool(image_size=8)
+    assert conv4_pool(out_features=2, filters=2, image_size=16)(torch.zeros(1, 1, 16, 16)).shape == (1, 2)

@@ -552,3 +552,18 @@ def test_old_conv_layout_keys_load_as_model_fast_with_a_warning(tmp_path, old, f
     with pytest.warns(ConfigDeprecationWarning, match=f"read as model.fast={fast}"):
         cfg = load_config(write_config(tmp_path, raw))
     assert cfg.model == {"name": "conv4_pool", "filters": 8, "fast": fast}
+
+
+def test_budget_clock_cpu_counts_process_cpu_seconds(tmp_path, monkeypatch):
+    """``train.budget_clock: cpu`` stops at the budget as the CPU clock counts it, not the wall clock."""
+    from metatl.engine import trainer as trainer_module
+
+    ticks = iter(range(0, 10_000, 20))  # each reading 20 "CPU seconds" later: one step costs 20 s
+    monkeypatch.setitem(trainer_module.CLOCKS, "cpu", lambda: float(next(ticks)))
+    raw = dict(SINUSOID, train={**SINUSOID["train"], "iterations": 50, "time_budget_min": 1, "budget_clock": "cpu"})
+    t = Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "run", progress=False).fit()
+    assert t.iteration == 3 and t.train_seconds == 60  # 20 s per step: the budget of 60 s is spent after 3
+    raw["train"]["budget_clock"] = "wall"
+    assert Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "wall", progress=False).fit().iteration == 50
+    with pytest.raises(ConfigError, match="budget_clock must be 'wall'"):
+        load_config(write_config(tmp_path, dict(raw, train={**raw["train"], "budget_clock": "gpu"})))

@@ -119,6 +119,9 @@ class TrainConfig:
     log_every: int = 10
     time_budget_min: float | None = None  # stop after this many minutes of training
     snapshot_minutes: list[float] = field(default_factory=list)  # keep checkpoints at these minutes
+    # what the training time (budget, snapshots, schedules) counts: wall seconds, or cpu seconds of this
+    # process (all its threads), which compares runs fairly on a shared machine
+    budget_clock: str = "wall"
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when available, else cpu)
     # intra-op threads per process: auto (the cores other processes leave free, re-counted as the run goes),
@@ -470,6 +473,11 @@ def validate_components(cfg: Config) -> None:
     if not (threads is None or threads == "auto" or (isinstance(threads, int) and threads >= 1)):
         raise ConfigError(
             f"train.num_threads must be 'auto' (the free cores), a whole number >= 1 or null, got {threads!r}."
+        )
+    if cfg.train.budget_clock not in ("wall", "cpu"):
+        raise ConfigError(
+            f"train.budget_clock must be 'wall' (seconds on the clock) or 'cpu' (this process's CPU "
+            f"seconds, all threads), got {cfg.train.budget_clock!r}."
         )
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(

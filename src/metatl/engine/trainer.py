@@ -139,6 +139,9 @@ def make_optimizer(cfg: Config, params):
     raise ConfigError(f"unknown train.optimizer {t.optimizer!r}; use adam or sgd.")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # train.budget_clock
+
+
 def progress_at(cfg: Config, iteration: int, train_seconds: float = 0.0) -> float:
     """How far training has gone, in [0, 1]: the larger of the iteration fraction and, under
     ``train.time_budget_min``, the fraction of the time budget spent (a run ends at whichever
@@ -463,6 +466,7 @@ class Trainer:
             if self.iteration == 0:  # a fresh run: no lines of a run this one replaces
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
         budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
+        clock = CLOCKS[t.budget_clock]
         self.guard.weights(self.learner.parameters())  # the reference norm, on a fresh run
         bar = tqdm(
             total=t.iterations,
@@ -474,9 +478,9 @@ class Trainer:
         try:
             while self.iteration < t.iterations and self.train_seconds < budget:
                 self.runtime.rebalance()
-                start = time.perf_counter()
+                start = clock()
                 metrics = self.step()
-                self.train_seconds += time.perf_counter() - start
+                self.train_seconds += clock() - start
                 if self.world > 1:  # agree on the time spent, so that all stop together
                     self.train_seconds = ddp.max_value(self.train_seconds, self.device)
                 self.iteration += 1

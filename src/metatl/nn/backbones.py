@@ -89,6 +89,11 @@ class ConvNet(nn.Module):
         super().__init__()
         if variant not in ("stride", "pool"):
             raise ValueError(f"unknown conv variant {variant!r}; use 'stride' or 'pool'.")
+        if variant == "pool" and image_size < 16:
+            raise ValueError(
+                f"the max-pool conv net halves the image four times, so image_size must be at least 16, "
+                f"got {image_size}; resize the images (data.image_size) or use conv4_stride."
+            )
         blocks, c, size = [], in_channels, image_size
         for _ in range(4):
             if variant == "stride":
