@@ -55,6 +55,7 @@ PRECISIONS = ("float32", "tf32", "bfloat16")  # train.precision
 OPTIMIZERS = ("adam", "sgd")  # train.optimizer
 SCHEDULES = ("constant", "linear", "cosine", "step")  # train.lr_schedule
 WEIGHTS = ("averaged", "raw")  # eval.weights
+LOGGERS = ("jsonl", "tensorboard", "mlflow")  # train.logger (metatl.engine.loggers)
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,10 @@ class TrainConfig:
     keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
     ema_decay: float | None = None  # also keep an exponential moving average of the weights (e.g. 0.999)
     divergence_factor: float | None = 1000.0  # stop when loss or weight norm grows this much (engine/divergence.py)
+    # where records go besides metrics.jsonl (always written): jsonl (nothing more), tensorboard, mlflow, or a list
+    # (engine/loggers.py); tracking_uri: MLflow's (default $MLFLOW_TRACKING_URI, else a SQLite store in the run folder)
+    logger: str | list[str] = "jsonl"
+    tracking_uri: str | None = None
 
     config_ranges: ClassVar[dict[str, Range]] = {
         "iterations": at_least(1),
@@ -503,6 +508,7 @@ def validate_components(cfg: Config) -> None:
             f"train.ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; "
             f"or leave it null to keep no average of the weights."
         )
+    logger_names(cfg.train.logger)  # the names only: their packages are checked when training starts
     if cfg.eval.weights not in WEIGHTS:
         raise ConfigError(f"eval.weights must be one of {', '.join(WEIGHTS)}, got {cfg.eval.weights!r}.")
     if cfg.train.meta_batch % cfg.train.processes:
@@ -510,6 +516,17 @@ def validate_components(cfg: Config) -> None:
             f"train.meta_batch={cfg.train.meta_batch} cannot be split evenly over "
             f"train.processes={cfg.train.processes}; make the meta-batch a multiple of it."
         )
+
+
+def logger_names(value) -> list[str]:
+    """``train.logger`` (a name or a list of names) as a list, each checked."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    if not names or any(n not in LOGGERS for n in names):
+        raise ConfigError(
+            f"train.logger must be one of {', '.join(LOGGERS)} or a list of them (e.g. [jsonl, "
+            f"tensorboard]), got {value!r}."
+        )
+    return names
 
 
 def parse_override(text: str):

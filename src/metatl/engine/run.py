@@ -31,6 +31,9 @@ RUN_FILES = (
     "eval_*.json",
     "learning_curve.png",
     "sinusoid_tasks.png",
+    "tensorboard/events.out.tfevents.*",
+    "mlflow_run.json",
+    "mlflow/**/*",  # the default MLflow store (metatl.engine.loggers)
 )
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_HEADER = "file,predicted,confidence"
@@ -161,10 +164,10 @@ def results_table(results: dict) -> str:
     return table(rows, ["algorithm", "dataset", "setting", "test steps", "metric", "mean +- 95% CI", "episodes"])
 
 
-def train(cfg, out, progress: bool = True, resume: bool = False, overwrite: bool = False, allow_changes=()):
+def train(cfg, out, progress: bool = True, resume: bool = False, overwrite: bool = False, allow_changes=(), hooks=()):
     """``metatl train``: check the run folder ``out`` (a run there is continued only with
     ``resume``, replaced only with ``overwrite``, which first removes its files), then train and
-    test, in ``train.processes`` processes."""
+    test, in ``train.processes`` processes (``hooks``, e.g. a sweep's pruning, in one only)."""
     from ..config import ConfigError
     from .trainer import check_device
 
@@ -182,21 +185,36 @@ def train(cfg, out, progress: bool = True, resume: bool = False, overwrite: bool
     if cfg.train.processes > 1:
         from . import distributed
 
+        if hooks:
+            raise ConfigError("trainer hooks (e.g. metatl sweep's pruning) run in one process: set train.processes=1.")
+
         distributed.launch(
             train_and_test, cfg.train.processes, str(device), cfg, out, progress, resume, tuple(allow_changes)
         )
         return None
-    return train_and_test(cfg, out, progress, resume, tuple(allow_changes))
+    return train_and_test(cfg, out, progress, resume, tuple(allow_changes), hooks)
 
 
-def train_and_test(cfg, out: Path, progress: bool = True, resume: bool = False, allow_changes=()) -> dict:
+def train_and_test(cfg, out: Path, progress: bool = True, resume: bool = False, allow_changes=(), hooks=()) -> dict:
     """Train ``cfg`` into the run folder ``out`` (continuing it with ``resume``, config changes
-    allowed for the keys in ``allow_changes``), then test it and report; in every process of a
-    split run (only process 0 tests and returns the results, the others return None)."""
-    from . import plots
+    allowed for the keys in ``allow_changes``; ``hooks``: see :class:`~metatl.engine.trainer.Trainer`),
+    then test it and report; in every process of a split run (only process 0 tests and returns the
+    results, the others return None). The loggers are closed last, with the results and plots."""
     from .trainer import Trainer
 
-    trainer = Trainer(cfg, out, progress=progress)
+    trainer = Trainer(cfg, out, progress=progress, hooks=hooks)
+    try:
+        results = _train_and_test(trainer, cfg, out, resume, allow_changes)
+    except BaseException:
+        trainer.close_loggers("failed")  # (fit closed them already when it stopped)
+        raise
+    trainer.close_loggers("finished")
+    return results
+
+
+def _train_and_test(trainer, cfg, out: Path, resume: bool, allow_changes) -> dict | None:
+    from . import plots
+
     if resume:
         trainer.resume(allow=allow_changes)
         if trainer.rank == 0:

@@ -22,6 +22,13 @@ Beyond episodes, optional hooks let other data sources and objectives (e.g. deep
   progress ``p`` in [0, 1] before each step (:func:`progress_at`: iterations, or the time budget
   when it ends first; for schedules such as DANN's).
 
+Records go to ``metrics.jsonl`` and to the loggers of ``train.logger`` (TensorBoard, MLflow:
+:mod:`metatl.engine.loggers`), and to ``hooks``: objects with the loggers' ``log(record)`` and
+``close(status)``, such as a sweep's pruning hook. A hook stops the run by raising :class:`StopRun`
+from ``log``: the trainer writes ``last.pt``, closes its loggers and lets it through. The loggers
+are opened when training starts and closed by :meth:`Trainer.close_loggers` (``metatl train``
+calls it after the test and the plots, so that MLflow stores them).
+
 With ``train.processes > 1`` (see :mod:`metatl.engine.distributed`) each process computes the
 meta-loss of its share of the same meta-batch, gradients are averaged, and process 0 alone logs,
 validates and checkpoints.
@@ -47,6 +54,7 @@ from .build import build_learner, build_sampler, task_spec
 from .divergence import DivergenceError, DivergenceGuard
 from .evaluator import evaluate
 from .executors import make_executor
+from .loggers import check_available, open_loggers
 from .run import provenance, trim_metrics
 from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
 
@@ -65,6 +73,11 @@ def to_device(batch, device):
 
 class NonFiniteLossError(DivergenceError):
     """The loss or the meta-gradient became NaN or infinite."""
+
+
+class StopRun(Exception):
+    """Raised by a hook to stop training now (e.g. a pruned sweep trial): the trainer writes
+    ``last.pt`` and closes its loggers (status ``stopped``) before it propagates."""
 
 
 def hardware(device: str = "cpu") -> str:
@@ -194,11 +207,14 @@ def config_changes(stored: dict, current: dict) -> dict:
 class Trainer:
     """Meta-trains ``cfg`` into the run folder ``out_dir``."""
 
-    def __init__(self, cfg: Config, out_dir, progress: bool = True):
+    def __init__(self, cfg: Config, out_dir, progress: bool = True, hooks=()):
         self.cfg, self.out = cfg, Path(out_dir)
         self.progress = progress
         t = cfg.train
         self.rank, self.world = ddp.rank(), ddp.world_size()
+        if self.rank == 0:
+            check_available(t.logger)  # a missing package stops the run now, not after the first steps
+        self.hooks, self.loggers = list(hooks), []
         self.device = check_device(t.device)
         self.runtime = Runtime(t.num_threads, self.device, t.precision, t.keep_freed_memory, t.seed, self.world)
         self.keeps_freed_memory = self.runtime.keeps_freed_memory
@@ -343,6 +359,30 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger.log(record)
+
+    def open_loggers(self) -> None:
+        """``train.logger``'s loggers and the hooks, on process 0 (a resumed run continues its own)."""
+        if self.rank == 0 and not self.loggers:
+            resumed_at = None if self.resumed_changes is None else self.iteration
+            self.loggers = [*open_loggers(self.cfg, self.out, resumed_at), *self.hooks]
+        self._paced = (self.iteration, self.train_seconds)
+
+    def close_loggers(self, status: str = "finished") -> None:
+        """Close the loggers (``finished``, ``failed`` or ``stopped``); a second call does nothing."""
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close(status)
+
+    def pace(self) -> dict:
+        """The scheduled outer learning rate and the episodes per second of training since the last
+        call (or the start of training)."""
+        group = self.optimizer.param_groups[0]
+        done, seconds = self._paced
+        self._paced = (self.iteration, self.train_seconds)
+        rate = self.cfg.train.meta_batch * (self.iteration - done) / max(self.train_seconds - seconds, 1e-9)
+        return {"lr": group["lr"] / group.get("lr_scale", 1.0), "episodes_per_s": rate}
 
     @property
     def val_tasks(self):
@@ -468,6 +508,7 @@ class Trainer:
         budget = t.time_budget_min * 60 if t.time_budget_min else math.inf
         clock = CLOCKS[t.budget_clock]
         self.guard.weights(self.learner.parameters())  # the reference norm, on a fresh run
+        self.open_loggers()
         bar = tqdm(
             total=t.iterations,
             initial=self.iteration,
@@ -486,7 +527,9 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 if self.iteration % t.log_every == 0 or self.iteration == 1:
-                    self.log({"iteration": self.iteration, "train_seconds": self.train_seconds, **metrics})
+                    self.log(
+                        {"iteration": self.iteration, "train_seconds": self.train_seconds, **metrics, **self.pace()}
+                    )
                     bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k != "grad_norm"})
                 for minutes in t.snapshot_minutes:
                     if minutes not in self.snapshots_done and self.train_seconds >= minutes * 60:
@@ -497,9 +540,13 @@ class Trainer:
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                 if t.ckpt_every and self.iteration % t.ckpt_every == 0:
                     self.save()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StopRun):  # stopped from outside, or by a hook
             self.save()
             bar.close()
+            self.close_loggers("stopped")
+            raise
+        except BaseException:
+            self.close_loggers("failed")
             raise
         bar.close()
         self.save()
