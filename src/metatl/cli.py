@@ -4,6 +4,7 @@ metatl train CONFIG [--set key=value ...] [--out DIR] [--resume [--allow-change 
 metatl eval CHECKPOINT [--set key=value ...] [--out DIR]
 metatl adapt CHECKPOINT --support DIR --query DIR [--out DIR]
 metatl upgrade-checkpoint CHECKPOINT [--out NEW.pt]
+metatl sweep CONFIG --space SPACE.yaml --trials N [--storage URL] [--study NAME] [--out DIR] [--pruner median|none]
 metatl list
 """
 
@@ -77,6 +78,24 @@ def cmd_adapt(args) -> int:
     if result["accuracy"] is not None:
         print(f"accuracy on the {result['labelled']} labelled query images: {100 * result['accuracy']:.1f}%")
     print(f"predictions: {write_predictions(result, out)}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    study, out = run_sweep(
+        args.config,
+        args.space,
+        args.trials,
+        storage=args.storage,
+        study=args.study,
+        out=args.out,
+        overrides=(args.set or []) + _data_overrides(args),
+        pruner=args.pruner,
+        progress=not args.no_progress,
+    )
+    print(f"study {study.study_name}: {len(study.trials)} trials; summary: {out / 'summary.md'}")
     return 0
 
 
@@ -159,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify all query images in one batch (BatchNorm statistics shared across them)",
     )
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("sweep", help="search hyper-parameters of a config with Optuna (pip install 'metatl[sweep]')")
+    p.add_argument("config", help="a YAML config (see configs/)")
+    p.add_argument("--space", required=True, help="YAML file of config keys and their ranges (see configs/spaces/)")
+    p.add_argument("--trials", type=int, required=True, help="trials in the study in all, over every worker")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/optuna.db)")
+    p.add_argument("--study", help="study name, shared by workers (default: the config's name + _sweep)")
+    p.add_argument("--pruner", default="median", help="median (Optuna's MedianPruner, the default) or none")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config values in every trial")
+    p.add_argument("--out", help="sweep folder: trial_NNNN run folders, summary, plots (default runs/STUDY)")
+    p.add_argument("--data-dir", help="data folder (default: $METATL_DATA_DIR, then ~/.cache/metatl)")
+    p.add_argument("--download", action="store_true", help="download missing data files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("upgrade-checkpoint", help="rewrite a checkpoint of an older metatl in the safe format")
     p.add_argument("checkpoint")
