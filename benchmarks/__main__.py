@@ -1,7 +1,7 @@
 """One entry point for the benchmark suite (run from the repository root):
 
     python -m benchmarks speed [--quick]              # MAML step vs learn2learn, episodes/s of the other learners
-    python -m benchmarks accuracy curve|mann-online|metric ...   # score runs on fixed test episodes
+    python -m benchmarks accuracy curve|mann-online|metric|budget ...   # score runs on fixed test episodes
     python -m benchmarks transfer [--quick]           # classical estimators, deep domain adaptation on digits
     python -m benchmarks learned-optimizer [--quick]  # the LSTM optimizer against SGD, RMSprop, Adam
     python -m benchmarks contention [...]             # training speed beside other processes

@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py curve RUN [--plot curve.png]        # -> results/time_to_accuracy.json
     python benchmarks/accuracy.py mann-online RUN/last.pt [--episodes 1000] [--split test]   # -> results/mann_online.json
     python benchmarks/accuracy.py metric [--budget-min 60] [--only NAME ...] [--collect]
+    python benchmarks/accuracy.py budget [--configs NAME ...] [--minutes 15 30] [--cores 2] [--parallel 5]
 
 ``curve``: test accuracy (+- 95% CI, 600 fixed test episodes) of the snapshots a run kept at chosen
 training minutes (``train.snapshot_minutes``), as an entry of one JSON (and a plot). A run that kept a moving average
@@ -287,7 +288,110 @@ def metric(argv=None) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"curve": curve, "mann-online": mann_online, "metric": metric}
+BUDGET_CONFIGS = [f"{m}_omniglot_5w1s" for m in ("maml", "meta_sgd", "maml_pp", "anil", "imaml")]
+BUDGET_PUBLISHED = {  # Omniglot 5-way 1-shot accuracy %, as reported in each paper
+    "maml": (98.7, "Finn et al. 2017, Table 1"),
+    "meta_sgd": (99.53, "Li et al. 2017, Table 1"),
+    "maml_pp": (99.47, "Antoniou et al. 2019, Table 1"),
+    "anil": (None, "Raghu et al. 2020 report 20-way only"),
+    "imaml": (99.50, "Rajeswaran et al. 2019, Table 2 (iMAML, HF)"),
+}
+
+
+def budget(argv=None) -> int:
+    """Optimization-based meta-learners side by side under one compute budget: each config trains
+    with the CPU-time clock (``train.budget_clock=cpu``, one thread per run), so "M minutes on C
+    cores" is ``C x M`` CPU minutes whatever else the machine runs, and runs may share the machine
+    (``--parallel``) without favouring one another. Snapshots at each budget are scored on the fixed
+    test episodes; the table goes to results/optimization_budget.json."""
+    p = argparse.ArgumentParser(prog="accuracy.py budget", description=budget.__doc__)
+    p.add_argument("--configs", nargs="+", default=BUDGET_CONFIGS, help="config names under configs/")
+    p.add_argument("--minutes", type=float, nargs="+", default=[15.0, 30.0], help="budgets, minutes on --cores cores")
+    p.add_argument("--cores", type=int, default=2, help="a budget of M minutes is cores x M CPU minutes")
+    p.add_argument("--parallel", type=int, default=1, help="runs training at once")
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "budget")
+    p.add_argument("--collect", action="store_true", help="do not train; only score and collect")
+    p.add_argument("--set", nargs="+", default=[], help="overrides for every run, e.g. train.executor=loop")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimization_budget.json")
+    args = p.parse_args(argv)
+    from metatl.engine.run import evaluate_checkpoint
+    from metatl.engine.trainer import hardware
+
+    cpu_minutes = [m * args.cores for m in sorted(args.minutes)]
+    common = [
+        f"train.time_budget_min={cpu_minutes[-1]}",
+        "train.budget_clock=cpu",
+        "train.num_threads=1",
+        f"train.snapshot_minutes=[{','.join(f'{m:g}' for m in cpu_minutes)}]",
+        "train.val_every=0",
+        f"eval.episodes={args.episodes}",
+        *args.set,
+    ]
+    if not args.collect:
+        pending, running, failed = list(args.configs), {}, []
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                name = pending.pop(0)
+                cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml")]
+                cmd += ["--out", str(args.runs / name), "--no-progress", "--overwrite", "--set", *common]
+                print("$", " ".join(cmd), flush=True)
+                running[name] = subprocess.Popen(cmd)
+            time.sleep(5)
+            for name, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    if proc.returncode:
+                        failed.append(name)
+        if failed:
+            print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+    runs = {}
+    for name in args.configs:
+        folder = args.runs / name
+        if not (folder / "results.json").exists():
+            continue
+        final = json.loads((folder / "results.json").read_text())
+        points = []
+        for m, cpu in zip(sorted(args.minutes), cpu_minutes):
+            snap = folder / f"snapshot_{cpu:g}min.pt"
+            if cpu == cpu_minutes[-1]:
+                res = final  # the run ends at its last budget; the trainer has scored those weights
+            elif snap.exists():
+                res, _ = evaluate_checkpoint(
+                    snap, [f"eval.episodes={args.episodes}"], out=tempfile.mkdtemp(), progress=False
+                )
+            else:
+                continue
+            points.append(
+                {
+                    "minutes": m,
+                    "cpu_minutes": res["train_seconds"] / 60,
+                    "iterations": res["iterations"],
+                    "accuracy": 100 * res["metric"]["mean"],
+                    "ci95": 100 * res["metric"]["ci95"],
+                }
+            )
+            print(
+                f"{name:28s} {m:5g} min  it {res['iterations']:6d}  {points[-1]['accuracy']:.2f} +- {points[-1]['ci95']:.2f}%"
+            )
+        method = name.split("_omniglot")[0]
+        runs[name] = {"method": method, "published": BUDGET_PUBLISHED.get(method), "points": points}
+    record = {
+        "command": "python benchmarks/accuracy.py budget " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "cores": args.cores,
+        "episodes": args.episodes,
+        "overrides": common,
+        "hardware": hardware(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"curve": curve, "mann-online": mann_online, "metric": metric, "budget": budget}
 
 
 def main(argv=None) -> int:

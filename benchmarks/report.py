@@ -87,6 +87,33 @@ def maml_time_to_accuracy() -> tuple[dict, list[str]]:
     return out, iterations
 
 
+def optimization_budget() -> list[tuple[str, str, str]]:
+    """The optimization-based learners side by side under one compute budget (accuracy.py budget)."""
+    if not (RESULTS / "optimization_budget.json").exists():
+        return []
+    b = load("optimization_budget.json")
+    names = {"maml": "MAML", "meta_sgd": "Meta-SGD", "maml_pp": "MAML++", "anil": "ANIL", "imaml": "iMAML"}
+    budgets = sorted({p["minutes"] for r in b["runs"].values() for p in r["points"]})
+    rows = []
+    for r in b["runs"].values():
+        by = {p["minutes"]: p for p in r["points"]}
+        cells = [
+            f"{pm(by[m]['accuracy'], by[m]['ci95'])} ({by[m]['iterations']} it)" if m in by else "not run"
+            for m in budgets
+        ]
+        published = r["published"] or [None, ""]
+        rows.append([names.get(r["method"], r["method"]), *cells, f"{published[0] or '-'} ({published[1]})"])
+    header = ["method (5-way 1-shot)", *(f"{m:g} min x {b['cores']} cores" for m in budgets), "published"]
+    text = (
+        f"Each method trains its `configs/<method>_omniglot_5w1s.yaml` under the same compute budget: "
+        f"`train.budget_clock=cpu` with one thread per run, so a budget of M minutes on {b['cores']} cores is "
+        f"{b['cores']} x M CPU minutes whatever else the machine ran; runs trained side by side. Test: "
+        f"{b['episodes']} fixed episodes. {b['hardware']}, {b['date'][:10]}. Command: {code(b['command'])}; "
+        f"overrides {code(' '.join(b['overrides']))}."
+    )
+    return [("Optimization-based meta-learners under one budget", text, table(rows, header))]
+
+
 def sections(rec: Records) -> list[tuple[str, str, str]]:
     """(title, text before the table, table) per family."""
     out = []
@@ -199,6 +226,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
             table(rows),
         )
     )
+    out += optimization_budget()
     # ---- metric-based
     metric = load("metric_results.json")
     names = {"protonet": "Prototypical Networks", "matching": "Matching Networks", "relation": "Relation Network"}
