@@ -7,7 +7,7 @@ import torch
 
 from metatl.data.episode import Episode
 from metatl.engine.executors import EXECUTORS, ExecutorError, choose, make_executor
-from metatl.meta import IMAML, MAML, MetaLSTM, Reptile
+from metatl.meta import ANIL, IMAML, MAML, MetaLSTM, MetaSGD, Reptile
 from metatl.nn import conv4_stride, mlp
 
 ALGORITHMS = {
@@ -21,6 +21,8 @@ ALGORITHMS = {
     "meta_lstm": lambda model, task: MetaLSTM(model, task, inner_steps=2, inner_batch=2, hidden=3),
     # the implicit meta-gradient is a backward of its own (conjugate gradient on Hessian-vector products)
     "imaml": lambda model, task: IMAML(model, task, lam=1.0, inner_lr=0.1, inner_steps=2, cg_steps=3),
+    "meta_sgd": lambda model, task: MetaSGD(model, task, inner_lr_range=(0.1, 0.3), inner_steps=2),
+    "anil": lambda model, task: ANIL(model, task, inner_lr=0.3, inner_steps=2),
 }
 MODELS = {
     "mlp": (lambda: mlp(hidden=(8, 8)).double(), "regression"),
@@ -98,6 +100,15 @@ def test_executors_under_no_grad_give_the_loss_and_metrics(executor):
     assert not quiet.requires_grad
     torch.testing.assert_close(quiet, loss.detach(), rtol=1e-12, atol=0)
     assert quiet_metrics == pytest.approx(metrics, rel=1e-12)
+
+
+def test_compile_refuses_a_learned_rule_and_auto_runs_it():
+    """The compiled executor differentiates the model's parameters only: Meta-SGD's learning rates
+    would get no gradient, so it refuses; auto picks an executor that covers them."""
+    learner = MetaSGD(MODELS["mlp"][0](), "regression")
+    with pytest.raises(ExecutorError, match="compile.*rule.alpha.0.*train.executor=vmap"):
+        make_executor("compile", learner)
+    assert choose(learner) == "vmap" and choose(ANIL(MODELS["conv"][0]())) == "threads_inner_vmap"
 
 
 def test_auto_picks_by_learner_model_and_device():

@@ -1,6 +1,7 @@
 """Meta-learning algorithms, one file each (optimization-, metric- and RNN-based)."""
 
 from .adapt import adapt
+from .anil import ANIL
 from .base import GradientMetaLearner, MetaLearner, Predictor
 from .imaml import IMAML
 from .learned_optimizer import LearnedOptimizer
@@ -8,20 +9,24 @@ from .maml import MAML
 from .mann import MANN
 from .matching import MatchingNet
 from .meta_lstm import MetaLSTM
+from .meta_sgd import MetaSGD
 from .pretrain import Pretrain
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .reptile import Reptile
-from .rules import SGD, Adam
+from .rules import SGD, Adam, MetaSGDRule
 from .snail import SNAIL
 
 __all__ = [
+    "ANIL",
     "IMAML",
     "MAML",
     "Adam",
     "GradientMetaLearner",
     "MatchingNet",
     "MetaLearner",
+    "MetaSGD",
+    "MetaSGDRule",
     "Predictor",
     "Pretrain",
     "ProtoNet",

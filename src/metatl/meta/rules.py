@@ -8,7 +8,10 @@ tensors. MAML, Meta-SGD and a learned LSTM optimizer differ only in the rule the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import nn
 
 from ._types import Params
 
@@ -50,6 +53,42 @@ class Adam:
         c1, c2 = 1 - b1**t, 1 - b2**t
         updates = {k: -self.lr * (m[k] / c1) / ((v[k] / c2).sqrt() + self.eps) for k in grads}
         return updates, (t, m, v)
+
+
+class MetaSGDRule(nn.Module):
+    """Meta-SGD's rule (Li et al. 2017): ``theta <- theta - alpha * g``, elementwise, where ``alpha``
+    holds one learning rate per entry of each adapted parameter (the same shapes). The rates are
+    parameters of this module, so the outer loop meta-learns them with ``theta`` (the executors'
+    meta-gradient covers every parameter of the learner). No state.
+
+    ``lr``: every rate starts at this value (learn2learn's ``MetaSGD(lr=...)``); ``None`` draws each
+    uniformly from ``lr_range`` (the paper's initialisation, ``[0.005, 0.1]``).
+    """
+
+    def __init__(self, params: Params, lr: float | None = None, lr_range: Sequence[float] = (0.005, 0.1)):
+        super().__init__()
+        low, high = (float(v) for v in lr_range)
+        if lr is None and not 0 <= low <= high:
+            raise ValueError(
+                f"Meta-SGD's inner_lr_range must be [low, high] with 0 <= low <= high, got {list(lr_range)}."
+            )
+        self.index = {name: i for i, name in enumerate(params)}
+        self.alpha = nn.ParameterList(
+            nn.Parameter(
+                torch.full_like(p.detach(), lr) if lr is not None else torch.empty_like(p.detach()).uniform_(low, high)
+            )
+            for p in params.values()
+        )
+
+    def rate(self, name: str) -> torch.Tensor:
+        """``alpha`` of the parameter ``name``."""
+        return self.alpha[self.index[name]]
+
+    def init(self, params: Params):
+        return ()
+
+    def update(self, grads: Params, state, params: Params) -> tuple[Params, tuple]:
+        return {k: -self.rate(k) * g for k, g in grads.items()}, state
 
 
 RULES = {"sgd": SGD, "adam": Adam}
