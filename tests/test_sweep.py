@@ -88,13 +88,23 @@ def test_pruned_trial_stops_early(tmp_path):
     assert "pruned" in (out / "summary.md").read_text()
 
 
-def test_direction_follows_the_metric(tmp_path):
+def test_direction_follows_the_metric_and_trials_share_an_mlflow_store(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     cfg, space = files(tmp_path)
-    study, _ = run_sweep(cfg, space, 1, out=tmp_path / "sweep", pruner="none")
+    out = tmp_path / "sweep"
+    study, _ = run_sweep(cfg, space, 1, out=out, pruner="none", overrides=["train.logger=[jsonl, mlflow]"])
     assert study.direction.name == "MINIMIZE"  # MSE
     assert study.trials[0].value == pytest.approx(
-        [json.loads(line) for line in (tmp_path / "sweep" / "trial_0000" / "metrics.jsonl").open()][-1]["val_mse"]
+        [json.loads(line) for line in (out / "trial_0000" / "metrics.jsonl").open()][-1]["val_mse"]
     )
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")  # the sweep's store, not one per trial
+    (run,) = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    assert run.info.run_name == "trial_0000" and run.data.metrics["val/mse"] == pytest.approx(study.trials[0].value)
+    assert not (out / "trial_0000" / "mlflow").exists() and (out / "artifacts").is_dir()
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     study_ = open_study(storage, name, direction, make_pruner(pruner))
+    overrides = [*overrides, *shared_mlflow(cfg, out)]
 
     def objective(trial):
         values = {p.key: p.suggest(trial) for p in params}
@@ -305,6 +307,29 @@ def run_sweep(
         )
     write_summary(study_, out, [p.key for p in params])
     return study_, out
+
+
+def shared_mlflow(cfg, out: Path) -> list[str]:
+    """With ``train.logger`` including mlflow and no tracking URI given (``train.tracking_uri``,
+    ``MLFLOW_TRACKING_URI``), every trial logs to one SQLite store of the sweep, ``OUT/mlflow.db``
+    (experiment: the config's name), created here once; returns the override that says so."""
+    from .config import logger_names
+
+    if (
+        "mlflow" not in logger_names(cfg.train.logger)
+        or cfg.train.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+    ):
+        return []
+    from .engine.loggers import check_available, mlflow_experiment
+
+    check_available("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    with _sqlite_lock(uri):  # workers take turns creating its tables and the experiment
+        mlflow_experiment(MlflowClient(uri), uri, os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.name)
+    return [override("train.tracking_uri", uri)]
 
 
 def summary_rows(study, keys: list[str]) -> list[list]:
@@ -341,7 +366,8 @@ def write_summary(study, out, keys: list[str]) -> list[Path]:
         best = study.best_trial
         lines += [f"Best: trial {best.number}, value {best.value:.6g}, {best.params}", ""]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    cell = lambda c: f"{c:.4g}" if isinstance(c, float) else str(c)  # noqa: E731 (the CSV keeps every digit)
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     drawn = plots(study, out)
     lines += ["", *(f"![{p.stem}]({p.name})" if isinstance(p, Path) else p for p in drawn)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

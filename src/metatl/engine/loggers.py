@@ -5,7 +5,8 @@ receives the same records (:meth:`metatl.engine.trainer.Trainer.log`), as they a
 
 - a training record every ``train.log_every`` iterations: ``loss`` and the algorithm's other
   metrics, ``grad_norm``, ``lr`` (the scheduled outer learning rate) and ``episodes_per_s``
-  (meta-batch episodes per second of training since the previous record);
+  (meta-batch episodes per second of training time since the previous record, in the seconds of
+  ``train.budget_clock``: wall, or CPU seconds with ``cpu``);
 - a validation record every ``train.val_every`` iterations: ``val_<metric>`` and ``val_ci95``.
 
 Each is logged at step ``iteration``. A logger has two methods, ``log(record)`` and
@@ -94,15 +95,35 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+def mlflow_experiment(client, uri: str, name: str) -> str:
+    """The id of the MLflow experiment ``name``, created if needed (a SQLite store's with its
+    artifacts beside the database; another process creating it at the same moment is fine)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    where = None  # a server's own artifact store
+    if uri.startswith("sqlite:///"):
+        where = (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=where)
+    except MlflowException:  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 class MLflowLogger:
     """An MLflow run: the flattened config as parameters (``train.lr``, ...), every record's values
     as metrics at step ``iteration`` (:func:`curves`' names, ``/`` kept), and at the end the test
     metric (``test/<metric>`` from ``results.json``) and the run folder's files as artifacts.
 
     Tracking URI: ``train.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite database in
-    the run folder (``mlflow/mlflow.db``, artifacts in ``mlflow/artifacts``; MLflow's own default
-    backend since its file store went into maintenance mode). Experiment: ``MLFLOW_EXPERIMENT_NAME``,
-    else the config's ``name``."""
+    the run folder (``mlflow/mlflow.db``; MLflow's own default backend since its file store went
+    into maintenance mode). A SQLite store keeps its artifacts beside it (``artifacts/``); a server
+    chooses its own. Experiment: ``MLFLOW_EXPERIMENT_NAME``, else the config's ``name``."""
 
     STATUS = {"finished": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 
@@ -110,12 +131,11 @@ class MLflowLogger:
         from mlflow.tracking import MlflowClient
 
         self.out = Path(out)
-        local = self.out / MLFLOW_STORE
-        default = f"sqlite:///{(local / 'mlflow.db').resolve()}"
+        default = f"sqlite:///{(self.out / MLFLOW_STORE / 'mlflow.db').resolve()}"
         uri = cfg.train.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
         self.local = uri == default  # the store lives in the run folder
         if self.local:
-            local.mkdir(parents=True, exist_ok=True)
+            (self.out / MLFLOW_STORE).mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(uri)
         kept = self.out / MLFLOW_RUN
         previous = json.loads(kept.read_text()) if resumed_at is not None and kept.exists() else {}
@@ -124,13 +144,7 @@ class MLflowLogger:
             self.client.update_run(self.run_id, status="RUNNING")
             logged = set(self.client.get_run(self.run_id).data.params)
         else:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.name
-            experiment = self.client.get_experiment_by_name(name)
-            if experiment is not None:
-                experiment_id = experiment.experiment_id
-            else:
-                where = (local / "artifacts").resolve().as_uri() if self.local else None  # else the server's
-                experiment_id = self.client.create_experiment(name, artifact_location=where)
+            experiment_id = mlflow_experiment(self.client, uri, os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.name)
             self.run_id = self.client.create_run(experiment_id, run_name=self.out.name).info.run_id
             kept.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
             logged = set()

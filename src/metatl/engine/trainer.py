@@ -376,8 +376,8 @@ class Trainer:
             logger.close(status)
 
     def pace(self) -> dict:
-        """The scheduled outer learning rate and the episodes per second of training since the last
-        call (or the start of training)."""
+        """The scheduled outer learning rate and the episodes per second of training time
+        (``train_seconds``, on ``train.budget_clock``) since the last call or the start of training."""
         group = self.optimizer.param_groups[0]
         done, seconds = self._paced
         self._paced = (self.iteration, self.train_seconds)
