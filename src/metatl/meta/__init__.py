@@ -3,6 +3,7 @@
 from .adapt import adapt
 from .anil import ANIL
 from .base import GradientMetaLearner, MetaLearner, Predictor
+from .baseline import Baseline, BaselinePP
 from .imaml import IMAML
 from .learned_optimizer import LearnedOptimizer
 from .maml import MAML
@@ -22,6 +23,8 @@ __all__ = [
     "IMAML",
     "MAML",
     "Adam",
+    "Baseline",
+    "BaselinePP",
     "GradientMetaLearner",
     "MatchingNet",
     "MetaLearner",

@@ -3,16 +3,29 @@
 One model is trained on all tasks at once, ``min_theta mean_i L_i(theta)`` over the support and
 query points of every task in the meta-batch, with no adaptation in the loop. At test time it is
 fine-tuned on the support set with the same SGD inner loop as MAML.
+
+:func:`joint_loss` is that objective for any logits function; Chen et al.'s Baseline and
+Baseline++ (:mod:`metatl.meta.baseline`) pretrain with it over all base classes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner
 from .rules import SGD
+
+
+def joint_loss(logits: Callable[[Tensor], Tensor], batch, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``1/|B| sum_i loss_fn(logits(x_i), y_i)`` with ``(x_i, y_i)`` the support and query rows of task ``i``
+    together: every labelled example of the meta-batch, no adaptation."""
+    return torch.stack(
+        [loss_fn(logits(torch.cat([ep.support_x, ep.query_x])), torch.cat([ep.support_y, ep.query_y])) for ep in batch]
+    ).mean()
 
 
 @ALGORITHMS.register("pretrain")
@@ -31,12 +44,5 @@ class Pretrain(GradientMetaLearner):
 
     def meta_loss(self, batch):
         theta = self.params()
-        loss = torch.stack(
-            [
-                self.loss_fn(
-                    self.functional(theta, torch.cat([ep.support_x, ep.query_x])), torch.cat([ep.support_y, ep.query_y])
-                )
-                for ep in batch
-            ]
-        ).mean()
+        loss = joint_loss(lambda x: self.functional(theta, x), batch, self.loss_fn)
         return loss, {"loss": loss.item()}
