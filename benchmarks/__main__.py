@@ -5,6 +5,7 @@
     python -m benchmarks transfer [--quick]           # classical estimators, deep domain adaptation on digits
     python -m benchmarks learned-optimizer [--quick]  # the LSTM optimizer against SGD, RMSprop, Adam
     python -m benchmarks contention [...]             # training speed beside other processes
+    python -m benchmarks scaling [--quick]            # MAML's step with the meta-batch split over 1, 2, ... processes
     python -m benchmarks report [--check]             # docs/results.md from benchmarks/results/*.json
 
 Each benchmark is a script in this folder that can also be run on its own with more options
@@ -124,6 +125,12 @@ def _contention(quick: bool, tmp: str) -> list[list[str]]:
     ]
 
 
+def _scaling(quick: bool, tmp: str) -> list[list[str]]:
+    return [
+        ["scaling.py", "--iters", "1", "--warmup", "1", "--out", f"{tmp}/scaling.json"] if quick else ["scaling.py"]
+    ]
+
+
 def _report(quick: bool, tmp: str) -> list[list[str]]:
     return [["report.py", "--check"] if quick else ["report.py"]]
 
@@ -134,6 +141,7 @@ BENCHMARKS = {
     "transfer": _transfer,
     "learned-optimizer": _learned_optimizer,
     "contention": _contention,
+    "scaling": _scaling,
     "report": _report,
 }
 

@@ -26,10 +26,15 @@ def _data_overrides(args) -> list:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
+    from .engine.distributed import launched
     from .engine.run import train
 
     cfg = load_config(args.config, (args.set or []) + _data_overrides(args))
+    if not args.out and launched():
+        raise ConfigError(
+            "under torchrun, name the run folder with --out DIR: every process (and an elastic restart) must use the same one."
+        )
     out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     train(
         cfg,
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .engine.distributed import WorkerError
     from .engine.divergence import DivergenceError
 
     if getattr(args, "resume", False) and not args.out:
@@ -218,7 +224,7 @@ def main(argv=None) -> int:
     except OSError as err:  # str() keeps the file name that args[0] (the errno) would drop
         print(f"metatl: error: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, DivergenceError, DownloadError, ValueError, KeyError) as err:
+    except (ConfigError, DivergenceError, DownloadError, WorkerError, ValueError, KeyError) as err:
         print(f"metatl: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
 

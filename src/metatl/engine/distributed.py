@@ -1,63 +1,165 @@
-"""Splitting a meta-batch across processes (``train.processes``) with ``torch.distributed``.
+"""Processes: the ``torch.distributed`` group of a run started by ``torchrun`` (or by ``train.processes``).
 
-Every process draws the *same* meta-batch from the same seeded generator and keeps its share,
-``batch[rank::world]``; each computes the meta-loss of its tasks and its gradient, the gradients
-are averaged with one all-reduce, and every process takes the same optimizer step, so the
-parameters stay identical. The result is the single-process run's (up to the order of a float
-sum), at a fraction of the time when one process cannot use the cores well (small convolutions,
-per-task Python loops). Process 0 alone logs, validates, checkpoints and tests.
+A run is launched by PyTorch's elastic launcher, ``torchrun`` (``torch.distributed.run``), on one
+machine or many; the launcher sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT`` in each worker's environment, and :func:`process_group` joins the group from it
+(``init_method="env://"``): ``gloo`` on CPUs, ``nccl`` on GPUs (the worker of local rank ``r`` on
+``cuda:r``). ``train.processes: N`` is a shortcut for ``torchrun --standalone --nproc-per-node N``:
+:func:`launch` starts the same workers through the same launcher
+(``torch.distributed.launcher.api.elastic_launch``), and they take the same path.
 
-The backend is ``gloo`` on CPU (each process then uses ``train.num_threads`` threads; ``auto``: its
-share of the free cores, see :mod:`metatl.engine.runtime`)
-and ``nccl`` on CUDA (process ``r`` on ``cuda:r``).
+Under an elastic restart (``torchrun --max-restarts``) the launcher starts every worker again after
+one fails; :func:`restarts` counts them, and ``metatl train`` then continues the run from its last
+checkpoint (:func:`metatl.engine.run.train`).
+
+How a meta-batch is split over the processes is an executor's business
+(:class:`metatl.engine.executors.processes.Split`); the collectives it uses are here, and each is
+the identity in a run of one process.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
 def rank() -> int:
+    """This process's rank in the group (0 outside one)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group (1 outside one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def local_world_size() -> int:
+    """How many processes of the group share this machine (the launcher's ``LOCAL_WORLD_SIZE``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
-def _worker(r: int, world: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=r, world_size=world)
+def launched() -> bool:
+    """Whether a launcher (``torchrun``, :func:`launch`) started this process as a worker."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def restarts() -> int:
+    """How many times the elastic launcher has restarted the workers (``TORCHELASTIC_RESTART_COUNT``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) if launched() else 0
+
+
+def backend(device) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def local_device(device) -> torch.device:
+    """``device``, or on CUDA in a launched worker the GPU of its local rank (``cuda:LOCAL_RANK``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+@contextmanager
+def process_group(device):
+    """Join the launcher's process group for the ``with`` block (nothing outside a launched worker,
+    or when the group is joined already)."""
+    if not launched() or dist.is_initialized():
+        yield
+        return
+    device = local_device(device)
+    if device.type == "cuda":
+        if torch.cuda.device_count() <= device.index:
+            raise ValueError(
+                f"the worker of local rank {device.index} needs a GPU cuda:{device.index}, but this machine has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node (--nproc-per-node)."
+            )
+        torch.cuda.set_device(device)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts():
+        # The workers share the launcher's rendezvous store, where the keys of the attempt before a
+        # restart are still found (pytorch/pytorch#135712): keep each attempt's keys apart.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(minutes=10)
+        )
+        dist.init_process_group(
+            backend(device),
+            store=dist.PrefixStore(f"metatl/attempt_{restarts()}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    else:
+        dist.init_process_group(backend(device), init_method="env://")
     try:
-        fn(*args)
+        yield
     finally:
         dist.destroy_process_group()
 
 
-def launch(fn: Callable, processes: int, device: str, *args) -> None:
-    """Run ``fn(*args)`` in ``processes`` new processes joined in one process group."""
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
-    if backend == "nccl" and torch.cuda.device_count() < processes:
+def _in_group(fn: Callable, device: str, *args):
+    with process_group(device):
+        return fn(*args)
+
+
+def launch(fn: Callable, processes: int, device: str, *args, max_restarts: int = 0):
+    """Run ``fn(*args)`` in ``processes`` workers on this machine, joined in one process group, through
+    PyTorch's elastic launcher (as ``torchrun --standalone --nproc-per-node processes`` would); returns
+    the value of rank 0. A worker that fails stops the others (and, with ``max_restarts``, restarts them)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if backend(device) == "nccl" and torch.cuda.device_count() < processes:
         raise ValueError(
             f"train.processes={processes} on CUDA needs {processes} GPUs, found "
             f"{torch.cuda.device_count()}; lower train.processes."
         )
-    torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), backend, fn, args), nprocs=processes, join=True)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        return elastic_launch(config, _in_group)(fn, str(device), *args)[0]
+    except ChildFailedError as err:
+        first = err.get_first_failure()[1]
+        message = first.message.get("message") if isinstance(first.message, dict) else first.message
+        raise WorkerError(
+            f"process {first.local_rank} of {processes} stopped: {message or 'see its output above'}"
+        ) from None
 
 
-def _average_in_place(tensors: list[torch.Tensor]) -> None:
-    """Replace each tensor by its mean over the processes, with one all-reduce for all of them."""
+class WorkerError(RuntimeError):
+    """A worker of :func:`launch` failed; the message carries its error."""
+
+
+def barrier() -> None:
+    """Wait until every process of the group gets here."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process ``src``'s parameters and buffers."""
+    if world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=src)
+
+
+def average_in_place(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor (all of one dtype and device) by its mean over the processes, with one
+    all-reduce for all of them."""
     if world_size() == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -69,14 +171,11 @@ def _average_in_place(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-def average_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Replace each parameter's ``.grad`` by its mean over the processes."""
-    _average_in_place([p.grad for p in params if p.grad is not None])
-
-
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over the processes."""
-    _average_in_place([b for b in module.buffers() if b.is_floating_point()])
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    for dtype in {b.dtype for b in buffers}:
+        average_in_place([b for b in buffers if b.dtype == dtype])
 
 
 def average_values(values: dict[str, float], device) -> dict[str, float]:

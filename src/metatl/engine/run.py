@@ -167,32 +167,62 @@ def results_table(results: dict) -> str:
 def train(cfg, out, progress: bool = True, resume: bool = False, overwrite: bool = False, allow_changes=(), hooks=()):
     """``metatl train``: check the run folder ``out`` (a run there is continued only with
     ``resume``, replaced only with ``overwrite``, which first removes its files), then train and
-    test, in ``train.processes`` processes (``hooks``, e.g. a sweep's pruning, in one only)."""
+    test. Returns the test results (in process 0; None in the others). ``hooks`` (e.g. a sweep's
+    pruning) run in one process only.
+
+    In a worker started by ``torchrun`` it trains in the launcher's process group; with
+    ``train.processes: N`` outside one it starts N such workers through the same launcher
+    (:func:`metatl.engine.distributed.launch`). After an elastic restart (``torchrun
+    --max-restarts``) the workers continue the run from its last checkpoint, as ``resume`` does."""
     from ..config import ConfigError
+    from . import distributed
     from .trainer import check_device
 
     out = Path(out)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
-    if not resume and not overwrite and (out / "last.pt").exists():
+    if distributed.restarts():  # the launcher restarted the workers: continue from the last checkpoint
+        resume, overwrite = (out / "last.pt").exists(), False
+    elif not resume and not overwrite and (out / "last.pt").exists():
         raise ConfigError(
             f"{out} already holds a run (last.pt): continue it with --resume, replace it "
             f"with --overwrite, or train into another folder with --out."
         )
     device = check_device(cfg.train.device)  # "auto" resolved here, so every process agrees
-    if overwrite:
-        clear_run(out)  # no file of the replaced run (best.pt, snapshots, evaluations) stays beside the new one
-    if cfg.train.processes > 1:
-        from . import distributed
+    allow_changes = tuple(allow_changes)
+    if not distributed.launched():
+        if overwrite:
+            clear_run(out)  # no file of the replaced run (best.pt, snapshots, evaluations) stays beside the new one
+        if cfg.train.processes > 1:
+            if hooks:
+                raise ConfigError(
+                    "trainer hooks (e.g. metatl sweep's pruning) run in one process: set train.processes=1."
+                )
+            return distributed.launch(
+                _worker, cfg.train.processes, str(device), cfg, out, progress, resume, allow_changes
+            )
+        return train_and_test(cfg, out, progress, resume, allow_changes, hooks)
+    with distributed.process_group(device):
+        world = distributed.world_size()
+        if hooks and world > 1:
+            raise ConfigError(
+                "trainer hooks (e.g. metatl sweep's pruning) run in one process: run it without torchrun."
+            )
+        if cfg.train.processes not in (1, world):
+            raise ConfigError(
+                f"train.processes={cfg.train.processes}, but the launcher started {world} processes; under "
+                f"torchrun the launcher sets the number of processes (leave train.processes at 1)."
+            )
+        if overwrite and distributed.rank() == 0:
+            clear_run(out)
+        if overwrite:
+            distributed.barrier()  # nobody reads the folder before it is cleared
+        return train_and_test(cfg, out, progress, resume, allow_changes, hooks)
 
-        if hooks:
-            raise ConfigError("trainer hooks (e.g. metatl sweep's pruning) run in one process: set train.processes=1.")
 
-        distributed.launch(
-            train_and_test, cfg.train.processes, str(device), cfg, out, progress, resume, tuple(allow_changes)
-        )
-        return None
-    return train_and_test(cfg, out, progress, resume, tuple(allow_changes), hooks)
+def _worker(cfg, out: Path, progress: bool, resume: bool, allow_changes: tuple):
+    """A worker of ``train.processes``: the path of a worker that torchrun starts."""
+    return train(cfg, out, progress, resume, False, allow_changes)
 
 
 def train_and_test(cfg, out: Path, progress: bool = True, resume: bool = False, allow_changes=(), hooks=()) -> dict:
@@ -228,7 +258,7 @@ def _train_and_test(trainer, cfg, out: Path, resume: bool, allow_changes) -> dic
         return None
     results = trainer.test()
     print(results_table(results))
-    procs = f" in {cfg.train.processes} processes" if cfg.train.processes > 1 else ""
+    procs = f" in {trainer.world} processes" if trainer.world > 1 else ""
     print(f"trained {trainer.iteration} iterations in {trainer.train_seconds / 60:.1f} min{procs}; run folder: {out}")
     print(f"results: {out / 'results.json'}")
     print(f"plot: {plots.learning_curve(out)}")

@@ -29,9 +29,9 @@ from ``log``: the trainer writes ``last.pt``, closes its loggers and lets it thr
 are opened when training starts and closed by :meth:`Trainer.close_loggers` (``metatl train``
 calls it after the test and the plots, so that MLflow stores them).
 
-With ``train.processes > 1`` (see :mod:`metatl.engine.distributed`) each process computes the
-meta-loss of its share of the same meta-batch, gradients are averaged, and process 0 alone logs,
-validates and checkpoints.
+Under ``torchrun`` or with ``train.processes > 1`` (:mod:`metatl.engine.distributed`) the executor
+splits each meta-batch over the processes (:mod:`metatl.engine.executors.processes`) and the loop
+stays as it is; process 0 alone logs, validates and checkpoints.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .build import build_learner, build_sampler, task_spec
 from .divergence import DivergenceError, DivergenceGuard
 from .evaluator import evaluate
 from .executors import make_executor
+from .executors.processes import over_processes
 from .loggers import check_available, open_loggers
 from .run import provenance, trim_metrics
 from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
@@ -216,10 +217,11 @@ class Trainer:
             check_available(t.logger)  # a missing package stops the run now, not after the first steps
         self.hooks, self.loggers = list(hooks), []
         self.device = check_device(t.device)
-        self.runtime = Runtime(t.num_threads, self.device, t.precision, t.keep_freed_memory, t.seed, self.world)
+        self.runtime = Runtime(
+            t.num_threads, self.device, t.precision, t.keep_freed_memory, t.seed, ddp.local_world_size()
+        )
         self.keeps_freed_memory = self.runtime.keeps_freed_memory
-        if self.world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.rank)
+        self.device = ddp.local_device(self.device)
         self.train_tasks = build_sampler(cfg.data, "train")
         if callable(getattr(self.train_tasks, "to", None)):  # a data source that can live on the device
             self.train_tasks = self.train_tasks.to(self.device)
@@ -231,11 +233,9 @@ class Trainer:
                 f"suits only algorithms that learn on top of it). Choose a backbone with weights "
                 f"(`metatl list` shows them)."
             )
-        if self.world > 1:  # one starting point for all; then each its own random stream
-            for tensor in [*self.learner.parameters(), *self.learner.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
-            torch.manual_seed(t.seed + 1000 * self.rank)
-        self.executor = make_executor(t.executor, self.learner, self.device.type, t.precision)
+        self.executor = over_processes(
+            make_executor(t.executor, self.learner, self.device.type, t.precision), self.learner, t.seed
+        )
         groups = getattr(self.learner, "param_groups", None)
         self.optimizer = make_optimizer(cfg, groups() if callable(groups) else self.learner.parameters())
         self.ema = moving_average(self.learner, t.ema_decay) if t.ema_decay else None
@@ -427,27 +427,14 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> dict:
-        batch = self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator)
-        if self.world > 1:  # every process drew the same meta-batch; each keeps its share
-            if not isinstance(batch, list):
-                raise ConfigError(
-                    f"train.processes > 1 splits a meta-batch of episodes, but "
-                    f"{type(self.train_tasks).__name__} gives {type(batch).__name__} "
-                    f"batches; use train.processes=1 for this data source."
-                )
-            batch = batch[self.rank :: self.world]
-        batch = to_device(batch, self.device)
+        batch = to_device(self.train_tasks.sample_batch(self.cfg.train.meta_batch, self.generator), self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, self.iteration, self.train_seconds) * group.get("lr_scale", 1.0)
         if callable(getattr(self.learner, "set_progress", None)):
             self.learner.set_progress(progress_at(self.cfg, self.iteration, self.train_seconds))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bfloat16"):
             loss, metrics = self.executor(self.learner, batch)
-        finite = bool(torch.isfinite(loss))
-        if self.world > 1:  # the mean over the processes' shares; all stop if one is not finite
-            metrics = ddp.average_values({**metrics, "_nonfinite": float(not finite)}, self.device)
-            finite = metrics.pop("_nonfinite") == 0
-        if not finite:
+        if not torch.isfinite(loss):
             raise NonFiniteLossError(self._stop_message("the loss became NaN or infinite"))
         problem = self.guard.loss(float(metrics.get("loss", loss.detach())))
         if problem:
@@ -455,7 +442,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.learner.parameters() if p.grad is not None]
-        ddp.average_gradients(params)
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
         if not torch.isfinite(norm):
@@ -471,8 +457,6 @@ class Trainer:
         problem = self.guard.weights(self.learner.parameters())
         if problem:
             raise DivergenceError(self._stop_message(problem))
-        if self.world > 1:
-            ddp.average_buffers(self.learner)
         if self.ema is not None:
             self.ema.update_parameters(self.learner)
         return {**metrics, "grad_norm": float(norm)}
@@ -521,9 +505,8 @@ class Trainer:
                 self.runtime.rebalance()
                 start = clock()
                 metrics = self.step()
-                self.train_seconds += clock() - start
-                if self.world > 1:  # agree on the time spent, so that all stop together
-                    self.train_seconds = ddp.max_value(self.train_seconds, self.device)
+                # the processes agree on the time spent (the slowest's), so that they stop together
+                self.train_seconds = ddp.max_value(self.train_seconds + clock() - start, self.device)
                 self.iteration += 1
                 bar.update(1)
                 if self.iteration % t.log_every == 0 or self.iteration == 1:
