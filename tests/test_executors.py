@@ -7,7 +7,7 @@ import torch
 
 from metatl.data.episode import Episode
 from metatl.engine.executors import EXECUTORS, ExecutorError, choose, make_executor
-from metatl.meta import ANIL, IMAML, MAML, MetaLSTM, MetaSGD, Reptile
+from metatl.meta import ANIL, IMAML, MAML, MAMLPlusPlus, MetaLSTM, MetaSGD, Reptile
 from metatl.nn import conv4_stride, mlp
 
 ALGORITHMS = {
@@ -23,6 +23,21 @@ ALGORITHMS = {
     "imaml": lambda model, task: IMAML(model, task, lam=1.0, inner_lr=0.1, inner_steps=2, cg_steps=3),
     "meta_sgd": lambda model, task: MetaSGD(model, task, inner_lr_range=(0.1, 0.3), inner_steps=2),
     "anil": lambda model, task: ANIL(model, task, inner_lr=0.3, inner_steps=2),
+    # MAML++ inside its multi-step-loss epochs (a trajectory of parameters per task), with learned
+    # per-step rates and, where the model has BatchNorm, per-step BatchNorm weights that the query
+    # losses use directly; and in its first-order epochs
+    "maml_pp": lambda model, task: MAMLPlusPlus(
+        model,
+        task,
+        inner_lr=0.3,
+        inner_steps=2,
+        lslr=True,
+        multi_step_loss=True,
+        bn_per_step_weights=any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()),
+    ),
+    "maml_pp_first_order_epochs": lambda model, task: MAMLPlusPlus(
+        model, task, inner_lr=0.3, inner_steps=2, lslr=True, derivative_order_annealing=True
+    ),
 }
 MODELS = {
     "mlp": (lambda: mlp(hidden=(8, 8)).double(), "regression"),

@@ -7,6 +7,7 @@ from .baseline import Baseline, BaselinePP
 from .imaml import IMAML
 from .learned_optimizer import LearnedOptimizer
 from .maml import MAML
+from .maml_pp import MAMLPlusPlus
 from .mann import MANN
 from .matching import MatchingNet
 from .meta_lstm import MetaLSTM
@@ -22,6 +23,7 @@ __all__ = [
     "ANIL",
     "IMAML",
     "MAML",
+    "MAMLPlusPlus",
     "Adam",
     "Baseline",
     "BaselinePP",

@@ -12,7 +12,9 @@ stays differentiable with respect to ``theta`` through the gradients (second-ord
 (first-order MAML), and for parameters outside any graph nothing is tracked at all (evaluation,
 Reptile). Training and evaluation call this same function. A rule with ``uses_loss = True`` also
 receives the (detached) inner loss: ``rule.update(grads, state, params, loss=...)`` (the
-meta-learner LSTM needs it).
+meta-learner LSTM needs it). ``step_params(j)`` gives tensors that stand in for some of the model's
+at step ``j`` (MAML++'s per-step BatchNorm weights and statistics), and ``trajectory=True`` returns
+the parameters after every step, ``[theta_1, ..., theta_steps]`` (MAML++'s multi-step loss).
 """
 
 from __future__ import annotations
@@ -40,15 +42,19 @@ def adapt(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     batched: bool = False,
-) -> Params:
+    step_params: Callable[[int], Params] | None = None,
+    trajectory: bool = False,
+) -> Params | list[Params]:
     """Run ``steps`` updates of ``rule`` on the loss of ``forward(params, x)`` against ``y``.
 
     ``forward`` receives the parameters merged with ``buffers`` (e.g. BatchNorm running statistics,
     which it may update in place). ``trainable(name)`` picks the parameters to adapt, the others stay
     fixed (e.g. ANIL adapts the head only). ``batch_size`` draws a minibatch per step by cycling
     through shuffled passes over ``(x, y)`` (the Reptile inner loop); otherwise every step uses all
-    of ``(x, y)``. Set ``batched`` when calling inside ``torch.func.vmap``. Returns the adapted
-    parameters (``params`` with the trainable ones replaced).
+    of ``(x, y)``. Set ``batched`` when calling inside ``torch.func.vmap``. ``step_params(j)``, when
+    given, is merged over the parameters and buffers the forward pass of step ``j`` sees (tensors
+    the inner loop does not adapt). Returns the adapted parameters (``params`` with the trainable
+    ones replaced), or with ``trajectory`` the list of them after each step.
     """
     names = [k for k in params if trainable is None or trainable(k)]
     fixed = {**(buffers or {}), **{k: v for k, v in params.items() if k not in names}}
@@ -61,7 +67,7 @@ def adapt(
     def inner_loss(theta, fixed, xb, yb):
         return loss_fn(forward({**fixed, **theta}, xb), yb)
 
-    def grad_and_loss(theta, xb, yb):
+    def grad_and_loss(theta, fixed, xb, yb):
         if batched:
             return torch.func.grad_and_value(inner_loss)(theta, fixed, xb, yb)
         leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in theta.items()}
@@ -71,7 +77,8 @@ def adapt(
 
     state = rule.init(theta)
     order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
+    path = []
+    for step in range(steps):
         xb, yb = x, y
         if batch_size is not None and batch_size < len(x):
             if len(order) < batch_size:
@@ -79,7 +86,7 @@ def adapt(
             idx, order = order[:batch_size], order[batch_size:]
             xb, yb = x[idx], y[idx]
         with torch.enable_grad():
-            grads, loss = grad_and_loss(theta, xb, yb)
+            grads, loss = grad_and_loss(theta, fixed if step_params is None else {**fixed, **step_params(step)}, xb, yb)
         if not create_graph:
             grads = {k: g.detach() for k, g in grads.items()}
         extra = {"loss": loss.detach()} if getattr(rule, "uses_loss", False) else {}
@@ -87,4 +94,6 @@ def adapt(
         theta = {k: theta[k] + updates[k] for k in names}
         if not outer:  # evaluation or Reptile: keep no graph across steps
             theta = {k: v.detach() for k, v in theta.items()}
-    return {**params, **theta}
+        if trajectory:
+            path.append({**params, **theta})
+    return path if trajectory else {**params, **theta}

@@ -290,10 +290,12 @@ class GradientMetaLearner(MetaLearner):
         buffers: Params | None = None,
         batched: bool = False,
         generator: torch.Generator | None = None,
+        **options,
     ) -> Params:
         """:func:`metatl.meta.adapt.adapt` with this learner's model, loss and rule. ``buffers``
         defaults to the model's own (BatchNorm running statistics are updated in training);
-        ``generator`` draws the minibatches (default: the global generator)."""
+        ``generator`` draws the minibatches (default: the global generator); ``options`` go to
+        :func:`~metatl.meta.adapt.adapt` (``step_params``, ``trajectory``)."""
         if buffers is None:
             buffers = dict(self.model.named_buffers())
         return adapt(
@@ -310,6 +312,7 @@ class GradientMetaLearner(MetaLearner):
             buffers=buffers,
             batched=batched,
             generator=generator,
+            **options,
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:

@@ -3,6 +3,7 @@
 from .backbones import ConvNet, Pixels, conv4_pool, conv4_stride, mlp, pixels
 from .digits import DigitsCNN, digits_cnn
 from .fast import BatchStatsNorm2d, MaxPool2d, conv_batch_stats_norm, functional_call, to_channels_last
+from .per_step import PerStepBatchNorm
 from .relation import RelationEmbedding, RelationModule, conv4_relation
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "DigitsCNN",
     "digits_cnn",
     "MaxPool2d",
+    "PerStepBatchNorm",
     "RelationEmbedding",
     "RelationModule",
     "conv4_pool",

@@ -30,8 +30,12 @@ def task_gradients(learner, theta, wrt, tasks, generators, scale: float, inner_v
     Each task's query loss is differentiated as soon as it is computed, with respect to its adapted
     parameters, while its activations are still in the CPU's caches (and then freed); one backward
     pass through the inner loops then carries these gradients to ``theta``. With ``inner_vmap`` the
-    inner loops run as one vmap over the stacked support sets."""
+    inner loops run as one vmap over the stacked support sets. Learner parameters outside the
+    model that the query loss uses directly (MAML++'s per-step BatchNorm weights) get that part of
+    their gradient from the query losses' backward."""
     names = [k for k, p in theta.items() if p.requires_grad]
+    direct = [k for k in wrt if k not in theta]
+    direct_grads: dict = {}
     if inner_vmap:
         refuse_autocast("inner_vmap", tasks[0].support_x.device.type)
         stacked = torch.func.vmap(partial(learner.adapted, theta, batched=True))(
@@ -48,8 +52,12 @@ def task_gradients(learner, theta, wrt, tasks, generators, scale: float, inner_v
         leaves = {k: v.detach().requires_grad_(differentiate and k in tracked) for k, v in params.items()}
         loss, out = learner.query_loss(leaves, ep.query_x, ep.query_y)
         if differentiate:
-            grads = torch.autograd.grad(loss * scale, [leaves[k] for k in tracked], allow_unused=True)
+            inputs = [leaves[k] for k in tracked] + [wrt[k] for k in direct]
+            grads = torch.autograd.grad(loss * scale, inputs, allow_unused=True)
             query_grads.append([torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(tracked, grads)])
+            for k, g in zip(direct, grads[len(tracked) :]):
+                if g is not None:
+                    direct_grads[k] = g + direct_grads[k] if k in direct_grads else g
         total = total + loss.detach()
         scores.append(task_metric(learner.task_type, out.detach(), ep.query_y))
     if not differentiate:
@@ -60,9 +68,12 @@ def task_gradients(learner, theta, wrt, tasks, generators, scale: float, inner_v
     else:
         outputs = [params[k] for params in adapted for k in tracked]
         cotangents = [g for grads in query_grads for g in grads]
-    if not outputs:
-        return total, scores, [None] * len(wrt)
-    grads = torch.autograd.grad(outputs, list(wrt.values()), cotangents, allow_unused=True)
+    grads = [None] * len(wrt)
+    if outputs:
+        grads = list(torch.autograd.grad(outputs, list(wrt.values()), cotangents, allow_unused=True))
+    for j, k in enumerate(wrt):
+        if k in direct_grads:
+            grads[j] = direct_grads[k] if grads[j] is None else grads[j] + direct_grads[k]
     return total, scores, grads
 
 
