@@ -104,8 +104,10 @@ def test_meta_sgd_initialisation():
     assert [a.shape for a in drawn.rule.alpha] == [p.shape for p in model.parameters()]
     constant = MetaSGD(mlp(), "regression", inner_lr=0.4)
     assert all(bool((a == 0.4).all()) for a in constant.rule.alpha)
-    with pytest.raises(ValueError, match="inner_lr_range"):
-        MetaSGD(mlp(), "regression", inner_lr_range=(0.1, 0.01))
+    for bad in ((0.1, 0.01), (0.1,), (-0.1, 0.1)):
+        with pytest.raises(ValueError, match=r"inner_lr_range must be \[low, high\].*or set inner_lr"):
+            MetaSGD(mlp(), "regression", inner_lr_range=bad)
+    assert MetaSGD(mlp(), "regression", inner_lr=0.1, inner_lr_range=(1, 0)).rule.rate("0.bias").eq(0.1).all()
 
 
 def test_meta_sgd_with_alpha_equal_to_a_constant_is_maml():

@@ -67,11 +67,13 @@ class MetaSGDRule(nn.Module):
 
     def __init__(self, params: Params, lr: float | None = None, lr_range: Sequence[float] = (0.005, 0.1)):
         super().__init__()
-        low, high = (float(v) for v in lr_range)
-        if lr is None and not 0 <= low <= high:
+        bounds = [float(v) for v in lr_range]
+        if lr is None and not (len(bounds) == 2 and 0 <= bounds[0] <= bounds[1]):
             raise ValueError(
-                f"Meta-SGD's inner_lr_range must be [low, high] with 0 <= low <= high, got {list(lr_range)}."
+                f"Meta-SGD's inner_lr_range must be [low, high] with 0 <= low <= high (the paper: "
+                f"[0.005, 0.1]), got {list(lr_range)}; or set inner_lr to start every rate at one value."
             )
+        low, high = bounds if len(bounds) == 2 else (0.0, 0.0)
         self.index = {name: i for i, name in enumerate(params)}
         self.alpha = nn.ParameterList(
             nn.Parameter(
