@@ -111,6 +111,20 @@ def cmd_upgrade(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import shlex
+
+    from .compare import compare, load_spec
+
+    spec = load_spec(args.spec)
+    out = Path(args.out or Path("runs") / f"compare-{spec.name}")
+    command = "metatl compare " + " ".join(shlex.quote(a) for a in [args.spec, "--out", str(out)])
+    compare(spec, out, progress=not args.no_progress, command=command)
+    print((out / "compare.md").read_text(), end="")
+    print(f"card: {out / 'card.md'}")
+    return 0
+
+
 def cmd_list(args) -> int:
     import metatl  # noqa: F401  (registers everything)
 
@@ -202,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", help="write the upgraded checkpoint here (default: in place)")
     p.set_defaults(func=cmd_upgrade)
+
+    p = sub.add_parser("compare", help="score several methods on the same fixed test episodes: table, plot, card")
+    p.add_argument("spec", help="a compare spec (YAML; see configs/compare/)")
+    p.add_argument("--out", help="output folder (default: runs/compare-<name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("list", help="list algorithms, datasets, backbones and estimators")
     p.set_defaults(func=cmd_list)

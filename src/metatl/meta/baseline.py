@@ -164,6 +164,9 @@ class Baseline(MetaLearner):
         self.adapt_layers, self.epochs, self.batch_size = adapt_layers, epochs, batch_size
         self.lr, self.momentum, self.dampening, self.weight_decay = lr, momentum, dampening, weight_decay
         self.l2sp_alpha, self.seed, self.scale = l2sp_alpha, seed, scale
+        if self.head_kind == "cosine" and model.head.bias is not None:  # a cosine classifier has no bias
+            nn.init.zeros_(model.head.bias)
+            model.head.bias.requires_grad_(False)
 
     # -- pretraining over the base classes --------------------------------------------------------
     def base_logits(self, x: Tensor) -> Tensor:
@@ -256,12 +259,6 @@ class BaselinePP(Baseline):
     """Chen et al.'s Baseline++: cosine-similarity classifiers with a scale, over the base classes and per episode."""
 
     head_kind = "cosine"
-
-    def __init__(self, model: nn.Module, task_type: str = "classification", **kwargs):
-        super().__init__(model, task_type, **kwargs)
-        if model.head.bias is not None:  # the cosine classifier has no bias
-            nn.init.zeros_(model.head.bias)
-            model.head.bias.requires_grad_(False)
 
     def base_logits(self, x: Tensor) -> Tensor:
         """``s * cos(f(x), w_c)`` over all base classes, ``w_c`` the rows of the head's weight."""
