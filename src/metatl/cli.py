@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, required=True, help="trials in the study in all, over every worker")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/optuna.db)")
     p.add_argument("--study", help="study name, shared by workers (default: the config's name + _sweep)")
-    p.add_argument("--pruner", default="median", help="median (Optuna's MedianPruner, the default) or none")
+    p.add_argument(
+        "--pruner", default="median", choices=("median", "none"), help="median (Optuna's MedianPruner) or none"
+    )
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config values in every trial")
     p.add_argument("--out", help="sweep folder: trial_NNNN run folders, summary, plots (default runs/STUDY)")
     p.add_argument("--data-dir", help="data folder (default: $METATL_DATA_DIR, then ~/.cache/metatl)")

@@ -275,12 +275,13 @@ def run_sweep(
             f"train.processes=1 and start several `metatl sweep` workers on the same --storage instead."
         )
     params = load_space(space, config, overrides)
+    pruner = make_pruner(pruner)
     key, direction = objective_of(cfg)
     name = study or f"{cfg.name}_sweep"
     out = Path(out or Path("runs") / name)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-    study_ = open_study(storage, name, direction, make_pruner(pruner))
+    study_ = open_study(storage, name, direction, pruner)
     overrides = [*overrides, *shared_mlflow(cfg, out)]
 
     def objective(trial):
