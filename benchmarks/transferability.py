@@ -203,6 +203,49 @@ def summary(runs: list[dict], group) -> dict:
     return {k: {**mean_ci95(v), "n": len(v)} for k, v in groups.items()}
 
 
+def markdown(result: dict) -> str:
+    """The tables of docs/transferability.md from the JSON this script writes
+    (``python benchmarks/transferability.py --tables benchmarks/results/transferability.json``)."""
+    st, lines = result["settings"], []
+    table = result["starting_points"]["summary"]
+    for target in st["targets"]:
+        lines += [
+            f"\n{target.upper()} test accuracy ({st['max_target']} test images), mean ± 95% CI over "
+            f"{st['seeds']} draws of the labelled images:\n",
+            "| start | " + " | ".join(f"K = {k}" for k in st["shots"]) + " |",
+            "|---|" + "---:|" * len(st["shots"]),
+        ]
+        for source in OMNIGLOT_STARTS:
+            cells = [table[f"{target}|{k}|{source}"] for k in st["shots"]]
+            lines.append(f"| {source} | " + " | ".join(f"{c['mean']:.3f} ± {c['ci95']:.3f}" for c in cells) + " |")
+    r = result["ranking"]
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += [
+        f"\nRanking for {r['target'].upper()}, K = {r['shots']} labelled images per class (scores on those images, "
+        f"means over {st['seeds']} draws):\n",
+        "| source | iterations | fine-tuned accuracy | LEEP | NCE | LogME | H-score |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for source in sorted(r["accuracy"], key=r["accuracy"].get, reverse=True):
+        its = result["sources"].get(source, {}).get("iterations", 0)
+        sc = r["scores"][source]
+        lines.append(
+            f"| {source} | {its} | {r['accuracy'][source]:.3f} | "
+            + " | ".join(fmt(sc[k]) for k in ("leep", "nce", "logme", "h_score"))
+            + " |"
+        )
+    tau = r["kendall_tau"]
+    lines.append(
+        "| **Kendall's tau** (p) | | | "
+        + " | ".join(
+            f"{tau[k]['tau']:.2f} ({tau[k]['p']:.2f}, {tau[k]['candidates']})"
+            for k in ("leep", "nce", "logme", "h_score")
+        )
+        + " |"
+    )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/transferability", help="where the source runs live")
@@ -216,7 +259,11 @@ def main(argv=None) -> int:
     p.add_argument("--rank-target", default="mnist")
     p.add_argument("--rank-shots", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="smoke version: tiny budgets, one seed")
+    p.add_argument("--tables", metavar="JSON", help="only print the markdown tables of a written JSON")
     args = p.parse_args(argv)
+    if args.tables:
+        print(markdown(json.loads(Path(args.tables).read_text())))
+        return 0
     scale = 1.0
     if args.quick:
         args.omniglot_minutes, args.seeds, args.finetune_steps, args.max_target, scale = 0.1, 1, 5, 200, 0.1
@@ -290,13 +337,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["ranking"]["kendall_tau"], indent=1))
-    for target in args.targets:
-        print(f"\n{target}: accuracy (mean +- 95% CI over {args.seeds} draws)")
-        print("| start | " + " | ".join(f"K={k}" for k in args.shots) + " |")
-        for source in OMNIGLOT_STARTS:
-            cells = [table[f"{target}|{k}|{source}"] for k in args.shots]
-            print(f"| {source} | " + " | ".join(f"{c['mean']:.3f} ± {c['ci95']:.3f}" for c in cells) + " |")
+    print(markdown(result))
     print(f"wrote {out} in {result['wall_seconds']:.0f} s")
     return 0
 
