@@ -6,6 +6,7 @@
     python -m benchmarks learned-optimizer [--quick]  # the LSTM optimizer against SGD, RMSprop, Adam
     python -m benchmarks contention [...]             # training speed beside other processes
     python -m benchmarks scaling [--quick]            # MAML's step with the meta-batch split over 1, 2, ... processes
+    python -m benchmarks memory [--quick]             # peak memory against inner steps (MAML, checkpointing, iMAML)
     python -m benchmarks report [--check]             # docs/results.md from benchmarks/results/*.json
 
 Each benchmark is a script in this folder that can also be run on its own with more options
@@ -131,6 +132,10 @@ def _scaling(quick: bool, tmp: str) -> list[list[str]]:
     ]
 
 
+def _memory(quick: bool, tmp: str) -> list[list[str]]:
+    return [["memory.py", "--quick", "--out", f"{tmp}/memory.json"] if quick else ["memory.py"]]
+
+
 def _report(quick: bool, tmp: str) -> list[list[str]]:
     return [["report.py", "--check"] if quick else ["report.py"]]
 
@@ -142,6 +147,7 @@ BENCHMARKS = {
     "learned-optimizer": _learned_optimizer,
     "contention": _contention,
     "scaling": _scaling,
+    "memory": _memory,
     "report": _report,
 }
 

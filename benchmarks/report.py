@@ -563,7 +563,31 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
             table(rows),
         )
     )
+    if (RESULTS / "memory.json").exists():  # the inner loop's memory (benchmarks/memory.py)
+        out.append(memory_section(load("memory.json")))
     return out
+
+
+def memory_section(memory: dict) -> tuple[str, str, str]:
+    rows = [
+        [
+            {"maml": "second-order MAML", "imaml": "iMAML"}.get(r["algorithm"], r["algorithm"]),
+            r["inner_steps"],
+            "on" if r["inner_checkpoint"] else "off",
+            f"{r['peak_mib']:.1f}",
+            f"{r['seconds_per_step']:.2f}",
+        ]
+        for r in memory["rows"]
+    ]
+    text = (
+        f"Peak resident memory of a meta-gradient above the level before it, against the inner steps: "
+        f"{memory['task']}, meta-batch {memory['meta_batch']}, the `{memory['executor']}` executor, "
+        f"{memory['threads']} thread, iMAML with {memory['imaml_cg_steps']} CG steps; each setting in a fresh "
+        f"process, after a warm-up meta-gradient ({memory['hardware']}). `train.inner_checkpoint` recomputes each "
+        f"inner step in the backward pass ([options.md](options.md)). Command: {code(memory['command'])}."
+    )
+    header = ["method", "inner steps", "`train.inner_checkpoint`", "peak MiB above baseline", "s per meta-gradient"]
+    return "Memory of long inner loops", text, table(rows, header)
 
 
 def headline(rec: Records) -> str:

@@ -56,6 +56,7 @@ from .evaluator import evaluate
 from .executors import make_executor
 from .executors.processes import over_processes
 from .loggers import check_available, open_loggers
+from .recompute import set_inner_checkpoint
 from .run import provenance, trim_metrics
 from .runtime import Runtime, allow_tf32, keep_freed_memory  # noqa: F401 (the last two: re-exported)
 
@@ -233,6 +234,7 @@ class Trainer:
                 f"suits only algorithms that learn on top of it). Choose a backbone with weights "
                 f"(`metatl list` shows them)."
             )
+        set_inner_checkpoint(self.learner, t.inner_checkpoint)
         self.executor = over_processes(
             make_executor(t.executor, self.learner, self.device.type, t.precision), self.learner, t.seed
         )

@@ -20,6 +20,7 @@ the parameters after every step, ``[theta_1, ..., theta_steps]`` (MAML++'s multi
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -44,6 +45,7 @@ def adapt(
     batched: bool = False,
     step_params: Callable[[int], Params] | None = None,
     trajectory: bool = False,
+    run_step: Callable | None = None,
 ) -> Params | list[Params]:
     """Run ``steps`` updates of ``rule`` on the loss of ``forward(params, x)`` against ``y``.
 
@@ -53,8 +55,11 @@ def adapt(
     through shuffled passes over ``(x, y)`` (the Reptile inner loop); otherwise every step uses all
     of ``(x, y)``. Set ``batched`` when calling inside ``torch.func.vmap``. ``step_params(j)``, when
     given, is merged over the parameters and buffers the forward pass of step ``j`` sees (tensors
-    the inner loop does not adapt). Returns the adapted parameters (``params`` with the trainable
-    ones replaced), or with ``trajectory`` the list of them after each step.
+    the inner loop does not adapt). ``run_step(step, theta, state, xb, yb)``, when given, runs each
+    differentiable step of a second-order inner loop in place of ``step(theta, state, xb, yb)`` (the
+    engine's gradient checkpointing, ``train.inner_checkpoint``: the same values, less memory).
+    Returns the adapted parameters (``params`` with the trainable ones replaced), or with
+    ``trajectory`` the list of them after each step.
     """
     names = [k for k in params if trainable is None or trainable(k)]
     fixed = {**(buffers or {}), **{k: v for k, v in params.items() if k not in names}}
@@ -75,6 +80,15 @@ def adapt(
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
         return dict(zip(leaves, grads)), loss
 
+    def one_step(theta, state, xb, yb, fixed):  # theta_j, rule state -> theta_{j+1}, rule state
+        with torch.enable_grad():
+            grads, loss = grad_and_loss(theta, fixed, xb, yb)
+        if not create_graph:
+            grads = {k: g.detach() for k, g in grads.items()}
+        extra = {"loss": loss.detach()} if getattr(rule, "uses_loss", False) else {}
+        updates, state = rule.update(grads, state, theta, **extra)
+        return {k: theta[k] + updates[k] for k in names}, state
+
     state = rule.init(theta)
     order = torch.empty(0, dtype=torch.long)
     path = []
@@ -85,13 +99,11 @@ def adapt(
                 order = torch.cat([order, torch.randperm(len(x), generator=generator)])
             idx, order = order[:batch_size], order[batch_size:]
             xb, yb = x[idx], y[idx]
-        with torch.enable_grad():
-            grads, loss = grad_and_loss(theta, fixed if step_params is None else {**fixed, **step_params(step)}, xb, yb)
-        if not create_graph:
-            grads = {k: g.detach() for k, g in grads.items()}
-        extra = {"loss": loss.detach()} if getattr(rule, "uses_loss", False) else {}
-        updates, state = rule.update(grads, state, theta, **extra)
-        theta = {k: theta[k] + updates[k] for k in names}
+        fixed_j = fixed if step_params is None else {**fixed, **step_params(step)}
+        if run_step is not None and create_graph and outer and not batched:
+            theta, state = run_step(partial(one_step, fixed=fixed_j), theta, state, xb, yb)
+        else:
+            theta, state = one_step(theta, state, xb, yb, fixed_j)
         if not outer:  # evaluation or Reptile: keep no graph across steps
             theta = {k: v.detach() for k, v in theta.items()}
         if trajectory:

@@ -164,6 +164,7 @@ class GradientMetaLearner(MetaLearner):
     """
 
     second_order = False
+    inner_step_runner = None  # the engine's adapt(run_step=...) hook (train.inner_checkpoint)
     vmappable = True  # False: the inner loop cannot run under torch.func.vmap (data-dependent control flow)
 
     def __init__(
@@ -312,6 +313,7 @@ class GradientMetaLearner(MetaLearner):
             buffers=buffers,
             batched=batched,
             generator=generator,
+            run_step=self.inner_step_runner,
             **options,
         )
 

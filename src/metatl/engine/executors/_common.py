@@ -51,6 +51,8 @@ def vmap_unfit(learner) -> str:
     model = learner.model
     if not getattr(learner, "vmappable", False) or getattr(learner, "outer_loss", None) is not None:
         return f"{type(learner).__name__}'s inner loop does not run under vmap"
+    if getattr(learner, "inner_step_runner", None) is not None:
+        return "gradient checkpointing of the inner loop (train.inner_checkpoint) does not run under vmap"
     if any(True for _ in model.buffers()):
         return "vmap cannot update BatchNorm running statistics; use model.bn_mode 'batch' (the MAML default) or 'none'"
     if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
