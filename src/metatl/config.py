@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -202,7 +203,7 @@ class Config:
         values["data"] = {"name": self.data.name, **values["data"]}
         return values
 
-    def dump(self, path) -> None:
+    def dump(self, path: str | os.PathLike) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -557,7 +558,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples.")

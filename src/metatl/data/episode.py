@@ -41,7 +41,7 @@ class Episode:
     def query(self):
         return self.query_x, self.query_y
 
-    def to(self, device) -> Episode:
+    def to(self, device: torch.device | str) -> Episode:
         return Episode(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 

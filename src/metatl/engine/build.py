@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from ..data import build_sampler
@@ -43,7 +45,9 @@ FIXED_DATA = {
 }
 
 
-def load_learner(checkpoint, weights=None, overrides=None):
+def load_learner(
+    checkpoint: str | os.PathLike, weights: str | None = None, overrides: list[str] | None = None
+) -> nn.Module:
     """The learner stored in ``checkpoint``: the one way to rebuild a learner, for ``metatl eval``,
     ``metatl adapt`` and Python (``metatl.load``).
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..registry import BACKBONES
 from .fast import (  # noqa: F401
@@ -119,7 +119,7 @@ class ConvNet(nn.Module):
         self.fold_first_norm = fast and bn_mode == "batch" and in_channels * 9 <= FOLD_MAX_PATCH
         self.input_check = None
 
-    def embed(self, x):
+    def embed(self, x: Tensor) -> Tensor:
         if self.input_check is not None:
             self.input_check(x)
         if self.fast:
@@ -132,7 +132,7 @@ class ConvNet(nn.Module):
             h = self.features(x)
         return h.mean(dim=(2, 3)) if self.variant == "stride" else h.flatten(1)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.head(self.embed(x))
 
 
@@ -174,7 +174,7 @@ class Pixels(nn.Module):
         self.size = size or image_size
         self.embedding_dim = in_channels * self.size * self.size
 
-    def embed(self, x):
+    def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"pixels expects image batches (n, c, h, w), got shape {tuple(x.shape)}.")
         if x.shape[-2:] != (self.size, self.size):

@@ -47,7 +47,7 @@ def _transforms_active() -> bool:
     return True if check is None else bool(check())
 
 
-def to_channels_last(x):
+def to_channels_last(x: Tensor) -> Tensor:
     """``x`` (N, C, H, W) stored in the channels-last layout, differentiably. Unlike
     ``x.contiguous(memory_format=torch.channels_last)`` this also restrides one-channel tensors,
     which count as channels-last contiguous already: oneDNN picks a convolution's layout from the
@@ -87,7 +87,7 @@ class BatchStatsNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__(num_features, eps=eps, affine=True, track_running_stats=False)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"BatchStatsNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}.")
         if not _in_func_transform(x):
@@ -104,7 +104,7 @@ class BatchStatsNorm2d(nn.BatchNorm2d):
         return y.to(dtype)
 
 
-def conv_batch_stats_norm(x, conv: nn.Conv2d, norm: BatchStatsNorm2d):
+def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) -> Tensor:
     """``norm(conv(x))`` computed as one convolution, for a convolution with few input channels.
 
     BatchNorm with the batch's statistics is an affine map per channel, and the mean and variance
@@ -174,7 +174,7 @@ class MaxPool2d(nn.MaxPool2d):
     def __init__(self, kernel_size: int):
         super().__init__(kernel_size)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.device.type != "cpu" or _in_func_transform(x) or _transforms_active():
             return super().forward(x)
         return _MaxPoolChannelsLast.apply(x, self.kernel_size)
@@ -228,7 +228,9 @@ class _Plan:
                     seen.add(id(t))
 
 
-def functional_call(module: nn.Module, params: dict[str, Tensor], args, kwargs=None):
+def functional_call(
+    module: nn.Module, params: dict[str, Tensor], args: tuple | Tensor, kwargs: dict | None = None
+) -> Tensor:
     """``module(*args, **kwargs)`` with the tensors of ``params`` (dotted names, as
     ``named_parameters()``; a subset is fine: the rest come from the module) in place of its
     parameters and buffers, which are put back afterwards. The same as

@@ -5,7 +5,10 @@ Private: the public classes are re-exported from :mod:`metatl.transfer`.
 
 from __future__ import annotations
 
+from typing import Self
+
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, clone, is_regressor
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, r2_score
@@ -62,7 +65,9 @@ class LabelledScoreMixin:
 
     _scores_target_labels = False
 
-    def score(self, X, y, sample_domain=None, sample_weight=None):
+    def score(
+        self, X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike | None = None, sample_weight: ArrayLike | None = None
+    ) -> float:
         y = np.asarray(y)
         keep = ~is_masked(y, classification=not is_regressor(self))
         if sample_domain is not None and not self._scores_target_labels:
@@ -107,17 +112,17 @@ class _DomainEstimator(LabelledScoreMixin, MetaEstimatorMixin, BaseEstimator):
         if hasattr(est, "classes_"):
             self.classes_ = est.classes_
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         X = check_fitted_X(self, X)
         return self.estimator_.predict(X)
 
     @available_if(lambda self: hasattr(self._fitted_or_base(), "predict_proba"))
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         X = check_fitted_X(self, X)
         return self.estimator_.predict_proba(X)
 
     @available_if(lambda self: hasattr(self._fitted_or_base(), "decision_function"))
-    def decision_function(self, X):
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
         X = check_fitted_X(self, X)
         return self.estimator_.decision_function(X)
 
@@ -131,10 +136,12 @@ class SourceOnly(_DomainEstimator):
     estimator : estimator, default=LogisticRegression()
     """
 
-    def __init__(self, estimator=None):
+    def __init__(self, estimator: BaseEstimator | None = None) -> None:
         self.estimator = estimator
 
-    def fit(self, X, y, sample_domain=None, sample_weight=None):
+    def fit(
+        self, X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike | None = None, sample_weight: ArrayLike | None = None
+    ) -> Self:
         """Fit on rows with ``sample_domain > 0``; returns ``self``."""
         X, y, sd = check_domains(
             X,
@@ -163,7 +170,9 @@ class BaseReweighter(_DomainEstimator):
     def _source_weights(self, X_source, X_target):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def fit(self, X, y, sample_domain=None, sample_weight=None):
+    def fit(
+        self, X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike | None = None, sample_weight: ArrayLike | None = None
+    ) -> Self:
         """Learn ``weights_`` on ``X[source]`` vs ``X[target]`` and fit the estimator; returns ``self``."""
         X, y, sd = check_domains(
             X,

@@ -26,8 +26,10 @@ Target rows are left unchanged either way.
 from __future__ import annotations
 
 import warnings
+from typing import Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from metatl.registry import ESTIMATORS
@@ -83,11 +85,11 @@ class CORAL(TransformerMixin, BaseEstimator):
     __metadata_request__fit = {"sample_domain": True}
     __metadata_request__transform = {"sample_domain": True}
 
-    def __init__(self, reg=1.0, center=True):
+    def __init__(self, reg: float = 1.0, center: bool = True) -> None:
         self.reg = reg
         self.center = center
 
-    def fit(self, X, y=None, sample_domain=None):
+    def fit(self, X: ArrayLike, y: ArrayLike | None = None, sample_domain: ArrayLike | None = None) -> Self:
         """Learn ``A_`` from the source and target rows; returns ``self``."""
         X, _, sd = check_domains(X, None, _domains(y, sample_domain), classification=False, estimator=self, who="CORAL")
         for name, rows in (("source", sd > 0), ("target", sd < 0)):
@@ -100,7 +102,7 @@ class CORAL(TransformerMixin, BaseEstimator):
         self.mean_source_, self.mean_target_ = X[sd > 0].mean(0), X[sd < 0].mean(0)
         return self
 
-    def transform(self, X, sample_domain=None):
+    def transform(self, X: ArrayLike, sample_domain: ArrayLike | None = None) -> np.ndarray:
         """Source rows (``sample_domain > 0``) -> ``X A``; other rows unchanged."""
         X = check_fitted_X(self, X).copy()
         if sample_domain is None:
@@ -115,7 +117,9 @@ class CORAL(TransformerMixin, BaseEstimator):
         X[s] = Xs @ self.A_ + (self.mean_target_ if self.center else 0.0)
         return X
 
-    def fit_transform(self, X, y=None, sample_domain=None):
+    def fit_transform(
+        self, X: ArrayLike, y: ArrayLike | None = None, sample_domain: ArrayLike | None = None
+    ) -> np.ndarray:
         """``fit(X, y, sample_domain)`` then ``transform`` of the same rows with the same domains (taken
         from the label mask of ``y`` when ``sample_domain`` is None)."""
         X_checked, _, sd = check_domains(X, None, _domains(y, sample_domain), classification=False, who="CORAL")

@@ -43,8 +43,10 @@ never ``n x n``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
@@ -141,20 +143,20 @@ def _kernel_mean(X, centers, gamma, chunk=4096):
 
 
 def kliep_weights(
-    X_source,
-    X_target,
+    X_source: ArrayLike,
+    X_target: ArrayLike,
     *,
-    gamma=1.0,
-    n_centers=100,
-    cv=5,
-    solver="em",
-    max_iter=20000,
-    tol=1e-5,
-    projection="exact",
-    chunk=4096,
-    random_state=None,
-    return_info=False,
-):
+    gamma: float | Sequence[float] = 1.0,
+    n_centers: int = 100,
+    cv: int = 5,
+    solver: str = "em",
+    max_iter: int = 20000,
+    tol: float = 1e-5,
+    projection: str = "exact",
+    chunk: int = 4096,
+    random_state: int | np.random.RandomState | None = None,
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict]:
     """KLIEP weights ``w(x_i)`` for the source rows.
 
     ``gamma`` may be a float or a list; with a list the width is chosen by ``cv``-fold likelihood

@@ -27,6 +27,8 @@ eigenvalue of ``K`` from power iteration. The projection onto the box-and-slab s
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
 from metatl.registry import ESTIMATORS
@@ -59,21 +61,21 @@ def _rff(X: np.ndarray, W: np.ndarray, phase: np.ndarray, chunk: int) -> np.ndar
 
 
 def kmm_weights(
-    X_source,
-    X_target,
+    X_source: ArrayLike,
+    X_target: ArrayLike,
     *,
-    gamma=1.0,
-    B=1000.0,
-    eps=None,
-    solver="auto",
-    n_components=1000,
-    max_iter=1000,
-    tol=1e-4,
-    max_dense_memory=5e8,
-    chunk=2048,
-    random_state=None,
-    return_info=False,
-):
+    gamma: float = 1.0,
+    B: float = 1000.0,
+    eps: float | None = None,
+    solver: str = "auto",
+    n_components: int = 1000,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    max_dense_memory: float = 5e8,
+    chunk: int = 2048,
+    random_state: int | np.random.RandomState | None = None,
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict]:
     """KMM weights ``beta`` (shape ``(n_s,)``) for ``X_source`` against ``X_target``; see the module docstring.
 
     ``eps=None`` uses ``(sqrt(n_s) - 1) / sqrt(n_s)``. With ``return_info`` also returns a dict with
@@ -167,17 +169,17 @@ class KMM(BaseReweighter):
 
     def __init__(
         self,
-        estimator=None,
-        gamma="scale",
-        B=1000.0,
-        eps=None,
-        solver="auto",
-        n_components=1000,
-        max_iter=1000,
-        tol=1e-4,
-        max_dense_memory=5e8,
-        random_state=None,
-    ):
+        estimator: BaseEstimator | None = None,
+        gamma: float | str = "scale",
+        B: float = 1000.0,
+        eps: float | None = None,
+        solver: str = "auto",
+        n_components: int = 1000,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        max_dense_memory: float = 5e8,
+        random_state: int | np.random.RandomState | None = None,
+    ) -> None:
         self.estimator = estimator
         self.gamma = gamma
         self.B = B

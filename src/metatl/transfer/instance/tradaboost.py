@@ -40,8 +40,10 @@ in :math:`\ge`. ``predict_proba`` is the normalised vote. :math:`\epsilon_t` is 
 from __future__ import annotations
 
 import math
+from typing import Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils import check_random_state
@@ -55,10 +57,10 @@ from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
 class _Constant(BaseEstimator):
     """Stand-in learner when a weighted resample holds a single class."""
 
-    def __init__(self, label=None):
+    def __init__(self, label=None) -> None:
         self.label = label
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         return np.full(len(X), self.label)
 
 
@@ -95,7 +97,13 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
     __metadata_request__score = {"sample_domain": True}
     _scores_target_labels = True
 
-    def __init__(self, estimator=None, n_estimators=20, vote="auto", random_state=None):
+    def __init__(
+        self,
+        estimator: BaseEstimator | None = None,
+        n_estimators: int = 20,
+        vote: str = "auto",
+        random_state: int | np.random.RandomState | None = None,
+    ) -> None:
         self.estimator = estimator
         self.n_estimators = n_estimators
         self.vote = vote
@@ -115,7 +123,7 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
             return _Constant(y[idx][0])
         return est.fit(X[idx], y[idx])
 
-    def fit(self, X, y, sample_domain=None):
+    def fit(self, X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike | None = None) -> Self:
         """Run ``n_estimators`` rounds of TrAdaBoost; returns ``self``."""
         X, y, sd = check_domains(
             X, y, sample_domain, target_labels="require", requires_y=True, estimator=self, who="TrAdaBoost"
@@ -156,13 +164,13 @@ class TrAdaBoost(LabelledScoreMixin, ClassifierMixin, BaseEstimator):
             votes[np.arange(len(X)), k] += np.log(1.0 / beta_t)
         return votes
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         votes = self._votes(X)
         # argmax over reversed columns: ties go to the later class (the paper's ">=" for labels {0, 1})
         k = votes.shape[1] - 1 - np.argmax(votes[:, ::-1], axis=1)
         return self.classes_[k]
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Normalised weighted vote ``sum_t ln(1/beta_t) [h_t(x) = k]``; uniform when every vote is 0."""
         votes = self._votes(X)
         total = votes.sum(axis=1, keepdims=True)

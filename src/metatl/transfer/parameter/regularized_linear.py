@@ -23,7 +23,10 @@ The intercept :math:`c` is not penalised. :math:`\alpha \to \infty` returns the 
 
 from __future__ import annotations
 
+from typing import Self
+
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -109,12 +112,12 @@ class TransferRidge(LabelledScoreMixin, RegressorMixin, BaseEstimator):
     __metadata_request__score = {"sample_domain": True}
     _scores_target_labels = True
 
-    def __init__(self, alpha=1.0, alpha_source=1e-3, source_coef=None):
+    def __init__(self, alpha: float = 1.0, alpha_source: float = 1e-3, source_coef: ArrayLike | None = None) -> None:
         self.alpha = alpha
         self.alpha_source = alpha_source
         self.source_coef = source_coef
 
-    def fit(self, X, y, sample_domain=None):
+    def fit(self, X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike | None = None) -> Self:
         """Fit ``w_s`` on the source rows (unless given), then the target model; returns ``self``."""
         y = None if y is None else np.asarray(y, dtype=float)
         Xs, ys, Xt, yt = _labelled_split(self, X, y, sample_domain, False)
@@ -127,7 +130,7 @@ class TransferRidge(LabelledScoreMixin, RegressorMixin, BaseEstimator):
         self.coef_, self.intercept_ = ridge_to_prior(Xt, yt, ws, self.alpha)
         return self
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         X = check_fitted_X(self, X)
         return X @ self.coef_ + self.intercept_
 
@@ -154,7 +157,7 @@ class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstima
     __metadata_request__score = {"sample_domain": True}
     _scores_target_labels = True
 
-    def __init__(self, alpha=1.0, alpha_source=1e-2, source_coef=None):
+    def __init__(self, alpha: float = 1.0, alpha_source: float = 1e-2, source_coef: ArrayLike | None = None) -> None:
         self.alpha = alpha
         self.alpha_source = alpha_source
         self.source_coef = source_coef
@@ -165,7 +168,7 @@ class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstima
             return k[:, None].astype(float)
         return np.eye(len(self.classes_))[k]
 
-    def fit(self, X, y, sample_domain=None):
+    def fit(self, X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike | None = None) -> Self:
         """Fit ``W_s`` on the source rows (unless given), then the target model; returns ``self``."""
         Xs, ys, Xt, yt = _labelled_split(self, X, y, sample_domain, True)
         self.classes_ = np.unique(np.concatenate([ys, yt]))
@@ -178,18 +181,18 @@ class TransferLogisticRegression(LabelledScoreMixin, ClassifierMixin, BaseEstima
         self.coef_, self.intercept_ = logistic_to_prior(Xt, self._targets(yt), Ws, self.alpha)
         return self
 
-    def decision_function(self, X):
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
         X = check_fitted_X(self, X)
         Z = X @ self.coef_.T + self.intercept_
         return Z[:, 0] if Z.shape[1] == 1 else Z
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         Z = self.decision_function(X)
         if Z.ndim == 1:
             p = 1.0 / (1.0 + np.exp(-Z))
             return np.column_stack([1 - p, p])
         return softmax(Z, axis=1)
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         proba = self.predict_proba(X)  # checks fitted first
         return self.classes_[np.argmax(proba, axis=1)]
