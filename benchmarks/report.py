@@ -12,6 +12,7 @@ settings' descriptions, never a measured number.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -458,6 +459,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
             table(rows),
         )
     )
+    out += transferability_section()
     # ---- speed
     l2l = load("learn2learn_compare.json")
     rows = []
@@ -566,6 +568,27 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
     if (RESULTS / "memory.json").exists():  # the inner loop's memory (benchmarks/memory.py)
         out.append(memory_section(load("memory.json")))
     return out
+
+
+def transferability_section() -> list[tuple[str, str, str]]:
+    """Omniglot starting points for few-label fine-tuning, and the transferability scores' ranking
+    (benchmarks/transferability.py, whose ``markdown`` lays out its own JSON)."""
+    if not (RESULTS / "transferability.json").exists():
+        return []
+    spec = importlib.util.spec_from_file_location("transferability", ROOT / "benchmarks" / "transferability.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    t = load("transferability.json")
+    hw = t["hardware"]
+    text = (
+        f"Fine-tuning on K labelled target images per class from an Omniglot-trained start (MAML, ProtoNet, a "
+        f"supervised classifier over the base classes; each {t['settings']['omniglot_minutes']:g} minutes on one "
+        f"thread) or from random initialisation, the same conv net; then nine candidate sources ranked for the "
+        f"target by LEEP, NCE, LogME and H-score against their fine-tuned accuracy. {hw['cpu']}, torch "
+        f"{hw['torch']}, {t['wall_seconds'] / 60:.0f} minutes in all. Command: {code(t['command'].strip())}; "
+        f"what each number means: [transferability.md](transferability.md)."
+    )
+    return [("Transfer from meta-learned starting points; transferability scores", text, module.markdown(t).strip())]
 
 
 def memory_section(memory: dict) -> tuple[str, str, str]:
