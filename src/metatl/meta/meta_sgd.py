@@ -34,7 +34,7 @@ from .rules import MetaSGDRule
 
 @ALGORITHMS.register("meta_sgd")
 class MetaSGD(MAML):
-    """Meta-SGD.
+    """Meta-SGD (Li et al. 2017): MAML with a learned inner learning rate per parameter entry.
 
     Parameters
     ----------
