@@ -112,3 +112,12 @@ def test_the_shipped_specs_parse():
     for path in specs:
         spec = load_spec(path)
         assert spec.name == path.stem and {"MAML", "Baseline", "Baseline++"} <= {m.label for m in spec.methods}
+
+
+def test_labels_name_distinct_run_folders():
+    from metatl.compare import slug
+
+    assert slug("Baseline++") == "Baselinepp" and slug("Baseline") == "Baseline"
+    two = {"test": {"data": DATA}, "methods": [{"label": "a b", "config": "x"}, {"label": "a_b", "config": "y"}]}
+    with pytest.raises(ConfigError, match="also as folder names"):
+        parse_spec(two)

@@ -143,8 +143,10 @@ def parse_spec(raw, name: str = "compare") -> Spec:
             Method(str(label), m.get("checkpoint"), m.get("config"), m.get("like"), list(overrides), episodes)
         )
     labels = [m.label for m in parsed]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"compare spec: method labels must differ (they name rows and folders); got {labels}.")
+    if len({slug(label) for label in labels}) != len(labels):
+        raise ConfigError(
+            f"compare spec: method labels must differ, also as folder names ({[slug(x) for x in labels]}); got {labels}."
+        )
     return Spec(
         name=str(raw.get("name") or name),
         data=dict(test["data"]),
@@ -184,7 +186,8 @@ def episode_samplers(spec: Spec) -> dict[int, object]:
 
 
 def slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "method"
+    """The folder name of a method's run: ``Baseline++`` -> ``Baselinepp``, ``Fine-tune all`` -> ``Fine-tune_all``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label.replace("+", "p")).strip("_") or "method"
 
 
 def _learner(method: Method, out: Path, progress: bool, earlier: dict[str, Method]):
