@@ -189,3 +189,18 @@ def test_under_a_launcher_the_run_folder_and_the_process_count_are_checked(tmp_p
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "train.processes=2, but the launcher started 1 processes" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()  # the group is left when the run stops
+
+
+def test_the_shares_of_a_batch_are_its_consecutive_blocks():
+    from metatl.engine.executors.processes import share
+
+    episodes = list(range(6))
+    assert [share(episodes, r, 3) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    rows = {"source_x": torch.arange(8).view(4, 2), "source_y": torch.arange(4)}
+    halves = [share(rows, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat([h["source_x"] for h in halves]), rows["source_x"])
+    assert halves[1]["source_y"].tolist() == [2, 3]
+    with pytest.raises(ConfigError, match="cannot be split evenly over 4 processes"):
+        share(episodes, 0, 4)
+    with pytest.raises(ConfigError, match="train it in one process"):
+        share(object(), 0, 2)

@@ -48,7 +48,7 @@ class Split:
     name = "processes"
 
     def __init__(self, inner, learner, seed: int = 0):
-        self.inner = inner
+        self.inner, self.name = inner, f"processes({inner.name})"
         self.rank, self.world = ddp.rank(), ddp.world_size()
         ddp.broadcast_module(learner)
         torch.manual_seed(seed + 1000 * self.rank)
