@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     ap.add_argument("--backbone", default="conv4_stride")
     ap.add_argument("--out", default=str(HERE / "results" / "scaling.json"))
     args = ap.parse_args(argv)
+    if args.processes[0] != 1:
+        ap.error("--processes starts with 1: the efficiencies are relative to one process")
 
     sys.path.insert(0, str(HERE))
     from _step import machine, write_json
@@ -67,8 +69,6 @@ def main(argv=None) -> None:
         "command": "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": [],
     }
-    if args.processes[0] != 1:
-        ap.error("--processes starts with 1: the efficiencies are relative to one process")
     base = None
     for p in args.processes:
         threads = max(1, cores // p)
