@@ -565,6 +565,8 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
             table(rows),
         )
     )
+    if (RESULTS / "scaling.json").exists():  # the meta-batch split over processes (benchmarks/scaling.py)
+        out.append(scaling_section(load("scaling.json")))
     if (RESULTS / "memory.json").exists():  # the inner loop's memory (benchmarks/memory.py)
         out.append(memory_section(load("memory.json")))
     return out
@@ -589,6 +591,29 @@ def transferability_section() -> list[tuple[str, str, str]]:
         f"what each number means: [transferability.md](transferability.md)."
     )
     return [("Transfer from meta-learned starting points; transferability scores", text, module.markdown(t).strip())]
+
+
+def scaling_section(scaling: dict) -> tuple[str, str, str]:
+    rows = [
+        [
+            r["processes"],
+            r["threads_per_process"],
+            f"{r['seconds_per_step']:.2f}",
+            f"{r['speedup']:.2f}",
+            f"{r['efficiency']:.2f}",
+            f"{r['peak_rss_mb_per_process']:.0f}",
+        ]
+        for r in scaling["results"]
+    ]
+    load = " / ".join(f"{v:.1f}" for v in scaling["load_average_at_start"])
+    text = (
+        f"{scaling['setting'][0].upper()}{scaling['setting'][1:]}; the meta-batch split over processes by `train.processes` (the same path as "
+        f"`torchrun`, [scale.md](scale.md)). Speedup and efficiency relative to one process. "
+        f"{scaling['hardware']}, torch {scaling['torch']}, {scaling['date'][:10]}, load average at the start "
+        f"{load}. Command: {code(scaling['command'])}."
+    )
+    header = ["processes", "threads each", "s / step", "speedup", "efficiency", "peak RSS per process (MB)"]
+    return "Scaling over processes", text, table(rows, header)
 
 
 def memory_section(memory: dict) -> tuple[str, str, str]:
