@@ -703,7 +703,9 @@ def render_page() -> str:
             "`records.json` for runs that no script regenerates (with command, hardware, date and source). "
             "Accuracies are in %, mean ± 95% confidence interval over the fixed test episodes (drawn from "
             "`eval.seed: 1234`, the same for every method) unless marked; an interval over seeds uses Student's t. "
-            '"Intel Xeon" is our development machine (2 cores, shared with other jobs; torch 2.13 CPU). '
+            'Hardware is named in each table: "Intel Xeon" is the development machine of the earlier runs (2 cores, '
+            'shared with other jobs; torch 2.13 CPU), "AMD EPYC" the one of the later ones (2 cores, no bfloat16 '
+            "units, shared likewise). "
             "Budgets are minutes of training; published numbers are the papers' after their full schedules."
         ),
         "",
