@@ -108,7 +108,7 @@ def optimization_budget() -> list[tuple[str, str, str]]:
     text = (
         f"Each method trains its `configs/<method>_omniglot_5w1s.yaml` under the same compute budget: "
         f"`train.budget_clock=cpu` with one thread per run, so a budget of M minutes on {b['cores']} cores is "
-        f"{b['cores']} x M CPU minutes whatever else the machine ran; runs trained side by side. Test: "
+        f"{b['cores']} x M CPU minutes whatever else the machine ran. The runs: {b.get('note', 'side by side')}. Test: "
         f"{b['episodes']} fixed episodes. {b['hardware']}, {b['date'][:10]}. Command: {code(b['command'])}; "
         f"overrides {code(' '.join(b['overrides']))}."
     )
