@@ -8,7 +8,7 @@ executor and one thread, and reports the peak resident set size above the level 
 Omniglot 5-way 1-shot with the MAML config's conv4 and episodes (its data: ``METATL_DATA_DIR``).
 
     python benchmarks/memory.py                 # writes benchmarks/results/memory.json
-    python benchmarks/memory.py --quick --out /tmp/memory.json
+    python benchmarks/memory.py --quick --out memory_quick.json   # a smoke run, anywhere but results/
 """
 
 from __future__ import annotations
