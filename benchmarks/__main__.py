@@ -4,13 +4,16 @@
     python -m benchmarks accuracy curve|mann-online|metric|budget ...   # score runs on fixed test episodes
     python -m benchmarks transfer [--quick]           # classical estimators, deep domain adaptation on digits
     python -m benchmarks learned-optimizer [--quick]  # the LSTM optimizer against SGD, RMSprop, Adam
+    python -m benchmarks transferability [--quick]    # meta-learned starts fine-tuned on digits; LEEP, LogME, ...
     python -m benchmarks contention [...]             # training speed beside other processes
     python -m benchmarks scaling [--quick]            # MAML's step with the meta-batch split over 1, 2, ... processes
     python -m benchmarks memory [--quick]             # peak memory against inner steps (MAML, checkpointing, iMAML)
     python -m benchmarks report [--check]             # docs/results.md from benchmarks/results/*.json
 
 Each benchmark is a script in this folder that can also be run on its own with more options
-(``python benchmarks/NAME.py --help``); a full run writes its one JSON under benchmarks/results/.
+(``python benchmarks/NAME.py --help``); ``speed``'s MAML step, ``scaling`` and ``memory`` are the
+three modes of ``maml_speed.py`` (``step``, ``scaling``, ``memory``). A full run writes its one JSON
+per measurement under benchmarks/results/.
 ``--quick`` runs a small smoke version of each script and writes to a temporary folder, so the
 checked-in results are never overwritten by it. benchmarks/README.md says what each one measures.
 """
@@ -45,13 +48,14 @@ def _speed(quick: bool, tmp: str) -> list[list[str]]:
     l2l = _learn2learn()
     if not quick:
         return [
-            ["maml_speed.py"],
+            ["maml_speed.py", "step"],
             *([["learn2learn_compare.py", *l2l]] if l2l is not None else []),
             ["episode_speed.py"],
         ]
     runs = [
         [
             "maml_speed.py",
+            "step",
             "--algorithms",
             "maml",
             "--backbones",
@@ -118,6 +122,12 @@ def _learned_optimizer(quick: bool, tmp: str) -> list[list[str]]:
     ]
 
 
+def _transferability(quick: bool, tmp: str) -> list[list[str]]:
+    if not quick:
+        return [["transferability.py"]]
+    return [["transferability.py", "--quick", "--runs", f"{tmp}/runs", "--out", f"{tmp}/transferability.json"]]
+
+
 def _contention(quick: bool, tmp: str) -> list[list[str]]:
     return [
         ["contention.py", "--seconds", "5", "--busy", "0", "--out", f"{tmp}/contention.json"]
@@ -128,12 +138,16 @@ def _contention(quick: bool, tmp: str) -> list[list[str]]:
 
 def _scaling(quick: bool, tmp: str) -> list[list[str]]:
     return [
-        ["scaling.py", "--iters", "1", "--warmup", "1", "--out", f"{tmp}/scaling.json"] if quick else ["scaling.py"]
+        ["maml_speed.py", "scaling", "--iters", "1", "--warmup", "1", "--out", f"{tmp}/scaling.json"]
+        if quick
+        else ["maml_speed.py", "scaling"]
     ]
 
 
 def _memory(quick: bool, tmp: str) -> list[list[str]]:
-    return [["memory.py", "--quick", "--out", f"{tmp}/memory.json"] if quick else ["memory.py"]]
+    return [
+        ["maml_speed.py", "memory", "--quick", "--out", f"{tmp}/memory.json"] if quick else ["maml_speed.py", "memory"]
+    ]
 
 
 def _report(quick: bool, tmp: str) -> list[list[str]]:
@@ -145,11 +159,18 @@ BENCHMARKS = {
     "accuracy": _accuracy,
     "transfer": _transfer,
     "learned-optimizer": _learned_optimizer,
+    "transferability": _transferability,
     "contention": _contention,
     "scaling": _scaling,
     "memory": _memory,
     "report": _report,
 }
+
+
+def _script(run: list[str]) -> str:
+    """A run's script and its mode (``maml_speed.py step``), without the run's options."""
+    mode = run[1:2] if len(run) > 1 and not run[1].startswith("-") else []
+    return " ".join(["python benchmarks/" + run[0], *mode])
 
 
 def main(argv=None) -> int:
@@ -166,7 +187,7 @@ def main(argv=None) -> int:
             if len(runs) != 1:
                 print(
                     f"`{name}` runs {len(runs)} scripts; pass options to one of them: "
-                    + ", ".join(f"python benchmarks/{r[0]}" for r in runs),
+                    + ", ".join(_script(r) for r in runs),
                     file=sys.stderr,
                 )
                 return 2

@@ -504,7 +504,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                 "",
                 f"{r['iters']} steps, fresh process",
                 f"{speed['hardware']}, {speed['date'][:10]}",
-                code("python benchmarks/maml_speed.py --algorithms maml fomaml --executor threads_inner_vmap"),
+                code(speed["command"]),
             ]
         )
     for key, label in (
@@ -565,9 +565,9 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
             table(rows),
         )
     )
-    if (RESULTS / "scaling.json").exists():  # the meta-batch split over processes (benchmarks/scaling.py)
+    if (RESULTS / "scaling.json").exists():  # the meta-batch split over processes (maml_speed.py scaling)
         out.append(scaling_section(load("scaling.json")))
-    if (RESULTS / "memory.json").exists():  # the inner loop's memory (benchmarks/memory.py)
+    if (RESULTS / "memory.json").exists():  # the inner loop's memory (maml_speed.py memory)
         out.append(memory_section(load("memory.json")))
     return out
 

@@ -11,9 +11,9 @@ extra inner steps per task (the measured memory and time: docs/performance.md).
 The recomputation is written out (:class:`Recompute`) rather than left to
 ``torch.utils.checkpoint``: its non-reentrant form gives the same values, but a step that calls
 ``torch.autograd.grad`` inside the checkpointed region keeps its recomputed activations until the
-backward pass, and memory still grew with the steps (``benchmarks/memory.py``); keeping each step's
-input parameters, as plain checkpointing does, costs ``k`` copies of them, more than one step's
-graph for Omniglot's conv4. The gradient also reaches tensors a step uses without taking them as
+backward pass, and memory still grew with the steps (``benchmarks/maml_speed.py memory``);
+keeping each step's input parameters, as plain checkpointing does, costs ``k`` copies of them,
+more than one step's graph for Omniglot's conv4. The gradient also reaches tensors a step uses without taking them as
 inputs (a learned rule's parameters, the parameters an inner loop leaves fixed): the learner's
 meta-parameters are passed along. ``tests/test_inner_checkpoint.py`` compares meta-gradients with
 and without it in float64.

@@ -1,0 +1,107 @@
+"""The benchmark suite's shape: at most ten scripts, each reached by `python -m benchmarks`, and every
+command the results page prints accepted as written by the script (or `metatl` and the config) it
+names. Nothing is measured here: each command is parsed, not run."""
+
+import argparse
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from metatl.cli import build_parser
+from metatl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def scripts() -> set[str]:
+    return {p.name for p in BENCH.glob("*.py") if not p.name.startswith("_")}
+
+
+def test_at_most_ten_benchmark_scripts():
+    assert len(scripts()) <= 10, f"benchmarks/ holds {len(scripts())} scripts: {sorted(scripts())}"
+
+
+def test_every_script_is_reached_by_the_entry_point():
+    entry = load(BENCH / "__main__.py", "benchmarks_main")
+    reached = set()
+    for name, runs in entry.BENCHMARKS.items():
+        for quick in (False, True):
+            for run in runs(quick, "/tmp/metatl-bench"):
+                assert (BENCH / run[0]).exists(), f"`python -m benchmarks {name}` runs {run[0]}, which is missing"
+                reached.add(run[0])
+    assert scripts() - {"learn2learn_compare.py"} <= reached, (
+        f"not reachable through `python -m benchmarks`: {sorted(scripts() - reached)}"
+    )
+
+
+def page_commands() -> list[str]:
+    """Every `python benchmarks/...` and `metatl ...` command in backticks on docs/results.md."""
+    page = (ROOT / "docs" / "results.md").read_text()
+    commands = []
+    for text in re.findall(r"`([^`]*(?:python benchmarks/|python -m benchmarks|metatl )[^`]*)`", page):
+        commands += [c.strip() for c in text.split(";")]
+    return sorted(set(commands))
+
+
+class Parsed(Exception):
+    """Raised instead of running a benchmark once its options are parsed."""
+
+
+@pytest.fixture
+def parse_only(monkeypatch):
+    """``ArgumentParser.parse_args`` parses (and fails as usual on bad options), then stops the script."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    monkeypatch.syspath_prepend(str(BENCH))
+    return monkeypatch
+
+
+def test_results_page_commands_are_accepted_as_written(parse_only, capsys):
+    commands = page_commands()
+    assert len(commands) > 20, "the results page lists fewer commands than expected: is the pattern still right?"
+    checked = set()
+    for command in commands:
+        words = shlex.split(command)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # OMP_NUM_THREADS=1 ...
+            words.pop(0)
+        where = f"docs/results.md prints `{command}`"
+        if words[0] == "metatl":
+            with pytest.raises(Parsed) as parsed:
+                build_parser().parse_args(words[1:])
+            args = parsed.value.args[0]
+            if args.command == "train":  # the config and its overrides load (S stands for a seed)
+                load_config(ROOT / args.config, [o.replace("=S", "=0") for o in args.set or []])
+            continue
+        if words[:3] == ["python", "-m", "benchmarks"]:  # the entry point's names; its scripts parse the rest
+            entry = load(BENCH / "__main__.py", "benchmarks_main")
+            assert words[3] in entry.BENCHMARKS, f"{where}, but `{words[3]}` is not one of {sorted(entry.BENCHMARKS)}"
+            continue
+        assert words[0] == "python" and words[1].startswith("benchmarks/"), where
+        script = ROOT / words[1]
+        assert script.exists(), f"{where}, but {words[1]} is not in benchmarks/"
+        module = load(script, f"bench_{script.stem}")
+        parse_only.setattr("sys.argv", [str(script), *words[2:]])
+        try:
+            code = module.main(words[2:]) if "argv" in module.main.__code__.co_varnames else module.main()
+        except Parsed:
+            checked.add(command)
+            continue
+        except SystemExit as exit:
+            pytest.fail(f"{where}, and its script exits with {exit.code}: {capsys.readouterr().err}")
+        pytest.fail(f"{where}, and its script returned {code} before parsing its options")
+    assert checked, "no benchmark command was checked"
