@@ -49,8 +49,9 @@ def page_commands() -> list[str]:
     """Every `python benchmarks/...` and `metatl ...` command in backticks on docs/results.md."""
     page = (ROOT / "docs" / "results.md").read_text()
     commands = []
-    for text in re.findall(r"`([^`]*(?:python benchmarks/|python -m benchmarks|metatl )[^`]*)`", page):
-        commands += [c.strip() for c in text.split(";")]
+    for text in re.findall(r"`([^`\n]*)`", page):  # the page's code spans, in order
+        if re.match(r"([A-Z_]+=\S+ )*(python benchmarks/|python -m benchmarks |metatl )", text):
+            commands += [c.strip() for c in text.split(";")]
     return sorted(set(commands))
 
 
