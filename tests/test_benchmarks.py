@@ -6,12 +6,13 @@ import argparse
 import importlib.util
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
 
 from metatl.cli import build_parser
-from metatl.config import load_config
+from metatl.config import ConfigDeprecationWarning, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -85,8 +86,10 @@ def test_results_page_commands_are_accepted_as_written(parse_only, capsys):
             with pytest.raises(Parsed) as parsed:
                 build_parser().parse_args(words[1:])
             args = parsed.value.args[0]
-            if args.command == "train":  # the config and its overrides load (S stands for a seed)
-                load_config(ROOT / args.config, [o.replace("=S", "=0") for o in args.set or []])
+            if args.command == "train":  # the config and its overrides load, in today's keys (S: a seed)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", ConfigDeprecationWarning)
+                    load_config(ROOT / args.config, [o.replace("=S", "=0") for o in args.set or []])
             continue
         if words[:3] == ["python", "-m", "benchmarks"]:  # the entry point's names; its scripts parse the rest
             entry = load(BENCH / "__main__.py", "benchmarks_main")
