@@ -541,7 +541,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in MODES:
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        if argv and argv[0] in ("-h", "--help"):
+            return 0
+        print(
+            f"maml_speed.py needs a mode first: {', '.join(MODES)} (got {' '.join(argv) or 'nothing'})", file=sys.stderr
+        )
+        return 2
     return MODES[argv[0]](argv[1:])
 
 
