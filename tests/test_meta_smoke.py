@@ -86,9 +86,9 @@ def test_non_transductive_evaluation_batches_queries_only_without_batch_statisti
     one_by_one = evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"]
     assert calls == [bn_mode == "running"] * 3
     if bn_mode == "running":  # the batched scores equal those of one query at a time
-        import metatl.engine.predict as predict
+        import metatl.meta.base as base
 
-        monkeypatch.setattr(predict, "uses_batch_statistics", lambda model: True)
+        monkeypatch.setattr(base, "uses_batch_statistics", lambda model: True)
         assert evaluate(learner, sampler, episodes=3, transductive=False, progress=False)["scores"] == pytest.approx(
             one_by_one, abs=1e-12
         )

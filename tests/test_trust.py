@@ -330,7 +330,8 @@ def test_python_m_metatl_runs_the_cli():
 
 
 def test_eval_rebuilds_the_learner_through_load_learner_without_training_data(run, monkeypatch):
-    from metatl.engine import build, trainer
+    from metatl import build
+    from metatl.engine import trainer
 
     assert not hasattr(trainer, "load_trainer") and not hasattr(__import__("metatl.cli").cli, "train_and_test")
     splits, loads = [], []

@@ -15,11 +15,11 @@ def load(checkpoint: "str | os.PathLike", weights: str | None = None, overrides:
     """The learner stored in a checkpoint: ``metatl.load(path).adapt(support_x, support_y)``.
 
     The training data is not needed; ``learner.config`` is the run's config and
-    ``learner.input_spec`` the input it takes (see :func:`metatl.engine.build.load_learner`).
+    ``learner.input_spec`` the input it takes (see :func:`metatl.build.load_learner`).
     ``weights="raw"`` gives the trained weights of a run that kept a moving average of them
     (``train.ema_decay``), whose average is the default.
     """
-    from .engine.build import load_learner
+    from .build import load_learner
 
     return load_learner(checkpoint, weights, overrides)
 

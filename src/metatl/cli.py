@@ -105,7 +105,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_upgrade(args) -> int:
-    from .engine.checkpoint import upgrade
+    from .checkpoint import upgrade
 
     print(f"upgraded: {upgrade(args.checkpoint, args.out)}")
     return 0

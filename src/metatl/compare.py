@@ -193,8 +193,8 @@ def slug(label: str) -> str:
 def _learner(method: Method, out: Path, progress: bool, earlier: dict[str, Method]):
     """The learner of ``method``: loaded from its checkpoint, trained from its config into
     ``out/<label>`` (a finished run there is reused), or an earlier method's with its overrides."""
+    from .build import load_learner
     from .config import load_config
-    from .engine.build import load_learner
     from .engine.run import train
 
     if method.like is not None:

@@ -46,7 +46,7 @@ def evaluate(
 
     Returns ``{"metric", "mean", "ci95", "std", "episodes", "scores"}``.
     """
-    from .predict import queries_interact
+    from ..meta.base import queries_interact
 
     transductive = transductive or not queries_interact(learner)
     was_training = learner.training

@@ -274,8 +274,8 @@ def evaluate_checkpoint(checkpoint, overrides=None, out=None, progress: bool = T
     """Score ``checkpoint`` on its config's fixed test episodes (after ``overrides``) and write
     ``eval_<checkpoint>_<N>ep.json`` in ``out`` (default: the checkpoint's folder), never over the
     run's ``results.json``. Returns ``(results, path)``."""
+    from ..build import load_learner
     from ..data import build_sampler
-    from .build import load_learner
     from .trainer import check_device, score_on_test, write_results
 
     learner = load_learner(checkpoint, overrides=overrides)

@@ -47,10 +47,10 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .. import checkpoint as ckpt_io
+from ..build import build_learner, build_sampler, task_spec
 from ..config import Config, ConfigError, from_dict
-from . import checkpoint as ckpt_io
 from . import distributed as ddp
-from .build import build_learner, build_sampler, task_spec
 from .divergence import DivergenceError, DivergenceGuard
 from .evaluator import evaluate
 from .executors import make_executor

@@ -102,10 +102,22 @@ class Predictor:
         return self(x).softmax(-1)
 
 
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers without running statistics (``bn_mode: batch``)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
+
+
+def queries_interact(learner: nn.Module) -> bool:
+    """Whether a query's prediction can depend on the other queries of its batch: BatchNorm with
+    batch statistics, or a learner that says so with ``couples_queries = True``. Only then does a
+    non-transductive prediction need one forward pass per query."""
+    return uses_batch_statistics(learner) or bool(getattr(learner, "couples_queries", False))
+
+
 class MetaLearner(nn.Module):
     """Base class: holds ``model`` and the task type, and runs the model functionally."""
 
-    uses_head = True  # False: the backbone returns embeddings (engine.build sets out_features=0)
+    uses_head = True  # False: the backbone returns embeddings (metatl.build sets out_features=0)
     couples_queries = False  # True: queries of one batch affect each other's predictions
 
     def __init__(self, model: nn.Module, task_type: str = "classification"):
@@ -135,10 +147,10 @@ class MetaLearner(nn.Module):
         """:meth:`adapt` on image files, converted as the checkpoint expects (channels, size, and
         inverted for Omniglot models): ``support`` is a folder with one sub-folder per class, or a
         list of files with ``labels`` (class names or integer ids). Returns an
-        :class:`~metatl.engine.predict.ImagePredictor` (``predict_images(paths)``,
+        :class:`~metatl.meta.images.ImagePredictor` (``predict_images(paths)``,
         ``predict_proba_images(paths)``); ``metatl adapt`` runs the same code
-        (:func:`metatl.engine.predict.adapt_images`)."""
-        from ..engine.predict import adapt_images
+        (:func:`metatl.meta.images.adapt_images`)."""
+        from .images import adapt_images
 
         return adapt_images(self, support, labels, steps=steps, invert=invert, transductive=transductive)
 

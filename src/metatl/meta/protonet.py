@@ -34,7 +34,7 @@ class ProtoNet(MetaLearner):
     distance : ``"sqeuclidean"`` (paper), ``"euclidean"`` or ``"cosine"``.
     """
 
-    uses_head = False  # engine.build builds the backbone with out_features=0: embeddings out
+    uses_head = False  # metatl.build builds the backbone with out_features=0: embeddings out
 
     def __init__(self, model: nn.Module, task_type: str = "classification", distance: str = "sqeuclidean"):
         if task_type != "classification":

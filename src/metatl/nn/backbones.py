@@ -73,7 +73,7 @@ class ConvNet(nn.Module):
     modules are then not called as modules, so hooks on them do not run; ``fast=False`` runs every
     layer as it is. Parameters, buffers and their names are the same either way.
     ``input_check`` (default ``None``): a callable run on each input batch before anything else
-    (:func:`metatl.engine.build.load_learner` sets one that checks the image shape).
+    (:func:`metatl.build.load_learner` sets one that checks the image shape).
     """
 
     def __init__(

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import load as load_checkpoint
 from ..registry import ALGORITHMS
 
 
@@ -30,9 +31,7 @@ def load_model_weights(model: nn.Module, checkpoint: str, keep_head: bool = Fals
     ``keep_head=True`` loads everything but ``head.*`` and keeps ``model``'s own head: the start of a
     new task whose classes differ from the checkpoint's (a 5-way MAML head, a 4,112-way Omniglot
     classifier or a headless ProtoNet backbone, fine-tuned on 10 digits)."""
-    from ..engine import checkpoint as ckpt_io
-
-    state = ckpt_io.load(checkpoint)
+    state = load_checkpoint(checkpoint)
     weights = {k[len("model.") :]: v for k, v in state["learner"].items() if k.startswith("model.")}
     if keep_head:
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}

@@ -282,7 +282,7 @@ def score_model(model, x, y, batch_size: int = 500) -> dict:
 def score_checkpoint(checkpoint, x, y, batch_size: int = 500) -> dict:
     """:func:`score_model` for the model stored in a metatl checkpoint (``last.pt``, ``best.pt``);
     ``x`` must be in the format the model was trained on (channels, size, value range)."""
-    from ..engine.build import load_learner
+    from ..build import load_learner
 
     return score_model(load_learner(checkpoint).model, x, y, batch_size)
 

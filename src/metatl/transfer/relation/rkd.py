@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...build import load_learner
 from ...registry import ALGORITHMS
 from .._deep import DeepTransfer, accuracy, labelled_rows
 
@@ -91,8 +92,6 @@ class RKD(DeepTransfer):
         if on not in ("source", "target", "both"):
             raise ValueError(f"unknown on {on!r}; use source, target or both.")
         if teacher_checkpoint:
-            from ...engine.build import load_learner
-
             teacher = load_learner(teacher_checkpoint).model
         elif init_checkpoint:
             teacher = copy.deepcopy(model)
