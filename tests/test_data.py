@@ -210,3 +210,35 @@ def test_real_omniglot(omniglot_dir):
             }
         ).data
         assert len(build_sampler(cfg, "train").pool) == 4 * n
+
+
+def test_the_sinusoid_draws_its_tasks_and_an_episode_sampler_does_not(tmp_path):
+    from metatl.engine.plots import plt, task_plots
+
+    class Learner:  # records the inner steps asked for; its prediction after s steps is s * x
+        steps = []
+
+        def adapt(self, support_x, support_y, steps):
+            self.steps.append(steps)
+            return lambda x: steps * x
+
+    tasks = SinusoidTasks(shots=4, queries=3)
+    fig, ax = plt.subplots()
+    tasks.draw_task(ax, Learner(), torch.Generator().manual_seed(5))
+    ep, (a, phi) = tasks.sample_task(torch.Generator().manual_seed(5))  # the task it drew
+    truth, support, *predictions = ax.get_lines()
+    x = truth.get_xdata()
+    assert x.min() == -5 and x.max() == 5 and np.allclose(truth.get_ydata(), a * np.sin(x - phi), atol=1e-5)
+    assert np.allclose(support.get_xdata(), ep.support_x.flatten()) and np.allclose(
+        support.get_ydata(), ep.support_y.flatten()
+    )
+    assert Learner.steps == [0, 1, 10] and [line.get_label() for line in predictions] == [
+        "pre-update",
+        "1 grad step",
+        "10 grad steps",
+    ]
+    assert np.allclose(predictions[2].get_ydata(), 10 * x)
+    plt.close(fig)
+    path = task_plots(Learner(), tasks, tmp_path / "sinusoid_tasks.png", n_tasks=2, seed=1)
+    assert path.read_bytes()[:4] == b"\x89PNG" and len(Learner.steps) == 3 + 2 * 3
+    assert not hasattr(EpisodeSampler(pool()[0], ways=2, shots=1, queries=1), "draw_task")  # engine/run.py asks this

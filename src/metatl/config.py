@@ -177,7 +177,7 @@ class EvalConfig:
     inner_steps: int | None = None  # override the algorithm's test-time inner steps
     transductive: bool = True  # BatchNorm "batch" mode: normalise the query set as one batch
     extra_steps: list[int] = field(default_factory=list)  # also report these test-time inner steps
-    plot_tasks: int = 3  # regression: test tasks to plot
+    plot_tasks: int = 3  # test tasks drawn in <data.name>_tasks.png by a data source that draws (sinusoid)
     weights: str = "averaged"  # with train.ema_decay: score the averaged weights, or "raw" ones
 
     config_ranges: ClassVar[dict[str, Range]] = {

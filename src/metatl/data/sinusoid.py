@@ -7,10 +7,15 @@ inputs ``x ~ U[-5, 5]``; the learner sees ``K`` support points and is scored by 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .episode import Episode
+
+if TYPE_CHECKING:  # matplotlib is imported by the engine's plots, where the figure is made
+    from matplotlib.axes import Axes
 
 
 class SinusoidTasks:
@@ -53,3 +58,20 @@ class SinusoidTasks:
 
     def sample_batch(self, size: int, generator: torch.Generator) -> list[Episode]:
         return [self.sample(generator) for _ in range(size)]
+
+    def draw_task(
+        self, ax: Axes, learner: nn.Module, generator: torch.Generator, steps: tuple[int, ...] = (1, 10)
+    ) -> None:
+        """The MAML paper's figure for one task drawn from ``generator``, on the matplotlib axes
+        ``ax``: the true curve, the K support points, and ``learner``'s prediction before
+        adaptation and after each number of inner steps in ``steps``. A data source with this
+        method gets a plot of ``eval.plot_tasks`` test tasks in the run folder
+        (:func:`metatl.engine.plots.task_plots`)."""
+        grid = torch.linspace(*self.x_range, 200).unsqueeze(1)
+        ep, (a, phi) = self.sample_task(generator)
+        ax.plot(grid, a * torch.sin(grid - phi), "k-", label="ground truth")
+        ax.plot(ep.support_x, ep.support_y, "^", color="tab:purple", label=f"{len(ep.support_x)} points")
+        for s, style in zip((0, *steps), (":", "--", "-")):
+            prediction = learner.adapt(ep.support_x, ep.support_y, steps=s)(grid)
+            ax.plot(grid, prediction, style, label="pre-update" if s == 0 else f"{s} grad step{'s' if s > 1 else ''}")
+        ax.set(xlabel="x", ylim=(-6, 6))

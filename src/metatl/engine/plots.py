@@ -38,24 +38,14 @@ def learning_curve(run_dir) -> Path:
     return path
 
 
-def sinusoid_tasks(learner, tasks, path, n_tasks: int = 3, seed: int = 1234, steps=(1, 10)) -> Path:
-    """The MAML paper's figure: per test task the true curve, the K support points, and the
-    prediction before adaptation and after 1 and 10 inner steps."""
+def task_plots(learner, source, path, n_tasks: int = 3, seed: int = 1234) -> Path:
+    """``n_tasks`` tasks of ``source`` side by side, each drawn by the source itself
+    (``source.draw_task(ax, learner, generator)``, e.g. the sinusoid's true curve, support points
+    and adapted predictions), from a generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
     fig, axes = plt.subplots(1, n_tasks, figsize=(4 * n_tasks, 3.4), squeeze=False)
-    grid = torch.linspace(-5, 5, 200).unsqueeze(1)
     for ax in axes[0]:
-        ep, (a, phi) = tasks.sample_task(g)
-        ax.plot(grid, a * torch.sin(grid - phi), "k-", label="ground truth")
-        ax.plot(ep.support_x, ep.support_y, "^", color="tab:purple", label=f"{len(ep.support_x)} points")
-        for s, style in zip((0, *steps), (":", "--", "-")):
-            ax.plot(
-                grid,
-                learner.adapt(ep.support_x, ep.support_y, steps=s)(grid),
-                style,
-                label="pre-update" if s == 0 else f"{s} grad step{'s' if s > 1 else ''}",
-            )
-        ax.set(xlabel="x", ylim=(-6, 6))
+        source.draw_task(ax, learner, g)
     axes[0][0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

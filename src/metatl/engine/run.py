@@ -30,7 +30,7 @@ RUN_FILES = (
     ".results.json.tmp",
     "eval_*.json",
     "learning_curve.png",
-    "sinusoid_tasks.png",
+    "*_tasks.png",  # a data source's task plot (sinusoid_tasks.png)
     "tensorboard/events.out.tfevents.*",
     "mlflow_run.json",
     "mlflow/**/*",  # the default MLflow store (metatl.engine.loggers)
@@ -262,11 +262,9 @@ def _train_and_test(trainer, cfg, out: Path, resume: bool, allow_changes) -> dic
     print(f"trained {trainer.iteration} iterations in {trainer.train_seconds / 60:.1f} min{procs}; run folder: {out}")
     print(f"results: {out / 'results.json'}")
     print(f"plot: {plots.learning_curve(out)}")
-    if cfg.data.name == "sinusoid" and cfg.eval.plot_tasks:
-        path = plots.sinusoid_tasks(
-            trainer.scored, trainer.val_tasks, out / "sinusoid_tasks.png", cfg.eval.plot_tasks, cfg.eval.seed
-        )
-        print(f"plot: {path}")
+    if cfg.eval.plot_tasks and hasattr(trainer.test_tasks, "draw_task"):  # a data source that can draw its tasks
+        path = out / f"{cfg.data.name}_tasks.png"
+        print(f"plot: {plots.task_plots(trainer.scored, trainer.test_tasks, path, cfg.eval.plot_tasks, cfg.eval.seed)}")
     return results
 
 
