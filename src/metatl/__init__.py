@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 import os  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from . import data, meta, nn, transfer  # noqa: E402,F401  (registers every component)
 from .config import Config, load_config  # noqa: E402
@@ -10,8 +11,13 @@ from .data import Episode, EpisodeSampler, SinusoidTasks  # noqa: E402
 from .meta import MAML, Reptile, adapt  # noqa: E402
 from .registry import ALGORITHMS, BACKBONES, DATASETS, ESTIMATORS  # noqa: E402
 
+if TYPE_CHECKING:
+    import torch
 
-def load(checkpoint: "str | os.PathLike", weights: str | None = None, overrides: list[str] | None = None):
+
+def load(
+    checkpoint: str | os.PathLike, weights: str | None = None, overrides: list[str] | None = None
+) -> "torch.nn.Module":
     """The learner stored in a checkpoint: ``metatl.load(path).adapt(support_x, support_y)``.
 
     The training data is not needed; ``learner.config`` is the run's config and

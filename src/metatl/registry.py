@@ -11,7 +11,7 @@ and is looked up by name from configs and the CLI (``metatl list`` prints every 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -32,7 +32,7 @@ class Registry:
 
         return decorator
 
-    def get(self, name: str):
+    def get(self, name: str) -> Any:
         try:
             return self._items[name]
         except KeyError:
@@ -45,7 +45,7 @@ class Registry:
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
 
-    def items(self):
+    def items(self) -> list[tuple[str, Any]]:
         return sorted(self._items.items())
 
 

@@ -17,14 +17,25 @@ Generators (all return ``X, y, sample_domain`` and, optionally, ``y_target_true`
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.datasets import make_moons
 from sklearn.utils import check_random_state
 
 SOURCE, TARGET = 1, -1
 MASKED_LABEL = -1
 
+# (X, y, sample_domain), and the target's true labels with return_target_labels=True
+DomainArrays = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-def to_domain(X_source, y_source, X_target, y_target=None, *, mask_target: bool = True):
+
+def to_domain(
+    X_source: ArrayLike,
+    y_source: ArrayLike,
+    X_target: ArrayLike,
+    y_target: ArrayLike | None = None,
+    *,
+    mask_target: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stack source and target arrays into ``X, y, sample_domain``.
 
     Parameters
@@ -58,7 +69,9 @@ def to_domain(X_source, y_source, X_target, y_target=None, *, mask_target: bool 
     return X, y, sample_domain
 
 
-def split_domains(X, y, sample_domain):
+def split_domains(
+    X: ArrayLike, y: ArrayLike, sample_domain: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of :func:`to_domain`: ``X_source, y_source, X_target, y_target``."""
     X, y, sample_domain = np.asarray(X), np.asarray(y), np.asarray(sample_domain)
     s = sample_domain > 0
@@ -71,8 +84,14 @@ def _finish(Xs, ys, Xt, yt, return_target_labels):
 
 
 def make_shifted_moons(
-    n_source=100, n_target=100, *, angle=np.pi / 6, noise=0.1, random_state=None, return_target_labels=False
-):
+    n_source: int = 100,
+    n_target: int = 100,
+    *,
+    angle: float = np.pi / 6,
+    noise: float = 0.1,
+    random_state: int | np.random.RandomState | None = None,
+    return_target_labels: bool = False,
+) -> DomainArrays:
     """Two moons; the target is the source distribution rotated by ``angle`` radians about the centre."""
     rng = check_random_state(random_state)
     Xs, ys = make_moons(n_source, noise=noise, random_state=rng)
@@ -84,15 +103,15 @@ def make_shifted_moons(
 
 
 def make_shifted_blobs(
-    n_source=100,
-    n_target=100,
+    n_source: int = 100,
+    n_target: int = 100,
     *,
-    shift="covariate",
-    n_features=2,
-    noise=1.0,
-    random_state=None,
-    return_target_labels=False,
-):
+    shift: str = "covariate",
+    n_features: int = 2,
+    noise: float = 1.0,
+    random_state: int | np.random.RandomState | None = None,
+    return_target_labels: bool = False,
+) -> DomainArrays:
     """Binary Gaussian-mixture data with a covariate shift or a target shift.
 
     Each class is a mixture of two Gaussian blobs (4 blobs in all, with fixed centres). The labelling
@@ -124,8 +143,13 @@ def make_shifted_blobs(
 
 
 def make_covariate_shift_regression(
-    n_source=100, n_target=100, *, noise=0.1, random_state=None, return_target_labels=False
-):
+    n_source: int = 100,
+    n_target: int = 100,
+    *,
+    noise: float = 0.1,
+    random_state: int | np.random.RandomState | None = None,
+    return_target_labels: bool = False,
+) -> DomainArrays:
     """1-D regression ``y = sinc(x) + noise`` with ``x_s ~ N(1, 0.5^2)``, ``x_t ~ N(2, 0.3^2)``.
 
     The setting of Sugiyama, Krauledat and Mueller (2007), section 5: a linear model fitted on the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -34,11 +35,11 @@ class Episode:
     query_y: Tensor
 
     @property
-    def support(self):
+    def support(self) -> tuple[Tensor, Tensor]:
         return self.support_x, self.support_y
 
     @property
-    def query(self):
+    def query(self) -> tuple[Tensor, Tensor]:
         return self.query_x, self.query_y
 
     def to(self, device: torch.device | str) -> Episode:
@@ -175,7 +176,14 @@ class EpisodeSampler:
         return episodes
 
 
-def fixed_episodes(sampler, n: int, seed: int) -> Iterator[Episode]:
+class EpisodeSource(Protocol):
+    """What the evaluator needs of an episode source (:class:`EpisodeSampler`,
+    :class:`~metatl.data.sinusoid.SinusoidTasks`): episodes drawn from a generator."""
+
+    def sample(self, generator: torch.Generator) -> Episode: ...
+
+
+def fixed_episodes(sampler: EpisodeSource, n: int, seed: int) -> Iterator[Episode]:
     """The same ``n`` episodes for every method and run, drawn lazily from ``sampler`` with ``seed``."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):

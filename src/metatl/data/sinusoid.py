@@ -45,7 +45,7 @@ class SinusoidTasks:
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(size, generator=g)
 
-    def sample_task(self, generator: torch.Generator):
+    def sample_task(self, generator: torch.Generator) -> tuple[Episode, tuple[float, float]]:
         a = self._uniform(self.amplitude, (), generator)
         phi = self._uniform(self.phase, (), generator)
         x = self._uniform(self.x_range, (self.shots + self.queries, 1), generator)

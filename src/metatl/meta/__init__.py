@@ -16,7 +16,7 @@ from .pretrain import Pretrain
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .reptile import Reptile
-from .rules import SGD, Adam, MetaSGDRule
+from .rules import SGD, Adam, MetaSGDRule, Rule
 from .snail import SNAIL
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "ProtoNet",
     "RelationNet",
     "Reptile",
+    "Rule",
     "SGD",
     "adapt",
 ]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._types import Params
+from .rules import Rule
 
 
 def adapt(
@@ -34,7 +35,7 @@ def adapt(
     x: Tensor,
     y: Tensor,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    rule,
+    rule: Rule,
     steps: int,
     *,
     create_graph: bool = False,

@@ -17,14 +17,20 @@ way other than BatchNorm, so a non-transductive test must classify one query per
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..nn.fast import functional_call
-from ._types import Params
+from ._types import Metrics, Params
 from .adapt import adapt
+from .rules import Rule
+
+if TYPE_CHECKING:  # images.py imports this module
+    from .images import Files, ImagePredictor, Labels
 
 
 def task_loss(task_type: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -135,15 +141,20 @@ class MetaLearner(nn.Module):
         buffers it lacks come from the model (:func:`metatl.nn.fast.functional_call`)."""
         return functional_call(self.model, params, (x,))
 
-    def meta_loss(self, batch):  # pragma: no cover - interface
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         raise NotImplementedError  # pragma: no cover - interface
 
     def adapt_images(
-        self, support, labels=None, steps: int | None = None, invert: bool | None = None, transductive: bool = False
-    ):
+        self,
+        support: Files,
+        labels: Labels | None = None,
+        steps: int | None = None,
+        invert: bool | None = None,
+        transductive: bool = False,
+    ) -> ImagePredictor:
         """:meth:`adapt` on image files, converted as the checkpoint expects (channels, size, and
         inverted for Omniglot models): ``support`` is a folder with one sub-folder per class, or a
         list of files with ``labels`` (class names or integer ids). Returns an
@@ -183,7 +194,7 @@ class GradientMetaLearner(MetaLearner):
         self,
         model: nn.Module,
         task_type: str,
-        rule,
+        rule: Rule,
         inner_steps: int,
         inner_steps_test: int | None = None,
         inner_batch: int | None = None,
@@ -267,7 +278,7 @@ class GradientMetaLearner(MetaLearner):
         return metrics
 
     # -- the meta-batch, as the equation says ----------------------------------------------------
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         """The outer objective of a meta-batch computed task by task, and its metrics:
         ``1/|B| sum_i L_i^query(theta'_i)``, or :meth:`outer_loss` where the learner defines one."""
         theta = self.params()

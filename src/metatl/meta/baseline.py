@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..registry import ALGORITHMS
+from ._types import Metrics
 from .base import MetaLearner, Predictor, check_support
 from .metric import cosine_similarity, n_ways
 from .pretrain import joint_loss
@@ -173,7 +175,7 @@ class Baseline(MetaLearner):
         """The pretraining classifier's logits over all base classes, ``W f(x) + b``."""
         return self.model(x)
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         loss = joint_loss(self.base_logits, batch, self.loss_fn)
         return loss, {"loss": loss.item()}
 

@@ -130,7 +130,15 @@ class IMAML(GradientMetaLearner):
         super().__init__(model, task_type, Proximal(inner_lr, lam), inner_steps, inner_steps_test)
         self.lam, self.inner_lr, self.cg_steps, self.cg_tol = lam, inner_lr, cg_steps, cg_tol
 
-    def adapted(self, params: Params, support_x, support_y, *, batched: bool = False, generator=None) -> Params:
+    def adapted(
+        self,
+        params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        batched: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Params:
         """``phi*``: the inner steps from ``stopgrad(theta)``, attached to theta by the implicit
         gradient (:class:`ImplicitSolution`)."""
         fixed = [k for k in params if not self.adapts(k)]

@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._types import Params
+from .rules import Rule
+
+LSTMState = tuple[tuple[Tensor, Tensor], ...]  # (h, c) of each LSTM layer, one row per coordinate
 
 
 class UnrolledLossError(FloatingPointError):
@@ -101,13 +105,13 @@ class LearnedOptimizer(nn.Module):
         self.cells = nn.ModuleList(nn.LSTMCell(width if i == 0 else hidden, hidden) for i in range(layers))
         self.out = nn.Linear(hidden, 1)
 
-    def init(self, params: Params):
+    def init(self, params: Params) -> LSTMState:
         like = next(iter(params.values()))
         n = sum(p.numel() for p in params.values())
         zeros = lambda: like.new_zeros(n, self.hidden)  # noqa: E731
         return tuple((zeros(), zeros()) for _ in self.cells)
 
-    def update(self, grads: Params, state, params: Params):
+    def update(self, grads: Params, state: LSTMState, params: Params) -> tuple[Params, LSTMState]:
         check_finite(grads, "LearnedOptimizer")
         g = flatten(grads)
         if self.detach_inputs:
@@ -186,7 +190,15 @@ class MLPProblem:
 
 
 # -- running and meta-training -----------------------------------------------------------------
-def unroll(rule, problem, params: Params, state, steps: int, meta: bool = True):
+class Problem(Protocol):
+    """An optimisee: ``loss(params)`` of a parameter dict (:class:`QuadraticProblem`, :class:`MLPProblem`)."""
+
+    def loss(self, params: Params) -> Tensor: ...
+
+
+def unroll(
+    rule: Rule, problem: Problem, params: Params, state: Any, steps: int, meta: bool = True
+) -> tuple[Params, Any, Tensor]:
     """``steps`` updates of ``rule`` on ``problem`` from ``params``; returns ``(params, state, losses)``
     with ``losses[t] = f(theta_t)`` for ``t < steps``. ``meta=True`` keeps the graph from ``phi`` to
     the losses (gradients detached, as in the paper); ``meta=False`` detaches every step."""

@@ -201,7 +201,15 @@ class MAMLPlusPlus(GradientMetaLearner):
         replace them (those are learned by the outer loop only, as in the reference code)."""
         return name not in self._outer_only
 
-    def adapted(self, params, support_x, support_y, *, batched=False, generator=None) -> Params:
+    def adapted(
+        self,
+        params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        batched: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Params:
         """``theta_S``; while the multi-step loss is on, the trajectory ``theta_1 .. theta_S`` instead,
         each tensor stacked along a new first dimension (one row per step), which
         :meth:`query_loss` reads. Either way a dict of tensors, as every executor expects."""

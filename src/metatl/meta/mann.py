@@ -64,9 +64,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..registry import ALGORITHMS
 from ..stats import mean_ci95
 from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
+from ._types import Metrics
 from .base import MetaLearner, Predictor, check_support
 
 State = dict[str, Tensor]
@@ -277,7 +279,7 @@ class MANN(MetaLearner):
         return out.view(b, q, -1)
 
     # -- trainer and evaluator interface ----------------------------------------------------------
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         sx = torch.stack([ep.support_x for ep in batch])
         sy = torch.stack([ep.support_y for ep in batch])
         qx = torch.stack([ep.query_x for ep in batch])

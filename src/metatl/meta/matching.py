@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..registry import ALGORITHMS
+from ._types import Metrics
 from .base import MetaLearner, Predictor, check_support, task_metric
 from .metric import cosine_similarity, embed, full_precision, n_ways
 
@@ -129,7 +131,7 @@ class MatchingNet(MetaLearner):
             f = self.context.query(f, g)
         return attention_log_probs(self.log_scale.exp() * cosine_similarity(f, g), support_y, n)
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         losses, scores = [], []
         for ep in batch:
             n = n_ways(ep.support_y)

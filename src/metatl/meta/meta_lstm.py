@@ -32,8 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
+from ._types import Params
 from .base import GradientMetaLearner
 from .learned_optimizer import UnrolledLossError, check_finite, flatten, preprocess, unflatten
+
+RuleState = tuple[int, Tensor, Tensor, Tensor, Tensor]  # step, previous input and forget gates, LSTM (h, c)
 
 
 class MetaLSTMRule(nn.Module):
@@ -54,13 +57,13 @@ class MetaLSTMRule(nn.Module):
         self.b_I = nn.Parameter(torch.empty(1).uniform_(-5.0, -4.0))
         self.b_F = nn.Parameter(torch.empty(1).uniform_(4.0, 6.0))
 
-    def init(self, params):
+    def init(self, params: Params) -> RuleState:
         like = next(iter(params.values()))
         n = sum(p.numel() for p in params.values())
         h = like.new_zeros(n, self.hidden)
         return 0, like.new_zeros(n), like.new_zeros(n), h, h.clone()
 
-    def update(self, grads, state, params, loss: Tensor):
+    def update(self, grads: Params, state: RuleState, params: Params, loss: Tensor) -> tuple[Params, RuleState]:
         t, i_prev, f_prev, h, c = state
         if not torch.isfinite(loss):
             raise UnrolledLossError(

@@ -15,12 +15,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..registry import ALGORITHMS
+from ._types import Metrics
 from .base import GradientMetaLearner
 from .rules import SGD
 
 
-def joint_loss(logits: Callable[[Tensor], Tensor], batch, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def joint_loss(
+    logits: Callable[[Tensor], Tensor], batch: list[Episode], loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
     """``1/|B| sum_i loss_fn(logits(x_i), y_i)`` with ``(x_i, y_i)`` the support and query rows of task ``i``
     together: every labelled example of the meta-batch, no adaptation."""
     return torch.stack(
@@ -42,7 +46,7 @@ class Pretrain(GradientMetaLearner):
         super().__init__(model, task_type, SGD(inner_lr), 0, inner_steps_test)
         self.inner_lr = inner_lr
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         theta = self.params()
         loss = joint_loss(lambda x: self.functional(theta, x), batch, self.loss_fn)
         return loss, {"loss": loss.item()}

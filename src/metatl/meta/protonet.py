@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..registry import ALGORITHMS
+from ._types import Metrics
 from .base import MetaLearner, Predictor, check_support, task_metric
 from .metric import METRICS, embed, n_ways, pairwise_distances, prototypes
 
@@ -48,7 +50,7 @@ class ProtoNet(MetaLearner):
         """``-d(f_phi(x), c_k)``, shape ``(len(x), N)``."""
         return -pairwise_distances(embed(self.model, x), protos, self.distance)
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         losses, scores = [], []
         for ep in batch:
             protos = prototypes(embed(self.model, ep.support_x), ep.support_y, n_ways(ep.support_y))

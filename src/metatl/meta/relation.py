@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..nn.relation import RelationModule
 from ..registry import ALGORITHMS
+from ._types import Metrics
 from .base import MetaLearner, Predictor, check_support, task_metric
 from .metric import n_ways
 
@@ -64,7 +66,7 @@ class RelationNet(MetaLearner):
         )  # (m, N, 2c, s, s)
         return self.relation(pairs.flatten(0, 1)).view(m, n)
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         losses, scores = [], []
         for ep in batch:
             n = n_ways(ep.support_y)

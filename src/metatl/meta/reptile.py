@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..registry import ALGORITHMS
 from .base import GradientMetaLearner, Params
@@ -57,7 +57,15 @@ class Reptile(GradientMetaLearner):
         super().__init__(model, task_type, rule, inner_steps, inner_steps_test, inner_batch, inner_batch_test)
         self.inner_lr, self.inner_optimizer = inner_lr, inner_optimizer
 
-    def adapted(self, params: Params, support_x, support_y, *, batched: bool = False, generator=None) -> Params:
+    def adapted(
+        self,
+        params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        batched: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Params:
         """``theta'_i``, started from ``stopgrad(theta)``: no graph is kept."""
         start = {k: p.detach() for k, p in params.items()}
         return super().adapted(start, support_x, support_y, batched=batched, generator=generator)

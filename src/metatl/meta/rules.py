@@ -9,11 +9,22 @@ tensors. MAML, Meta-SGD and a learned LSTM optimizer differ only in the rule the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ._types import Params
+
+
+class Rule(Protocol):
+    """What :func:`metatl.meta.adapt.adapt` needs of an update rule: ``init`` gives the rule's
+    state for some parameters, ``update`` the additive updates and the next state. A rule with
+    ``uses_loss = True`` (the meta-learner LSTM's) also takes the inner loss, ``update(..., loss=)``."""
+
+    def init(self, params: Params) -> Any: ...
+
+    def update(self, grads: Params, state: Any, params: Params) -> tuple[Params, Any]: ...
 
 
 class SGD:
@@ -22,10 +33,10 @@ class SGD:
     def __init__(self, lr: float):
         self.lr = lr
 
-    def init(self, params: Params):
+    def init(self, params: Params) -> tuple[()]:
         return ()
 
-    def update(self, grads: Params, state, params: Params) -> tuple[Params, tuple]:
+    def update(self, grads: Params, state: tuple[()], params: Params) -> tuple[Params, tuple[()]]:
         return {k: -self.lr * g for k, g in grads.items()}, state
 
 
@@ -37,14 +48,17 @@ class Adam:
     The Reptile paper uses ``betas=(0, 0.999)`` in its inner loop.
     """
 
-    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8):
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
 
-    def init(self, params: Params):
+    def init(self, params: Params) -> tuple[int, Params, Params]:
+        """``(t, m, v)``: the step count and the first and second moments, at zero."""
         zeros = {k: torch.zeros_like(p) for k, p in params.items()}
         return 0, zeros, dict(zeros)
 
-    def update(self, grads: Params, state, params: Params):
+    def update(
+        self, grads: Params, state: tuple[int, Params, Params], params: Params
+    ) -> tuple[Params, tuple[int, Params, Params]]:
         t, m, v = state
         t += 1
         b1, b2 = self.betas
@@ -86,17 +100,18 @@ class MetaSGDRule(nn.Module):
         """``alpha`` of the parameter ``name``."""
         return self.alpha[self.index[name]]
 
-    def init(self, params: Params):
+    def init(self, params: Params) -> tuple[()]:
         return ()
 
-    def update(self, grads: Params, state, params: Params) -> tuple[Params, tuple]:
+    def update(self, grads: Params, state: tuple[()], params: Params) -> tuple[Params, tuple[()]]:
         return {k: -self.rate(k) * g for k, g in grads.items()}, state
 
 
 RULES = {"sgd": SGD, "adam": Adam}
 
 
-def make_rule(name: str, **kwargs):
+def make_rule(name: str, **kwargs: Any) -> Rule:
+    """The rule ``name`` (``sgd``, ``adam``) built with ``kwargs``."""
     if name not in RULES:
         raise ValueError(f"unknown inner optimizer {name!r}; choose one of {', '.join(RULES)}.")
     return RULES[name](**kwargs)

@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.episode import Episode
 from ..registry import ALGORITHMS
 from ._sequence import check_ways, encode, feature_dim, infer_ways, one_hot
+from ._types import Metrics
 from .base import MetaLearner, Predictor, check_support
 
 
@@ -208,7 +210,7 @@ class SNAIL(MetaLearner):
         query = torch.cat([q_feat, q_feat.new_zeros(b, q, self.ways)], -1)
         return self.net.forward_queries(support, query)
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: list[Episode]) -> tuple[Tensor, Metrics]:
         sx = torch.stack([ep.support_x for ep in batch])
         sy = torch.stack([ep.support_y for ep in batch])
         qx = torch.stack([ep.query_x for ep in batch])

@@ -5,7 +5,7 @@ Private: the public classes are re-exported from :mod:`metatl.transfer`.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -18,6 +18,9 @@ from sklearn.utils.validation import _check_sample_weight
 
 from metatl.registry import ESTIMATORS
 from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; metatl supports 3.10
+    from typing_extensions import Self
 
 # --------------------------------------------------------------------------- kernels
 

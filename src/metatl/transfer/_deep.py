@@ -98,7 +98,7 @@ class DeepTransfer(nn.Module):
         z = self.dropout(self.features(torch.cat([batch["source_x"], batch["target_x"]])))
         return z[:n], z[n:]
 
-    def meta_loss(self, batch):  # pragma: no cover - interface
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -131,7 +131,7 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
 class DeepSourceOnly(DeepTransfer):
     """Deep baseline: cross-entropy on labelled source rows only, ``L = CE(f(x_s), y_s)``."""
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         logits = self(batch["source_x"])
         loss = F.cross_entropy(logits, batch["source_y"])
         return loss, {"loss": loss.item(), "source_acc": accuracy(logits, batch["source_y"])}

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from numpy.typing import ArrayLike
+from torch import Tensor, nn
 
 from .selection import dev_risk, domain_classifier_weights
 
@@ -41,7 +42,7 @@ SCORERS = ("iwv", "dev", "entropy", "snd")
 
 
 @torch.no_grad()
-def features_and_logits(learner, x: Tensor, batch_size: int = 1024):
+def features_and_logits(learner: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``(features (n, d), logits (n, k))`` of a deep transfer learner (``features`` / ``classify``)
     in eval mode, as float64 numpy arrays."""
     was_training = learner.training
@@ -70,26 +71,26 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return F.log_softmax(torch.as_tensor(logits), dim=1).numpy()
 
 
-def iwv_score(source_logits, source_y, weights) -> float:
+def iwv_score(source_logits: ArrayLike, source_y: ArrayLike, weights: ArrayLike) -> float:
     """Importance-weighted source accuracy."""
     correct = (np.asarray(source_logits).argmax(1) == np.asarray(source_y)).astype(float)
     return float(np.sum(weights * correct) / np.sum(weights))
 
 
-def dev_score(source_logits, source_y, weights) -> float:
+def dev_score(source_logits: ArrayLike, source_y: ArrayLike, weights: ArrayLike) -> float:
     """``-R_DEV`` with the cross-entropy of the source rows."""
     logp = _log_softmax(source_logits)
     loss = -logp[np.arange(len(source_y)), np.asarray(source_y)]
     return float(-dev_risk(loss, np.asarray(weights)))
 
 
-def entropy_score(target_logits) -> float:
+def entropy_score(target_logits: ArrayLike) -> float:
     """Minus the mean prediction entropy on the target rows."""
     logp = _log_softmax(target_logits)
     return float(np.mean(np.sum(np.exp(logp) * logp, axis=1)))
 
 
-def snd_score(target_logits, temperature: float = 0.05) -> float:
+def snd_score(target_logits: ArrayLike, temperature: float = 0.05) -> float:
     """Soft neighbourhood density of the target predictions (Saito et al. 2021)."""
     p = np.exp(_log_softmax(target_logits))
     p = p / np.linalg.norm(p, axis=1, keepdims=True)
@@ -101,7 +102,7 @@ def snd_score(target_logits, temperature: float = 0.05) -> float:
 
 
 def label_free_scores(
-    learner, source_x: Tensor, source_y: Tensor, target_x: Tensor, scorers: Sequence[str] = SCORERS
+    learner: nn.Module, source_x: Tensor, source_y: Tensor, target_x: Tensor, scorers: Sequence[str] = SCORERS
 ) -> dict[str, float]:
     """Every scorer in ``scorers`` for ``learner`` on held-out labelled source rows and unlabelled
     target rows (see the module docstring); no target label is read."""

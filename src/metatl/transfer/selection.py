@@ -22,16 +22,21 @@ discriminative density-ratio estimate used by DEV.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from sklearn.base import clone
+from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.metadata_routing import MetadataRequest
 
 from metatl.transfer._validation import MASKED_LABEL, check_X, is_masked
 
 
-def domain_classifier_weights(X_source, X_target, classifier=None):
+def domain_classifier_weights(
+    X_source: ArrayLike, X_target: ArrayLike, classifier: BaseEstimator | None = None
+) -> np.ndarray:
     """``w(x) = n_s/n_t * P(t|x) / P(s|x)`` at ``X_source`` from a classifier of source vs target."""
     clf = clone(classifier) if classifier is not None else LogisticRegression()
     Z = np.vstack([X_source, X_target])
@@ -48,7 +53,14 @@ class _DomainScorer:
         request.score.add_request(param="sample_domain", alias=True)
         return request
 
-    def __call__(self, estimator, X, y, sample_domain=None, **kwargs):
+    def __call__(
+        self,
+        estimator: BaseEstimator,
+        X: ArrayLike,
+        y: ArrayLike,
+        sample_domain: ArrayLike | None = None,
+        **kwargs: Any,
+    ) -> float:
         X, y = check_X(X), np.asarray(y)
         sd = np.where(is_masked(y), -1, 1) if sample_domain is None else np.asarray(sample_domain)
         s, t = sd > 0, sd < 0
@@ -72,7 +84,7 @@ class ImportanceWeightedScorer(_DomainScorer):
     domain_classifier : classifier with ``predict_proba``, default=LogisticRegression()
     """
 
-    def __init__(self, domain_classifier=None):
+    def __init__(self, domain_classifier: BaseEstimator | None = None) -> None:
         self.domain_classifier = domain_classifier
 
     def _score(self, estimator, Xs, ys, Xt):
@@ -92,7 +104,11 @@ class DEVScorer(_DomainScorer):
     embed : callable or None
     """
 
-    def __init__(self, domain_classifier=None, embed=None):
+    def __init__(
+        self,
+        domain_classifier: BaseEstimator | None = None,
+        embed: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         self.domain_classifier = domain_classifier
         self.embed = embed
 
@@ -108,7 +124,7 @@ class DEVScorer(_DomainScorer):
         return -dev_risk(loss, w)
 
 
-def dev_risk(loss, w):
+def dev_risk(loss: np.ndarray, w: np.ndarray) -> float:
     """``R = mean(w l) + eta mean(w) - eta`` with ``eta = -Cov(w l, w) / Var(w)`` (You et al. 2019, Alg. 1)."""
     L = w * loss
     var = np.var(w, ddof=1)

@@ -22,8 +22,14 @@ does it for checkpoints on a digits data set (MNIST, USPS, scikit-learn digits).
 from __future__ import annotations
 
 import math
+import os
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    from torch import Tensor, nn
 
 __all__ = ["h_score", "leep", "logme", "logme_evidence", "nce", "score_checkpoint", "score_model"]
 
@@ -52,7 +58,7 @@ def _two_d(x, name: str) -> np.ndarray:
     return a
 
 
-def leep(source_probs, target_labels) -> float:
+def leep(source_probs: ArrayLike, target_labels: ArrayLike) -> float:
     """Log Expected Empirical Prediction (Nguyen et al., "LEEP: A New Measure to Evaluate
     Transferability of Learned Representations", ICML 2020, eq. 1-2).
 
@@ -81,7 +87,7 @@ def leep(source_probs, target_labels) -> float:
     return float(np.mean(np.log(eep)))
 
 
-def nce(source_labels, target_labels) -> float:
+def nce(source_labels: ArrayLike, target_labels: ArrayLike) -> float:
     """Negative Conditional Entropy (Tran, Nguyen, Hassner, "Transferability and Hardness of
     Supervised Classification Tasks", ICCV 2019): ``NCE = -H(Y | Z)`` from the empirical joint
     distribution of the source labels ``z`` (e.g. the source model's predicted labels on the target
@@ -101,7 +107,7 @@ def nce(source_labels, target_labels) -> float:
     return float(np.sum(joint[nz] * np.log(joint[nz] / pz[nz])))
 
 
-def h_score(features, target_labels, rcond: float = 1e-10) -> float:
+def h_score(features: ArrayLike, target_labels: ArrayLike, rcond: float = 1e-10) -> float:
     """H-score (Bao et al., "An Information-Theoretic Approach to Transferability in Task Transfer
     Learning", ICIP 2019, eq. 2):
 
@@ -152,7 +158,11 @@ def _svd(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def logme_evidence(
-    features, target, tol: float = 1e-10, max_iter: int = 1000, _svd_of_features=None
+    features: ArrayLike,
+    target: ArrayLike,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    _svd_of_features: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[float, float, float]:
     """The maximum log evidence of Bayesian linear regression of one target vector ``target (n,)``
     on ``features F (n, D)`` (You et al., "LogME: Practical Assessment of Pre-trained Models for
@@ -216,7 +226,7 @@ def logme_evidence(
     return evidence, alpha, beta
 
 
-def logme(features, target_labels) -> float:
+def logme(features: ArrayLike, target_labels: ArrayLike) -> float:
     """LogME (You et al., ICML 2021): the maximum log evidence (:func:`logme_evidence`) of each
     class's one-hot indicator ``y_k = [y == k]`` regressed on the features, divided by ``n`` and
     averaged over the ``C`` classes:
@@ -237,7 +247,7 @@ def logme(features, target_labels) -> float:
 # --------------------------------------------------------------------------- models and checkpoints
 
 
-def model_outputs(model, x, batch_size: int = 500):
+def model_outputs(model: nn.Module, x: Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
     """``(features (n, D), source probabilities (n, C_s) or None)`` of a backbone with ``embed``
     (features) and ``head`` (logits over its source labels; ``None`` when the head is an identity, as
     for metric-based learners) on images ``x``, in eval mode, in batches of ``batch_size``."""
@@ -266,7 +276,7 @@ def model_outputs(model, x, batch_size: int = 500):
     return features, (torch.cat(probs).numpy() if has_head else None)
 
 
-def score_model(model, x, y, batch_size: int = 500) -> dict:
+def score_model(model: nn.Module, x: Tensor, y: ArrayLike, batch_size: int = 500) -> dict[str, float | None]:
     """The four scores of ``model`` (see :func:`model_outputs`) on target images ``x`` with labels
     ``y``: ``{"leep", "nce", "logme", "h_score"}``; ``leep`` and ``nce`` are ``None`` without a head."""
     features, probs = model_outputs(model, x, batch_size)
@@ -279,7 +289,9 @@ def score_model(model, x, y, batch_size: int = 500) -> dict:
     }
 
 
-def score_checkpoint(checkpoint, x, y, batch_size: int = 500) -> dict:
+def score_checkpoint(
+    checkpoint: str | os.PathLike, x: Tensor, y: ArrayLike, batch_size: int = 500
+) -> dict[str, float | None]:
     """:func:`score_model` for the model stored in a metatl checkpoint (``last.pt``, ``best.pt``);
     ``x`` must be in the format the model was trained on (channels, size, value range)."""
     from ..build import load_learner
@@ -287,7 +299,9 @@ def score_checkpoint(checkpoint, x, y, batch_size: int = 500) -> dict:
     return score_model(load_learner(checkpoint).model, x, y, batch_size)
 
 
-def target_images(domain: str, per_class: int | None, split: str = "train", seed: int = 0, standardize: bool = False):
+def target_images(
+    domain: str, per_class: int | None, split: str = "train", seed: int = 0, standardize: bool = False
+) -> tuple[Tensor, Tensor]:
     """``(x (n, 1, 28, 28) float32 tensor, y (n,))``: ``per_class`` random rows of each class of a
     digits domain (``mnist``, ``usps``, ``sklearn_digits``; all rows when ``None``), values in [0, 1]
     with ink high (as metatl's Omniglot), or standardized by the domain's training mean and std."""
@@ -311,7 +325,7 @@ def target_images(domain: str, per_class: int | None, split: str = "train", seed
     return x, y
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     """``python -m metatl.transfer CKPT [CKPT ...] --target mnist --per-class 50``:
     the four scores of each checkpoint on a digits target set, printed as JSON lines."""
     import argparse

@@ -26,7 +26,7 @@ Target rows are left unchanged either way.
 from __future__ import annotations
 
 import warnings
-from typing import Self
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -40,6 +40,9 @@ from metatl.transfer._validation import (
     is_masked,
 )
 
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; metatl supports 3.10
+    from typing_extensions import Self
+
 
 def sym_power(C: np.ndarray, power: float) -> np.ndarray:
     """``C^power`` of a symmetric positive definite matrix via ``V diag(lambda^power) V^T``."""
@@ -47,7 +50,7 @@ def sym_power(C: np.ndarray, power: float) -> np.ndarray:
     return (V * np.maximum(lam, 1e-12) ** power) @ V.T
 
 
-def coral_matrix(X_source, X_target, reg=1.0):
+def coral_matrix(X_source: np.ndarray, X_target: np.ndarray, reg: float = 1.0) -> np.ndarray:
     """``A = C_s^{-1/2} C_t^{1/2}`` (shape ``(d, d)``) with ``C = cov + reg * I``."""
     d = X_source.shape[1]
     Cs = np.cov(X_source, rowvar=False).reshape(d, d) + reg * np.eye(d)

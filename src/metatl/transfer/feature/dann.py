@@ -79,7 +79,7 @@ class DANN(DeepTransfer):
         self.weight, self.gamma = weight, gamma
         self.discriminator = domain_classifier(model.embedding_dim, hidden)
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         zs, zt = self.source_and_target_features(batch)
         logits = self.classify(zs, dropped=True)
         ce = F.cross_entropy(logits, batch["source_y"])

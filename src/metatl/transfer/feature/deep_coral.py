@@ -46,7 +46,7 @@ class DeepCORAL(DeepTransfer):
         super().__init__(model, task_type, init_checkpoint)
         self.weight = weight
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         zs, zt = self.source_and_target_features(batch)
         logits = self.classify(zs, dropped=True)
         ce = F.cross_entropy(logits, batch["source_y"])

@@ -53,7 +53,7 @@ class LinearProbe(DeepTransfer):
     def forward(self, x: Tensor) -> Tensor:
         return self.model.head(extract_features(self.model, x, batch_size=len(x) or 1))
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         x, y = labelled_rows(batch, self.labels)
         logits = self(x)
         loss = F.cross_entropy(logits, y)

@@ -117,7 +117,7 @@ class DAN(DeepTransfer):
             tuple(multipliers),
         )
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         zs, zt = self.source_and_target_features(batch)
         logits = self.classify(torch.cat([zs, zt]), dropped=True)
         ls, lt = logits[: len(zs)], logits[len(zs) :]

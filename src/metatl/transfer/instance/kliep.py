@@ -47,6 +47,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
@@ -57,7 +58,7 @@ STEP_SIZES = tuple(10.0 ** np.arange(3, -4, -1))
 CV_TOL = 1e-3  # gap at which the cross-validation fits stop: enough to rank kernel widths
 
 
-def project_weighted_simplex(v, b_bar):
+def project_weighted_simplex(v: np.ndarray, b_bar: np.ndarray) -> np.ndarray:
     """Euclidean projection of ``v`` onto ``{alpha >= 0, b_bar' alpha = 1}`` (``b_bar > 0``).
 
     The solution is ``max(0, v - lam * b_bar)``; ``lam`` comes from the sorted breakpoints ``v / b_bar``.
@@ -69,7 +70,9 @@ def project_weighted_simplex(v, b_bar):
     return np.maximum(0.0, v - lam[k] * b_bar)
 
 
-def kliep_step(alpha, A, b_bar, step, projection="exact"):
+def kliep_step(
+    alpha: np.ndarray, A: np.ndarray, b_bar: np.ndarray, step: float, projection: str = "exact"
+) -> np.ndarray:
     """One ascent step: ``alpha + step * A'(1 / A alpha)``, then the projection (see module docstring)."""
     alpha = alpha + step * A.T @ (1.0 / (A @ alpha))
     if projection == "exact":
@@ -79,7 +82,7 @@ def kliep_step(alpha, A, b_bar, step, projection="exact"):
     return alpha / (b_bar @ alpha)
 
 
-def kliep_gap(alpha, A, b_bar):
+def kliep_gap(alpha: np.ndarray, A: np.ndarray, b_bar: np.ndarray) -> float:
     """Frank-Wolfe gap of ``f(alpha) = mean(log(A alpha))`` on ``{alpha >= 0, b_bar' alpha = 1}``.
 
     ``f`` is concave and the feasible set is the simplex with vertices ``e_l / b_bar_l``, so
@@ -90,7 +93,7 @@ def kliep_gap(alpha, A, b_bar):
     return float(np.max(grad / b_bar) - grad @ alpha)
 
 
-def kliep_em_step(alpha, A, b_bar):
+def kliep_em_step(alpha: np.ndarray, A: np.ndarray, b_bar: np.ndarray) -> np.ndarray:
     """``alpha_l <- alpha_l g_l / b_bar_l`` with ``g = A'(1 / A alpha) / n_t``: EM for the mixture weights
     ``b_bar_l alpha_l`` of the densities ``k(x, c_l) / b_bar_l``. Keeps ``b_bar' alpha = 1`` (as
     ``g' alpha = 1``) and ``alpha >= 0``, never lowers the objective, and its fixed points with
@@ -99,8 +102,16 @@ def kliep_em_step(alpha, A, b_bar):
 
 
 def kliep_fit_alpha(
-    A, b_bar, *, solver="em", max_iter=20000, tol=1e-5, step_sizes=STEP_SIZES, projection="exact", return_info=False
-):
+    A: np.ndarray,
+    b_bar: np.ndarray,
+    *,
+    solver: str = "em",
+    max_iter: int = 20000,
+    tol: float = 1e-5,
+    step_sizes: Sequence[float] = STEP_SIZES,
+    projection: str = "exact",
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict]:
     """``alpha`` maximising ``mean(log(A alpha))`` s.t. ``b_bar' alpha = 1, alpha >= 0``.
 
     ``solver='em'`` (default) repeats :func:`kliep_em_step`. ``solver='pg'`` is the paper's projected
@@ -239,16 +250,16 @@ class KLIEP(BaseReweighter):
 
     def __init__(
         self,
-        estimator=None,
-        gamma=(0.1, 0.3, 1.0, 3.0, 10.0),
-        n_centers=100,
-        cv=5,
-        solver="em",
-        max_iter=20000,
-        tol=1e-5,
-        projection="exact",
-        random_state=None,
-    ):
+        estimator: BaseEstimator | None = None,
+        gamma: float | str | Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0),
+        n_centers: int = 100,
+        cv: int = 5,
+        solver: str = "em",
+        max_iter: int = 20000,
+        tol: float = 1e-5,
+        projection: str = "exact",
+        random_state: int | np.random.RandomState | None = None,
+    ) -> None:
         self.estimator = estimator
         self.gamma = gamma
         self.n_centers = n_centers

@@ -40,7 +40,7 @@ in :math:`\ge`. ``predict_proba`` is the normalised vote. :math:`\epsilon_t` is 
 from __future__ import annotations
 
 import math
-from typing import Self
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -52,6 +52,9 @@ from sklearn.utils.validation import has_fit_parameter
 from metatl.registry import ESTIMATORS
 from metatl.transfer._base import LabelledScoreMixin
 from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; metatl supports 3.10
+    from typing_extensions import Self
 
 
 class _Constant(BaseEstimator):

@@ -100,7 +100,7 @@ class Finetune(DeepTransfer):
         """Extra penalty added to the loss (none here; see :class:`~metatl.transfer.parameter.l2sp.L2SP`)."""
         return None
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         x, y = labelled_rows(batch, self.labels)
         logits = self(x)
         ce = F.cross_entropy(logits, y)

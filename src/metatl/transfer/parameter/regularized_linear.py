@@ -23,7 +23,7 @@ The intercept :math:`c` is not penalised. :math:`\alpha \to \infty` returns the 
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -34,6 +34,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from metatl.registry import ESTIMATORS
 from metatl.transfer._base import LabelledScoreMixin
 from metatl.transfer._validation import check_domains, check_fitted_X, is_masked
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; metatl supports 3.10
+    from typing_extensions import Self
 
 
 def _labelled_split(estimator, X, y, sample_domain, classification):
@@ -51,7 +54,7 @@ def _labelled_split(estimator, X, y, sample_domain, classification):
     return X[sd > 0], y[sd > 0], X[t], y[t]
 
 
-def ridge_to_prior(X, y, w_prior, alpha):
+def ridge_to_prior(X: np.ndarray, y: np.ndarray, w_prior: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
     """``argmin_{w,c} 1/(2m) ||y - Xw - c||^2 + alpha/2 ||w - w_prior||^2`` in closed form."""
     xm, ym = X.mean(0), y.mean()
     Xc, yc = X - xm, y - ym
@@ -60,7 +63,7 @@ def ridge_to_prior(X, y, w_prior, alpha):
     return w, ym - xm @ w
 
 
-def logistic_to_prior(X, Y, W_prior, alpha):
+def logistic_to_prior(X: np.ndarray, Y: np.ndarray, W_prior: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """``argmin_{W,c} mean cross-entropy + alpha/2 ||W - W_prior||_F^2``.
 
     ``Y`` is one-hot ``(m, K)`` for ``K > 2`` or ``(m, 1)`` of {0, 1} for the binary (sigmoid) model;

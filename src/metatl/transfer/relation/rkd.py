@@ -106,12 +106,12 @@ class RKD(DeepTransfer):
         self.distance_weight, self.angle_weight, self.ce_weight = distance_weight, angle_weight, ce_weight
         self.on, self.labels = on, labels
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> RKD:
         super().train(mode)
         self.teacher.eval()  # the teacher always runs in eval mode
         return self
 
-    def meta_loss(self, batch):
+    def meta_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         x, y = labelled_rows(batch, self.labels)
         logits = self(x)
         ce = F.cross_entropy(logits, y)
