@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ..config import SEED, ConfigError, Range, at_least
+from ..config import SEED, Config, ConfigError, Range, at_least
 from ..registry import DATASETS
 from .episode import EpisodeSampler
+
+if TYPE_CHECKING:
+    from .sinusoid import SinusoidTasks
 
 T = TypeVar("T")
 TRAINING = ("train", "trainval")  # the classes meta-training may draw from (data.train_subset)
@@ -99,7 +102,7 @@ class ClassEpisodes(Episodes):
     # for one classifier over every base class: the pretraining of Baseline / Baseline++)
     train_labels: str = "episode"
 
-    def check_config(self, cfg) -> None:
+    def check_config(self, cfg: Config) -> None:
         if self.train_labels not in EpisodeSampler.LABELS:
             raise ConfigError(
                 f"data.train_labels must be 'episode' (labels 0..ways-1 in each episode) or 'class' "
@@ -137,14 +140,14 @@ class ClassEpisodes(Episodes):
 class Sinusoid(Episodes):
     """MAML sinusoid regression; ``shots`` = K support points, ``queries`` = query points."""
 
-    def check_config(self, cfg) -> None:
+    def check_config(self, cfg: Config) -> None:
         if self.train_queries == 0:
             raise ConfigError(
                 "data.train_queries must be at least 1 for sinusoid tasks (the query points "
                 "are the meta-training loss)."
             )
 
-    def sampler(self, subset: str):
+    def sampler(self, subset: str) -> SinusoidTasks:
         from .sinusoid import SinusoidTasks
 
         _, shots, queries = self.episode_shape(subset)
@@ -189,7 +192,7 @@ class ImageFolderData(ClassEpisodes):
 
     config_ranges: ClassVar[dict[str, Range]] = {**ClassEpisodes.config_ranges, "split_fractions": Range(0, 1)}
 
-    def check_config(self, cfg) -> None:
+    def check_config(self, cfg: Config) -> None:
         super().check_config(cfg)
         if self.in_channels not in (1, 3):
             raise ConfigError(f"data.in_channels must be 1 (grayscale) or 3 (RGB), got {self.in_channels}.")
@@ -224,7 +227,7 @@ class DigitsEpisodes(ClassEpisodes):
     data_dir: str | None = None  # default: $METATL_DATA_DIR, then the user cache
     download: bool = False
 
-    def check_config(self, cfg) -> None:
+    def check_config(self, cfg: Config) -> None:
         super().check_config(cfg)
         from .digits import DOMAINS, USPS_FRAMES
 
@@ -282,7 +285,7 @@ class MnistUsps:
         "holdout_fraction": Range(0, 1, open_low=True, open_high=True),
     }
 
-    def check_config(self, cfg) -> None:
+    def check_config(self, cfg: Config) -> None:
         from .digits import _check_options, _parse_direction
 
         try:
@@ -296,7 +299,7 @@ class MnistUsps:
                 "set one of them (the other to null / 0)."
             )
 
-    def sampler(self, subset: str):
+    def sampler(self, subset: str) -> Any:  # a DomainPairSampler ("train") or a LabelledSet
         from .digits import digits_adaptation
 
         return digits_adaptation(self, subset)
@@ -332,7 +335,7 @@ LEGACY_DEFAULTS = {
 }
 
 
-def build_sampler(data, subset: str):
+def build_sampler(data: Any, subset: str) -> Any:
     """The episode source for ``subset`` ("train", "val" or "test") of a data set (``cfg.data``);
     "train" draws from the classes its ``train_subset`` names ("train" or "trainval")."""
     if subset == "train":

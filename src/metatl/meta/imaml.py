@@ -33,6 +33,8 @@ The defaults are the paper's Omniglot settings (Table 2: lam = 2, 16 inner steps
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -162,7 +164,9 @@ class IMAML(GradientMetaLearner):
         attached = ImplicitSolution.apply(solve, tuple(phi.values()), *(params[k] for k in names))
         return {**solution, **dict(zip(names, attached))}
 
-    def implicit_gradient(self, phi: Params, buffers: Params, x: Tensor, y: Tensor, cotangents) -> list[Tensor]:
+    def implicit_gradient(
+        self, phi: Params, buffers: Params, x: Tensor, y: Tensor, cotangents: Sequence[Tensor | None]
+    ) -> list[Tensor]:
         """``(I + H / lam)^{-1} v`` for the cotangents ``v`` on ``phi``, with ``H`` the Hessian of
         the support loss at ``phi``, by conjugate gradient on Hessian-vector products."""
         v = [torch.zeros_like(p) if c is None else c for p, c in zip(phi.values(), cotangents)]

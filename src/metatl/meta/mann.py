@@ -265,7 +265,7 @@ class MANN(MetaLearner):
         feats = encode(self.model, x.flatten(0, 1)).view(b, t, -1)
         return self.core(feats, _shift_labels(one_hot(y, self.ways, "y")))[0]
 
-    def support_state(self, s_feat: Tensor, s_y: Tensor):
+    def support_state(self, s_feat: Tensor, s_y: Tensor) -> tuple[State, Tensor]:
         """Run the support sequences ``(B, n, D)``, ``(B, n)``; returns the state and ``onehot(y_n)``."""
         y1h = one_hot(s_y, self.ways, "support_y")
         _, state = self.core(s_feat, _shift_labels(y1h))
