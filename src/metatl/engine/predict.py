@@ -5,7 +5,10 @@ folder, and write the predictions as CSV. The image handling is :mod:`metatl.met
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
+
+from torch import nn
 
 from ..data.image_folder import list_images
 from ..meta.base import queries_interact, uses_batch_statistics
@@ -13,7 +16,12 @@ from ..meta.images import ImageInput, ImagePredictor, adapt_images
 
 
 def classify_folder(
-    learner, support_dir, query_dir, steps: int | None = None, invert: bool | None = None, transductive: bool = False
+    learner: nn.Module,
+    support_dir: str | os.PathLike,
+    query_dir: str | os.PathLike,
+    steps: int | None = None,
+    invert: bool | None = None,
+    transductive: bool = False,
 ) -> dict:
     """Adapt ``learner`` to ``support_dir`` (one sub-folder per class) and classify every image in
     ``query_dir`` (searched recursively; an image in a sub-folder named like a support class is
@@ -56,7 +64,7 @@ def classify_folder(
     }
 
 
-def write_predictions(result: dict, path) -> Path:
+def write_predictions(result: dict, path: str | os.PathLike) -> Path:
     """A CSV table: file, predicted, confidence (and true, when the query images were labelled)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
