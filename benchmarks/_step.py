@@ -38,8 +38,8 @@ def training_step(config=MAML_5W1S, overrides: Sequence[str] = (), seed: int = 0
     the config's executor (``train.executor``), its backward and an Adam step at the config's
     learning rate.
     """
+    from metatl.build import build_learner, build_sampler
     from metatl.config import load_config
-    from metatl.engine.build import build_learner, build_sampler
     from metatl.engine.executors import make_executor
 
     torch.manual_seed(seed)

@@ -154,8 +154,8 @@ def mann_online(argv=None) -> int:
         help="JSON of scored runs by name; this entry is replaced, the others kept",
     )
     args = p.parse_args(argv)
+    from metatl.build import load_learner
     from metatl.data import build_sampler
-    from metatl.engine.build import load_learner
     from metatl.engine.trainer import hardware
     from metatl.meta.mann import mann_online_accuracy
 

@@ -68,9 +68,9 @@ def timed(fn, seconds: float) -> tuple:
 
 
 def measure(method: str, seconds: float, data: str, overrides=(), device: str = "cpu") -> dict:
+    from metatl.build import build_learner
     from metatl.config import load_config
     from metatl.data import build_sampler
-    from metatl.engine.build import build_learner
     from metatl.engine.trainer import make_optimizer
 
     config, own, timed_eval = METHODS[method]

@@ -136,8 +136,8 @@ def _measure(
     try:
         trainer = Trainer(from_dict(raw), "/dev/null", progress=False)
     except (FileNotFoundError, ValueError):  # no real data here: Omniglot-shaped random images
+        from metatl.build import build_learner
         from metatl.data import EpisodeSampler, TensorClassPool
-        from metatl.engine.build import build_learner
 
         data = "random 28x28 images (Omniglot not found)"
         pool = TensorClassPool(torch.rand(200 * 20, 1, 28, 28), torch.arange(200).repeat_interleave(20))
@@ -334,9 +334,9 @@ def memory_child(args) -> dict:
     import yaml
     from _step import MAML_5W1S
 
+    from metatl.build import build_learner
     from metatl.config import from_dict
     from metatl.data import build_sampler
-    from metatl.engine.build import build_learner
     from metatl.engine.executors import make_executor
     from metatl.engine.recompute import set_inner_checkpoint
 

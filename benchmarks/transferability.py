@@ -166,7 +166,7 @@ def finetune(source, checkpoint, target, shots, seed, args) -> dict:
 def load_model(source: str, checkpoint: str | None, seed: int):
     """The source network (features + its own head) as a plain module in eval mode."""
     if checkpoint:
-        from metatl.engine.build import load_learner
+        from metatl.build import load_learner
 
         return load_learner(checkpoint).model
     torch.manual_seed(seed)  # a random start like the fine-tuning run's (same seed, not the same draw)
