@@ -152,7 +152,9 @@ class _MaxPoolChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_size):
         y, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, return_indices=True)
-        ctx.save_for_backward(indices.contiguous())
+        # the indices stay channels-last: max_unpool2d scatters a channels-last gradient fastest
+        # with them so, and converting them would cost a copy here and another one there
+        ctx.save_for_backward(indices)
         ctx.kernel_size, ctx.input_size = kernel_size, x.shape[-2:]
         # the output in the input's layout (the conv nets' channels_last option keeps it)
         keep = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
