@@ -413,7 +413,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         direction = r["direction"].replace(" (holdout)", "")
         protocol = r.get("protocol", "holdout" if "holdout" in r["direction"] else "official")
         published = dev.get(direction, {}).get(r["method"])
-        command = next(
+        command = r.get("command") or next(  # a run's own command, else its direction's
             (
                 c["command"]
                 for c in current["commands"]
@@ -430,7 +430,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                 accuracy,
                 f"skada-bench DEV {published:.3f}" if published else "",
                 f"{r['iterations']} steps",
-                f"{current['hardware']['cpu']}, shared (load 14-19)",
+                r.get("hardware") or f"{current['hardware']['cpu']}, shared (load 14-19)",
                 code(command),
             ]
         )
