@@ -33,12 +33,12 @@ def test_at_most_ten_benchmark_scripts():
     assert len(scripts()) <= 10, f"benchmarks/ holds {len(scripts())} scripts: {sorted(scripts())}"
 
 
-def test_every_script_is_reached_by_the_entry_point():
+def test_every_script_is_reached_by_the_entry_point(tmp_path):
     entry = load(BENCH / "__main__.py", "benchmarks_main")
     reached = set()
     for name, runs in entry.BENCHMARKS.items():
         for quick in (False, True):
-            for run in runs(quick, "/tmp/metatl-bench"):
+            for run in runs(quick, str(tmp_path)):
                 assert (BENCH / run[0]).exists(), f"`python -m benchmarks {name}` runs {run[0]}, which is missing"
                 reached.add(run[0])
     assert scripts() - {"learn2learn_compare.py"} <= reached, (

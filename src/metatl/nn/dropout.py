@@ -2,9 +2,8 @@
 faster on CPUs.
 
 Dropout keeps each value with probability ``1 - p`` and scales it by ``1 / (1 - p)``. PyTorch draws
-its CPU mask with ``bernoulli_``, which on the AMD EPYC this project measures on takes tens of
-nanoseconds a value in one thread, whatever the thread count: on the digits net's pooled maps
-(512 x 64 x 12 x 12 values a DANN step) a sizeable share of the training step (docs/transfer.md).
+its CPU mask with ``bernoulli_``, one value at a time in one thread whatever the thread count: on
+the digits net's pooled maps a sizeable share of the training step (measured in docs/transfer.md).
 :func:`dropout` instead fills int64 words from torch's global generator
 (``random_``: 63 uniform bits each) and reads seven uniform bytes ``u`` from each: a value is kept
 when ``u < 256 (1 - p)``, an event of probability exactly ``1 - p`` for every ``p`` that is a
