@@ -303,7 +303,8 @@ def budget(argv=None) -> int:
     with the CPU-time clock (``train.budget_clock=cpu``, one thread per run), so "M minutes on C
     cores" is ``C x M`` CPU minutes whatever else the machine runs, and runs may share the machine
     (``--parallel``) without favouring one another. Snapshots at each budget are scored on the fixed
-    test episodes; the table goes to results/optimization_budget.json."""
+    test episodes (once: the score is kept beside the snapshot, so ``--collect`` may run while the
+    runs train); the table goes to results/optimization_budget.json."""
     p = argparse.ArgumentParser(prog="accuracy.py budget", description=budget.__doc__)
     p.add_argument("--configs", nargs="+", default=BUDGET_CONFIGS, help="config names under configs/")
     p.add_argument("--minutes", type=float, nargs="+", default=[15.0, 30.0], help="budgets, minutes on --cores cores")
@@ -315,7 +316,7 @@ def budget(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], help="overrides for every run, e.g. train.executor=loop")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimization_budget.json")
     args = p.parse_args(argv)
-    from metatl.engine.run import evaluate_checkpoint
+    from metatl.engine.run import eval_name, evaluate_checkpoint
     from metatl.engine.trainer import hardware
 
     cpu_minutes = [m * args.cores for m in sorted(args.minutes)]
@@ -354,10 +355,12 @@ def budget(argv=None) -> int:
             snap = folder / f"snapshot_{cpu:g}min.pt"
             if final is not None and abs(final["train_seconds"] / 60 - cpu) < 0.05 * cpu:
                 res = final  # the run ended at this budget, and the trainer has scored those weights
-            elif snap.exists():
-                res, _ = evaluate_checkpoint(
-                    snap, [f"eval.episodes={args.episodes}"], out=tempfile.mkdtemp(), progress=False
-                )
+            elif snap.exists():  # scored once, beside the snapshot; collecting again reads that
+                scored = folder / eval_name(snap, args.episodes)
+                if scored.exists():
+                    res = json.loads(scored.read_text())
+                else:
+                    res, _ = evaluate_checkpoint(snap, [f"eval.episodes={args.episodes}"], progress=False)
             else:
                 continue
             points.append(
