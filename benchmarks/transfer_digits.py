@@ -129,6 +129,33 @@ def one_run(method, direction, seed, weight, args, workdir) -> dict:
     }
 
 
+RECORD = "benchmark_run.json"  # a finished run's record, beside its run folder under --workdir
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Two run configs compute the same thing (where the data is read from, and on which device
+    the run was asked to go, do not change what a finished run measured)."""
+    strip = lambda c: {**c, "data": {**c["data"], "data_dir": None}, "train": {**c["train"], "device": None}}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def cached_or_run(method, direction, seed, weight, args, workdir) -> tuple[dict, bool]:
+    """The run's record from an earlier invocation with the same ``--workdir`` and config, or a new
+    run, recorded (atomically) as soon as it ends: a grid of hours can be run in parts."""
+    raw = run_config(method, direction, seed, weight, args)
+    path = Path(workdir) / raw["name"] / RECORD
+    if path.exists():
+        record = json.loads(path.read_text())
+        if same_run(record["config"], raw):
+            return record, True
+    record = one_run(method, direction, seed, weight, args, workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return record, False
+
+
 def pick(runs) -> dict:
     """Per method / direction / seed: the accuracy each scorer's choice reaches, and the oracle's."""
     out = {}
@@ -198,7 +225,12 @@ def main(argv=None) -> int:
     p.add_argument("--selection-rows", type=int, default=2000, help="source and target rows for the scorers")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 rows, 20 steps, 2-point grids")
-    p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="run folders (default: a temporary folder); each finished run's record is kept there and "
+        "reused by a later invocation with the same folder and settings, so a long grid can run in parts",
+    )
     p.add_argument(
         "--out",
         default="benchmarks/results/transfer_digits_selection.json",
@@ -223,13 +255,13 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 for method in (m for m in METHODS if m in args.methods):
                     for weight in grids.get(method, [None]):
-                        r = one_run(method, direction, seed, weight, args, workdir)
+                        r, reused = cached_or_run(method, direction, seed, weight, args, workdir)
                         runs.append(r)
                         scores = " ".join(f"{k} {v:.4f}" for k, v in r["scores"].items())
                         print(
                             f"{method:<11} w={weight!s:<5} {direction:<22} seed {seed}: accuracy "
                             f"{r['accuracy']:.4f}  {scores}  train {r['train_seconds']:.0f}s  "
-                            f"wall {r['wall_seconds']:.0f}s",
+                            f"wall {r['wall_seconds']:.0f}s" + (" (recorded earlier in --workdir)" if reused else ""),
                             flush=True,
                         )
     total = time.perf_counter() - start

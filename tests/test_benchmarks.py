@@ -109,3 +109,30 @@ def test_results_page_commands_are_accepted_as_written(parse_only, capsys):
             pytest.fail(f"{where}, and its script exits with {exit.code}: {capsys.readouterr().err}")
         pytest.fail(f"{where}, and its script returned {code} before parsing its options")
     assert checked, "no benchmark command was checked"
+
+
+def test_transfer_grid_reuses_finished_runs_from_its_workdir(tmp_path, monkeypatch):
+    """A grid of hours runs in parts: a finished run's record in --workdir is reused by a later
+    invocation with the same settings, and not when a setting that changes the run differs."""
+    bench = load(BENCH / "transfer_digits.py", "transfer_digits_bench")
+    trained = []
+
+    def fake_run(method, direction, seed, weight, args, workdir):
+        trained.append((method, weight, args.epochs))
+        return {"config": bench.run_config(method, direction, seed, weight, args), "accuracy": 0.5}
+
+    monkeypatch.setattr(bench, "one_run", fake_run)
+    args = argparse.Namespace(
+        iterations=None, epochs=10.0, batch=256, image_size=28, data_dir=None, max_rows=None,
+        usps_frame="pad", protocol="holdout", device="auto",
+    )  # fmt: skip
+    first, reused = bench.cached_or_run("dann", "usps->mnist", 0, 0.1, args, tmp_path)
+    assert not reused and trained == [("dann", 0.1, 10.0)]
+    moved = argparse.Namespace(**{**vars(args), "data_dir": "elsewhere", "device": "cpu"})
+    again, reused = bench.cached_or_run("dann", "usps->mnist", 0, 0.1, moved, tmp_path)
+    assert reused and again == first and len(trained) == 1
+    longer = argparse.Namespace(**{**vars(args), "epochs": 20.0})
+    _, reused = bench.cached_or_run("dann", "usps->mnist", 0, 0.1, longer, tmp_path)
+    assert not reused and trained[-1] == ("dann", 0.1, 20.0)
+    _, reused = bench.cached_or_run("dann", "usps->mnist", 0, 1.0, args, tmp_path)
+    assert not reused and len(trained) == 3
