@@ -106,3 +106,20 @@ def test_a_learner_that_couples_queries_is_scored_one_query_at_a_time(monkeypatc
     )
     evaluate(learner, blob_tasks(), episodes=2, transductive=False, progress=False)
     assert calls == [False, False]
+
+
+def test_evaluation_counts_and_names_episodes_whose_adaptation_diverged():
+    """A test-time inner loop that blows up gives non-finite predictions; the mean accuracy alone
+    would hide it (argmax of NaN logits is some class), so the evaluator counts and warns."""
+    import warnings
+
+    torch.manual_seed(0)
+    sampler = blob_tasks()
+    sane = MAML(conv4_stride(out_features=5, filters=8, image_size=12), inner_lr=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert evaluate(sane, sampler, episodes=6, progress=False)["diverged"] == 0
+    wild = MAML(conv4_stride(out_features=5, filters=8, image_size=12), inner_lr=float("inf"))
+    with pytest.warns(RuntimeWarning, match=r"6 of 6 test episodes gave non-finite predictions"):
+        res = evaluate(wild, sampler, episodes=6, progress=False)
+    assert res["diverged"] == 6

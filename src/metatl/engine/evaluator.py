@@ -7,6 +7,8 @@ The interval is ``1.96 * std / sqrt(N)`` over the N episode scores.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +46,11 @@ def evaluate(
     affect each other; a learner whose predictor couples them otherwise (attention across queries,
     transductive inference) sets the class attribute ``couples_queries = True``.
 
-    Returns ``{"metric", "mean", "ci95", "std", "episodes", "scores"}``.
+    An episode whose adapted predictor gives non-finite outputs (test-time adaptation diverged)
+    is counted in ``diverged`` and named in a warning: its score is NaN for regression and that of
+    arbitrary classes for classification, so the mean alone would hide it.
+
+    Returns ``{"metric", "mean", "ci95", "std", "episodes", "scores", "diverged"}``.
     """
     from ..meta.base import queries_interact
 
@@ -52,6 +58,7 @@ def evaluate(
     was_training = learner.training
     learner.eval()
     scores: list[float] = []
+    diverged = 0
     kwargs = {} if inner_steps is None else {"steps": inner_steps}
     try:
         for ep in tqdm(
@@ -59,7 +66,23 @@ def evaluate(
         ):
             ep = ep.to(device)
             predictor = learner.adapt(ep.support_x, ep.support_y, **kwargs)
-            scores.append(task_metric(learner.task_type, _predict(predictor, ep, transductive), ep.query_y))
+            pred = _predict(predictor, ep, transductive)
+            diverged += not bool(torch.isfinite(pred).all())
+            scores.append(task_metric(learner.task_type, pred, ep.query_y))
     finally:
         learner.train(was_training)
-    return {"metric": METRIC_NAME[learner.task_type], **mean_ci95(scores), "episodes": episodes, "scores": scores}
+    if diverged:
+        warnings.warn(
+            f"{diverged} of {episodes} test episodes gave non-finite predictions after test-time adaptation "
+            f"(the inner loop diverged), so their scores mean nothing; lower the test-time inner learning "
+            f"rate or number of steps (eval.inner_steps, the algorithm's inner_lr), or check the weights.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return {
+        "metric": METRIC_NAME[learner.task_type],
+        **mean_ci95(scores),
+        "episodes": episodes,
+        "scores": scores,
+        "diverged": diverged,
+    }

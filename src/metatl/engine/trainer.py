@@ -601,6 +601,7 @@ def results_record(
         "queries": getattr(d, "queries", None),
         "episodes": res["episodes"],
         "metric": {"name": res["metric"], "mean": res["mean"], "ci95": res["ci95"], "std": res["std"]},
+        "diverged_episodes": res.get("diverged", 0),
         "inner_steps_test": cfg.eval.inner_steps
         if cfg.eval.inner_steps is not None
         else getattr(learner, "inner_steps_test", None),
