@@ -298,13 +298,32 @@ BUDGET_PUBLISHED = {  # Omniglot 5-way 1-shot accuracy %, as reported in each pa
 }
 
 
+def how_to_train(name: str, folder: Path, overrides: list[str], fresh: bool) -> str | None:
+    """``--overwrite`` (train from the start), ``--resume`` (a run with these settings stopped
+    before its end: continue it from its checkpoint) or None (it finished with these settings)."""
+    from metatl.config import load_config
+    from metatl.engine.trainer import RESUME_FREE_KEYS, config_changes
+
+    if fresh or not (folder / "config.yaml").exists():
+        return "--overwrite"
+    ran = load_config(folder / "config.yaml").to_dict()
+    wanted = load_config(ROOT / "configs" / f"{name}.yaml", overrides).to_dict()
+    if any(k not in RESUME_FREE_KEYS for k in config_changes(ran, wanted)):
+        return "--overwrite"  # another budget or other settings: this table needs a new run
+    if (folder / "results.json").exists():
+        return None
+    return "--resume" if (folder / "last.pt").exists() else "--overwrite"
+
+
 def budget(argv=None) -> int:
     """Optimization-based meta-learners side by side under one compute budget: each config trains
     with the CPU-time clock (``train.budget_clock=cpu``, one thread per run), so "M minutes on C
     cores" is ``C x M`` CPU minutes whatever else the machine runs, and runs may share the machine
     (``--parallel``) without favouring one another. Snapshots at each budget are scored on the fixed
     test episodes (once: the score is kept beside the snapshot, so ``--collect`` may run while the
-    runs train); the table goes to results/optimization_budget.json."""
+    runs train); the table goes to results/optimization_budget.json. Running the command again keeps
+    the runs that finished with the same settings and continues the ones stopped on the way (Ctrl-C
+    writes a checkpoint), so the hours a long budget takes can be spent in parts."""
     p = argparse.ArgumentParser(prog="accuracy.py budget", description=budget.__doc__)
     p.add_argument("--configs", nargs="+", default=BUDGET_CONFIGS, help="config names under configs/")
     p.add_argument("--minutes", type=float, nargs="+", default=[15.0, 30.0], help="budgets, minutes on --cores cores")
@@ -313,6 +332,7 @@ def budget(argv=None) -> int:
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "budget")
     p.add_argument("--collect", action="store_true", help="do not train; only score and collect")
+    p.add_argument("--fresh", action="store_true", help="train every run from the start, even one finished or stopped")
     p.add_argument("--set", nargs="+", default=[], help="overrides for every run, e.g. train.executor=loop")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimization_budget.json")
     args = p.parse_args(argv)
@@ -330,12 +350,15 @@ def budget(argv=None) -> int:
         *args.set,
     ]
     if not args.collect:
-        pending, running, failed = list(args.configs), {}, []
+        todo = {name: how_to_train(name, args.runs / name, common, args.fresh) for name in args.configs}
+        for name in (n for n, how in todo.items() if how is None):
+            print(f"{name}: finished in {args.runs / name} with these settings; kept (--fresh trains it again)")
+        pending, running, failed = [n for n, how in todo.items() if how], {}, []
         while pending or running:
             while pending and len(running) < args.parallel:
                 name = pending.pop(0)
                 cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml")]
-                cmd += ["--out", str(args.runs / name), "--no-progress", "--overwrite", "--set", *common]
+                cmd += ["--out", str(args.runs / name), "--no-progress", todo[name], "--set", *common]
                 print("$", " ".join(cmd), flush=True)
                 running[name] = subprocess.Popen(cmd)
             time.sleep(5)

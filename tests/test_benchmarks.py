@@ -136,3 +136,25 @@ def test_transfer_grid_reuses_finished_runs_from_its_workdir(tmp_path, monkeypat
     assert not reused and trained[-1] == ("dann", 0.1, 20.0)
     _, reused = bench.cached_or_run("dann", "usps->mnist", 0, 1.0, args, tmp_path)
     assert not reused and len(trained) == 3
+
+
+def test_budget_keeps_finished_runs_and_continues_stopped_ones(tmp_path):
+    """accuracy.py budget run again: a run finished with the same settings is kept, one stopped on
+    the way resumes from its checkpoint, and one with other settings (another budget) is retrained."""
+    bench = load(BENCH / "accuracy.py", "accuracy_bench")
+    name = "maml_omniglot_5w1s"
+    budget = ["train.time_budget_min=60", "train.budget_clock=cpu", "train.snapshot_minutes=[30,60]"]
+    folder = tmp_path / name
+    assert bench.how_to_train(name, folder, budget, fresh=False) == "--overwrite"  # never run
+    folder.mkdir()
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", [*budget, "data.data_dir=elsewhere"])
+    cfg.dump(folder / "config.yaml")
+    assert bench.how_to_train(name, folder, budget, fresh=False) == "--overwrite"  # started, no checkpoint
+    (folder / "last.pt").write_bytes(b"")
+    assert bench.how_to_train(name, folder, budget, fresh=False) == "--resume"
+    assert bench.how_to_train(name, folder, budget, fresh=True) == "--overwrite"
+    other = ["train.time_budget_min=10", *budget[1:]]
+    assert bench.how_to_train(name, folder, other, fresh=False) == "--overwrite"
+    (folder / "results.json").write_text("{}")
+    assert bench.how_to_train(name, folder, budget, fresh=False) is None
+    assert bench.how_to_train(name, folder, other, fresh=False) == "--overwrite"
