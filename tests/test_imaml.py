@@ -157,3 +157,27 @@ def test_learns_sinusoids(tmp_path):
     trainer.fit()
     after = evaluate(trainer.learner, trainer.val_tasks, episodes=100, progress=False)["mean"]
     assert after < 0.6 * before, (before, after)
+
+
+def test_damped_solve_is_the_authors_system():
+    """cg_damping / lam_damping solve ((1 + d) I + H / (lam + e)) x = g (the authors' code, d = 1,
+    e = 10): against that system solved by hand with the ridge problem's support Hessian."""
+    batch = [ridge_episode(s) for s in range(3)]
+    learner = imaml(linear(), cg_damping=1.0, lam_damping=10.0)
+    theta = torch.cat([learner.model.weight.detach().T, learner.model.bias.detach()[:, None]])
+    learner.meta_loss(batch)[0].backward()
+    want = torch.zeros(D + 1, 1, dtype=torch.float64)
+    for ep in batch:
+        phi, _ = closed_form(theta, ep, LAM)
+        xs = torch.cat([ep.support_x, torch.ones(len(ep.support_x), 1, dtype=torch.float64)], 1)
+        xq = torch.cat([ep.query_x, torch.ones(len(ep.query_x), 1, dtype=torch.float64)], 1)
+        hessian = 2 / len(xs) * xs.T @ xs
+        query_grad = 2 / len(xq) * xq.T @ (xq @ phi - ep.query_y)
+        system = 2.0 * torch.eye(D + 1, dtype=torch.float64) + hessian / (LAM + 10.0)
+        want += torch.linalg.solve(system, query_grad) / len(batch)
+    got = torch.cat([learner.model.weight.grad.T, learner.model.bias.grad[:, None]])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    _, exact = exact_meta_gradient(learner.model, batch, LAM)
+    assert (got - exact).abs().max() > 1e-3  # the damped system is not the exact gradient
+    with pytest.raises(ValueError, match="cg_damping and lam_damping must be >= 0"):
+        imaml(linear(), cg_damping=-1.0)
