@@ -29,7 +29,7 @@ the support loss alone and then one step on the proximal term, and its CG solves
 ``((1 + d) I + H / (lam + 10)) x = g`` (damping ``d = 1``); here both are the paper's equations
 by default, and ``cg_damping=1, lam_damping=10`` give that code's damped system (a better
 conditioned solve, no longer the exact implicit gradient; with BatchNorm on a 1-shot support set
-``I + H / lam`` is often indefinite).
+``I + H / lam`` need not be positive definite).
 The defaults are the paper's Omniglot settings (Table 2: lam = 2, 16 inner steps for 5-way, 25 for
 20-way, 5 CG steps; the README's inner step size 0.1).
 """
