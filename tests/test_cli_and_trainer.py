@@ -396,6 +396,36 @@ def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
     assert int(after) < int(before) / 10
 
 
+@pytest.mark.skipif(
+    not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
+    reason="malloc tuning applies to Linux with glibc only",
+)
+def test_keep_freed_memory_holds_for_tensors_of_other_threads():
+    """The task threads' tensors reuse freed pages too: glibc's per-thread arenas would hand their
+    heaps back as they empty, so each new thread (one per step and task shard) faulted them in again."""
+    script = (
+        "import ctypes, resource, threading, torch\n"
+        "from metatl.engine.runtime import keep_freed_memory\n"
+        "ctypes.CDLL('libc.so.6').prctl(41, 1, 0, 0, 0)\n"  # PR_SET_THP_DISABLE: count 4 KiB pages
+        "def work():\n"
+        "    xs = [torch.ones(4 << 20) for _ in range(8)]\n"  # 8 x 16 MiB live at once
+        "    del xs\n"
+        "def faults():\n"
+        "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    thread = threading.Thread(target=work)\n"
+        "    thread.start(), thread.join()\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start\n"
+        "applied = keep_freed_memory()\n"
+        "first = faults()\n"
+        "print(applied, first, max(faults() for _ in range(3)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    applied, first, later = out.split()
+    assert applied == "True"
+    assert int(first) > 30000  # the first thread's 128 MiB (32,768 pages of 4 KiB) are fresh
+    assert int(later) < int(first) / 10
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_trainer_tunes_malloc_only_when_asked(tmp_path, monkeypatch, keep):
     import metatl.engine.runtime as runtime_module
