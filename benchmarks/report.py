@@ -531,7 +531,10 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                 "",
                 f"{l2l['rounds']} rounds, interleaved",
                 f"{l2l['hardware']}, {l2l['date'][:10]}",
-                code("python benchmarks/learn2learn_compare.py"),
+                code(
+                    "python benchmarks/learn2learn_compare.py"
+                    + (f" --rounds {l2l['rounds']}" if l2l["rounds"] != 6 else "")
+                ),
             ]
         )
     earlier = [rec[f"learn2learn_compare_{i}"]["ratio"] for i in range(1, 6)]
