@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -315,6 +316,17 @@ def how_to_train(name: str, folder: Path, overrides: list[str], fresh: bool) -> 
     return "--resume" if (folder / "last.pt").exists() else "--overwrite"
 
 
+def stop_runs(procs: list) -> None:
+    """Stop training processes as Ctrl-C would and wait for them: each gets SIGTERM, on which
+    ``metatl train`` writes its ``last.pt`` (a run already stopping, say by the terminal's own
+    Ctrl-C, ignores it)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait()
+
+
 def budget(argv=None) -> int:
     """Optimization-based meta-learners side by side under one compute budget: each config trains
     with the CPU-time clock (``train.budget_clock=cpu``, one thread per run), so "M minutes on C
@@ -323,7 +335,8 @@ def budget(argv=None) -> int:
     test episodes (once: the score is kept beside the snapshot, so ``--collect`` may run while the
     runs train); the table goes to results/optimization_budget.json. Running the command again keeps
     the runs that finished with the same settings and continues the ones stopped on the way (Ctrl-C
-    writes a checkpoint), so the hours a long budget takes can be spent in parts."""
+    or SIGTERM writes a checkpoint in every run), so the hours a long budget takes can be spent in
+    parts."""
     p = argparse.ArgumentParser(prog="accuracy.py budget", description=budget.__doc__)
     p.add_argument("--configs", nargs="+", default=BUDGET_CONFIGS, help="config names under configs/")
     p.add_argument("--minutes", type=float, nargs="+", default=[15.0, 30.0], help="budgets, minutes on --cores cores")
@@ -337,7 +350,7 @@ def budget(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimization_budget.json")
     args = p.parse_args(argv)
     from metatl.engine.run import eval_name, evaluate_checkpoint
-    from metatl.engine.trainer import hardware
+    from metatl.engine.trainer import hardware, stop_signals
 
     cpu_minutes = [m * args.cores for m in sorted(args.minutes)]
     common = [
@@ -354,19 +367,26 @@ def budget(argv=None) -> int:
         for name in (n for n, how in todo.items() if how is None):
             print(f"{name}: finished in {args.runs / name} with these settings; kept (--fresh trains it again)")
         pending, running, failed = [n for n, how in todo.items() if how], {}, []
-        while pending or running:
-            while pending and len(running) < args.parallel:
-                name = pending.pop(0)
-                cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml")]
-                cmd += ["--out", str(args.runs / name), "--no-progress", todo[name], "--set", *common]
-                print("$", " ".join(cmd), flush=True)
-                running[name] = subprocess.Popen(cmd)
-            time.sleep(5)
-            for name, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[name]
-                    if proc.returncode:
-                        failed.append(name)
+        with stop_signals() as shield:  # Ctrl-C or SIGTERM: every run writes its checkpoint first
+            try:
+                while pending or running:
+                    while pending and len(running) < args.parallel:
+                        name = pending.pop(0)
+                        cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml")]
+                        cmd += ["--out", str(args.runs / name), "--no-progress", todo[name], "--set", *common]
+                        print("$", " ".join(cmd), flush=True)
+                        running[name] = subprocess.Popen(cmd)
+                    time.sleep(5)
+                    for name, proc in list(running.items()):
+                        if proc.poll() is not None:
+                            del running[name]
+                            if proc.returncode:
+                                failed.append(name)
+            except KeyboardInterrupt:
+                shield()
+                stop_runs(list(running.values()))
+                print("stopped: the same command continues the runs from their checkpoints", file=sys.stderr)
+                raise
         if failed:
             print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
     runs = {}

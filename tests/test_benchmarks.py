@@ -6,6 +6,9 @@ import argparse
 import importlib.util
 import re
 import shlex
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -158,3 +161,24 @@ def test_budget_keeps_finished_runs_and_continues_stopped_ones(tmp_path):
     (folder / "results.json").write_text("{}")
     assert bench.how_to_train(name, folder, budget, fresh=False) is None
     assert bench.how_to_train(name, folder, other, fresh=False) == "--overwrite"
+
+
+def test_budget_stops_its_runs_so_that_they_write_their_checkpoints(tmp_path):
+    """Stopping accuracy.py budget (Ctrl-C, SIGTERM) passes SIGTERM on to its training processes,
+    on which ``metatl train`` writes last.pt, and waits for them: a run left alone would train on,
+    unseen, and one killed would lose what it trained since its last checkpoint."""
+    bench = load(BENCH / "accuracy.py", "accuracy_bench")
+    script = "import signal, sys, time\n"
+    script += "signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], 'w').write('saved'), sys.exit(3)))\n"
+    script += "open(sys.argv[1] + '.up', 'w').close()\n"
+    script += "time.sleep(60)\n"
+    marks = [tmp_path / f"run{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(m)]) for m in marks]
+    deadline = time.monotonic() + 60
+    while not all(m.with_suffix(".up").exists() for m in marks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    bench.stop_runs([*procs, done])
+    assert [p.returncode for p in procs] == [3, 3]
+    assert all(m.read_text() == "saved" for m in marks)

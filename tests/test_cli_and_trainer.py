@@ -3,8 +3,10 @@
 import json
 import math
 import platform
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -423,7 +425,9 @@ def test_keep_freed_memory_holds_for_tensors_of_other_threads():
     applied, first, later = out.split()
     assert applied == "True"
     assert int(first) > 30000  # the first thread's 128 MiB (32,768 pages of 4 KiB) are fresh
-    assert int(later) < int(first) / 10
+    # each later thread reuses them (at most one 16 MiB block anew, where a small allocation took
+    # a piece of the freed space); with an arena per thread, 24,000-33,000 faults each time
+    assert int(later) < int(first) / 4
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -597,3 +601,34 @@ def test_budget_clock_cpu_counts_process_cpu_seconds(tmp_path, monkeypatch):
     assert Trainer(load_config(write_config(tmp_path, raw)), tmp_path / "wall", progress=False).fit().iteration == 50
     with pytest.raises(ConfigError, match="budget_clock must be 'wall'"):
         load_config(write_config(tmp_path, dict(raw, train={**raw["train"], "budget_clock": "gpu"})))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_writes_last_pt_and_the_run_resumes_from_it(tmp_path):
+    """``kill`` (or a cluster scheduler ending a job) stops training as Ctrl-C does: the trainer
+    writes last.pt at the iteration reached, the command exits with 128 + SIGTERM, and --resume
+    continues from there."""
+    raw = dict(SINUSOID)
+    raw["train"] = dict(raw["train"], iterations=100000, ckpt_every=0, val_every=0, log_every=1)
+    config, out = write_config(tmp_path, raw), tmp_path / "run"
+    command = [sys.executable, "-m", "metatl.cli", "train", str(config), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if len(lines) >= 20:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped (SIGTERM)" in err and "--resume" in err
+    stopped_at = ckpt_io.load(out / "last.pt")["iteration"]
+    assert stopped_at >= 20
+    cfg = load_config(config, ["train.iterations=" + str(stopped_at + 2)])
+    trainer = Trainer(cfg, out, progress=False)
+    trainer.resume(allow=["train.iterations"])
+    assert trainer.iteration == stopped_at
+    trainer.fit()
+    assert trainer.iteration == stopped_at + 2

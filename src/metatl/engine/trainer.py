@@ -2,8 +2,8 @@
 
 Each iteration: draw a meta-batch of episodes, ask the algorithm for ``(loss, metrics)``, step the
 outer optimizer. Around that: periodic validation, atomic checkpoints (every ``ckpt_every``
-iterations, at chosen training minutes, and at exit), exact resume (model, optimizer and every RNG
-state), ``metrics.jsonl``, a learning-curve PNG and, at the end, the test evaluation in
+iterations, at chosen training minutes, and at exit, Ctrl-C and SIGTERM included), exact resume
+(model, optimizer and every RNG state), ``metrics.jsonl``, a learning-curve PNG and, at the end, the test evaluation in
 ``results.json``. A non-finite loss or gradient stops the run before it can touch a checkpoint.
 With ``train.ema_decay`` the trainer also keeps a moving average of the weights
 (:func:`moving_average`); validation and testing then score the average (``eval.weights``).
@@ -36,9 +36,13 @@ stays as it is; process 0 alone logs, validates and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +79,34 @@ def to_device(batch, device):
 
 class NonFiniteLossError(DivergenceError):
     """The loss or the meta-gradient became NaN or infinite."""
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training: SIGTERM (``kill``'s, or a cluster scheduler's before it ends a job) stops the
+    run as Ctrl-C does, by a ``KeyboardInterrupt``, so that the trainer writes ``last.pt`` first.
+    Yields ``shield()``, which ignores SIGINT and SIGTERM from then on (a second Ctrl-C, or a
+    signal forwarded by a parent process, must not cut the checkpoint short); the previous
+    handlers come back on exit. Signal handlers belong to the main thread: elsewhere nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def shield():
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield shield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 class StopRun(Exception):
@@ -502,6 +534,14 @@ class Trainer:
             disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
         )
+        with stop_signals() as shield:
+            self._train_until(budget, clock, bar, shield)
+        bar.close()
+        self.save()
+        return self
+
+    def _train_until(self, budget: float, clock, bar, shield) -> None:
+        t = self.cfg.train
         try:
             while self.iteration < t.iterations and self.train_seconds < budget:
                 self.runtime.rebalance()
@@ -525,17 +565,21 @@ class Trainer:
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                 if t.ckpt_every and self.iteration % t.ckpt_every == 0:
                     self.save()
-        except (KeyboardInterrupt, StopRun):  # stopped from outside, or by a hook
+        except (KeyboardInterrupt, StopRun) as stop:  # stopped from outside (Ctrl-C, SIGTERM), or by a hook
+            shield()
             self.save()
             bar.close()
             self.close_loggers("stopped")
+            if self.rank == 0 and isinstance(stop, KeyboardInterrupt):
+                print(
+                    f"stopped at iteration {self.iteration}; {self.out / 'last.pt'} holds the run: continue "
+                    f"it with the same command, --out {self.out} and --resume",
+                    file=sys.stderr,
+                )
             raise
         except BaseException:
             self.close_loggers("failed")
             raise
-        bar.close()
-        self.save()
-        return self
 
     def test(self, sampler=None, checkpoint: str | None = None, name: str = "results.json") -> dict:
         """Evaluate on the fixed test episodes and write ``name`` (default ``results.json``) in the
