@@ -317,9 +317,8 @@ def how_to_train(name: str, folder: Path, overrides: list[str], fresh: bool) -> 
 
 
 def stop_runs(procs: list) -> None:
-    """Stop training processes as Ctrl-C would and wait for them: each gets SIGTERM, on which
-    ``metatl train`` writes its ``last.pt`` (a run already stopping, say by the terminal's own
-    Ctrl-C, ignores it)."""
+    """Stop training processes and wait for them: each gets SIGTERM, on which ``metatl train``
+    finishes its iteration and writes its ``last.pt``."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -350,7 +349,7 @@ def budget(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimization_budget.json")
     args = p.parse_args(argv)
     from metatl.engine.run import eval_name, evaluate_checkpoint
-    from metatl.engine.trainer import hardware, stop_signals
+    from metatl.engine.trainer import StopSignals, hardware
 
     cpu_minutes = [m * args.cores for m in sorted(args.minutes)]
     common = [
@@ -367,7 +366,9 @@ def budget(argv=None) -> int:
         for name in (n for n, how in todo.items() if how is None):
             print(f"{name}: finished in {args.runs / name} with these settings; kept (--fresh trains it again)")
         pending, running, failed = [n for n, how in todo.items() if how], {}, []
-        with stop_signals() as shield:  # Ctrl-C or SIGTERM: every run writes its checkpoint first
+        # Ctrl-C or SIGTERM here stops the runs (each in its own session, so that the terminal's
+        # Ctrl-C reaches this process only): SIGTERM to each, which writes its checkpoint first
+        with StopSignals() as signals:
             try:
                 while pending or running:
                     while pending and len(running) < args.parallel:
@@ -375,18 +376,20 @@ def budget(argv=None) -> int:
                         cmd = [sys.executable, "-m", "metatl.cli", "train", str(ROOT / "configs" / f"{name}.yaml")]
                         cmd += ["--out", str(args.runs / name), "--no-progress", todo[name], "--set", *common]
                         print("$", " ".join(cmd), flush=True)
-                        running[name] = subprocess.Popen(cmd)
-                    time.sleep(5)
+                        running[name] = subprocess.Popen(cmd, start_new_session=True)
+                    for _ in range(50):
+                        time.sleep(0.1)
+                        signals.check()
                     for name, proc in list(running.items()):
                         if proc.poll() is not None:
                             del running[name]
                             if proc.returncode:
                                 failed.append(name)
             except KeyboardInterrupt:
-                shield()
+                signals.shield()
                 stop_runs(list(running.values()))
                 print("stopped: the same command continues the runs from their checkpoints", file=sys.stderr)
-                raise
+                raise SystemExit(128 + getattr(signal, signals.by or "SIGINT")) from None
         if failed:
             print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
     runs = {}

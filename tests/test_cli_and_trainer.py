@@ -632,3 +632,26 @@ def test_sigterm_writes_last_pt_and_the_run_resumes_from_it(tmp_path):
     assert trainer.iteration == stopped_at
     trainer.fit()
     assert trainer.iteration == stopped_at + 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_a_stop_signal_waits_for_the_iteration_and_a_second_one_does_not():
+    """The first SIGINT or SIGTERM only asks (the trainer stops where ``check`` is called, between
+    iterations, so no checkpoint holds half a step); a second one stops at once; the previous
+    handlers come back."""
+    import os
+
+    from metatl.engine.trainer import Interrupted, StopSignals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        signals.check()  # nothing asked yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        assert signals.by == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            signals.check()
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -36,7 +36,6 @@ stays as it is; process 0 alone logs, validates and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
@@ -81,32 +80,51 @@ class NonFiniteLossError(DivergenceError):
     """The loss or the meta-gradient became NaN or infinite."""
 
 
-@contextlib.contextmanager
-def stop_signals():
-    """While training: SIGTERM (``kill``'s, or a cluster scheduler's before it ends a job) stops the
-    run as Ctrl-C does, by a ``KeyboardInterrupt``, so that the trainer writes ``last.pt`` first.
-    Yields ``shield()``, which ignores SIGINT and SIGTERM from then on (a second Ctrl-C, or a
-    signal forwarded by a parent process, must not cut the checkpoint short); the previous
-    handlers come back on exit. Signal handlers belong to the main thread: elsewhere nothing
-    changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+class Interrupted(KeyboardInterrupt):
+    """A second stop signal before the iteration ended: training stops at once, and no checkpoint
+    is written of a step cut in the middle (``last.pt`` stays as it was)."""
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    def shield():
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)
+class StopSignals:
+    """While training (a context manager): Ctrl-C (SIGINT) and SIGTERM (``kill``'s, or a cluster
+    scheduler's before it ends a job) ask the run to stop at the end of the current iteration,
+    where :meth:`check` raises ``KeyboardInterrupt(signal name)`` and the trainer writes
+    ``last.pt``: a step cut in the middle (part of the optimizer's update applied) is never
+    checkpointed, so the run resumes exactly. A second signal before then stops at once
+    (:class:`Interrupted`, no checkpoint). :meth:`shield` ignores both signals from then on, while
+    the checkpoint is written; the previous handlers come back on exit. Signal handlers belong to
+    the main thread: elsewhere nothing changes."""
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield shield
-    finally:
-        for s, handler in previous.items():
+    def __init__(self):
+        self.by: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.by is not None:
+            raise Interrupted(name)
+        self.by = name
+        print(f"{name}: stopping after this iteration ({name} again: at once, without a checkpoint)", file=sys.stderr)
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a stop was asked for."""
+        if self.by is not None:
+            raise KeyboardInterrupt(self.by)
+
+    def shield(self) -> None:
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
 
 
 class StopRun(Exception):
@@ -534,13 +552,13 @@ class Trainer:
             disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        with stop_signals() as shield:
-            self._train_until(budget, clock, bar, shield)
+        with StopSignals() as signals:
+            self._train_until(budget, clock, bar, signals)
         bar.close()
         self.save()
         return self
 
-    def _train_until(self, budget: float, clock, bar, shield) -> None:
+    def _train_until(self, budget: float, clock, bar, signals: StopSignals) -> None:
         t = self.cfg.train
         try:
             while self.iteration < t.iterations and self.train_seconds < budget:
@@ -565,8 +583,12 @@ class Trainer:
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                 if t.ckpt_every and self.iteration % t.ckpt_every == 0:
                     self.save()
+                signals.check()
+        except Interrupted:  # a second signal: mid-step, nothing consistent to write
+            self.close_loggers("stopped")
+            raise
         except (KeyboardInterrupt, StopRun) as stop:  # stopped from outside (Ctrl-C, SIGTERM), or by a hook
-            shield()
+            signals.shield()
             self.save()
             bar.close()
             self.close_loggers("stopped")
