@@ -88,8 +88,8 @@ class Interrupted(KeyboardInterrupt):
 class StopSignals:
     """While training (a context manager): Ctrl-C (SIGINT) and SIGTERM (``kill``'s, or a cluster
     scheduler's before it ends a job) ask the run to stop at the end of the current iteration,
-    where :meth:`check` raises ``KeyboardInterrupt(signal name)`` and the trainer writes
-    ``last.pt``: a step cut in the middle (part of the optimizer's update applied) is never
+    where a ``KeyboardInterrupt(signal name)`` is raised (:meth:`check`; the trainer asks all its
+    processes) and the trainer writes ``last.pt``: a step cut in the middle (part of the optimizer's update applied) is never
     checkpointed, so the run resumes exactly. A second signal before then stops at once
     (:class:`Interrupted`, no checkpoint). :meth:`shield` ignores both signals from then on, while
     the checkpoint is written; the previous handlers come back on exit. Signal handlers belong to
@@ -118,7 +118,8 @@ class StopSignals:
         print(f"{name}: stopping after this iteration ({name} again: at once, without a checkpoint)", file=sys.stderr)
 
     def check(self) -> None:
-        """Raise ``KeyboardInterrupt`` if a stop was asked for."""
+        """Raise ``KeyboardInterrupt`` if a stop was asked for (the trainer asks all its processes
+        at once instead, so that they stop at the same iteration)."""
         if self.by is not None:
             raise KeyboardInterrupt(self.by)
 
@@ -583,7 +584,8 @@ class Trainer:
                     bar.write(" ".join(f"{k}={v:.4g}" for k, v in record.items()))
                 if t.ckpt_every and self.iteration % t.ckpt_every == 0:
                     self.save()
-                signals.check()
+                if ddp.max_value(float(signals.by is not None), self.device):  # all processes stop together
+                    raise KeyboardInterrupt(signals.by or "a stop signal to another process")
         except Interrupted:  # a second signal: mid-step, nothing consistent to write
             self.close_loggers("stopped")
             raise
