@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py mann-online RUN/last.pt [--episodes 1000] [--split test]   # -> results/mann_online.json
     python benchmarks/accuracy.py metric [--budget-min 60] [--only NAME ...] [--collect]
     python benchmarks/accuracy.py budget [--configs NAME ...] [--minutes 15 30] [--cores 2] [--parallel 5]
+    python benchmarks/accuracy.py imaml-system CHECKPOINT_OR_CONFIG ... [--tasks 8] [--set KEY=VALUE ...]
 
 ``curve``: test accuracy (+- 95% CI, 600 fixed test episodes) of the snapshots a run kept at chosen
 training minutes (``train.snapshot_minutes``), as an entry of one JSON (and a plot). A run that kept a moving average
@@ -440,7 +441,68 @@ def budget(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"curve": curve, "mann-online": mann_online, "metric": metric, "budget": budget}
+def imaml_system(argv=None) -> int:
+    """The extreme eigenvalues of the matrix iMAML's meta-gradient inverts,
+    ``(1 + cg_damping) I + H / (lam + lam_damping)`` (:meth:`~metatl.meta.IMAML.system_eigenvalues`),
+    on training tasks, for checkpoints of a run (or a config's initial weights): conjugate gradient
+    needs it positive definite. ``--set`` overrides the learner's config (e.g. the damping), so one
+    set of weights can be read under either system. Writes results/imaml_system.json (one entry per
+    source and overrides)."""
+    p = argparse.ArgumentParser(prog="accuracy.py imaml-system", description=imaml_system.__doc__)
+    p.add_argument("sources", nargs="+", help="checkpoints, or configs (their initial weights, seed 0)")
+    p.add_argument("--tasks", type=int, default=8, help="training tasks (seed 0)")
+    p.add_argument("--set", nargs="+", default=[], help="config overrides, e.g. algorithm.cg_damping=1")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "imaml_system.json")
+    args = p.parse_args(argv)
+    import metatl
+    from metatl.build import build_learner, build_sampler
+    from metatl.config import load_config
+    from metatl.engine.trainer import hardware
+
+    torch.set_num_threads(1)
+    record = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for source in args.sources:
+        if source.endswith((".yaml", ".yml")):
+            torch.manual_seed(0)
+            cfg = load_config(source, list(args.set))
+            learner = build_learner(cfg, build_sampler(cfg.data, "train"))
+        else:
+            learner = metatl.load(source, overrides=list(args.set))
+            cfg = learner.config
+        learner.double().train()
+        theta = learner.params()
+        sampler = build_sampler(cfg.data, "train")
+        values = []
+        for ep in sampler.sample_batch(args.tasks, torch.Generator().manual_seed(0)):
+            values.append(learner.system_eigenvalues(theta, ep.support_x.double(), ep.support_y))
+            print(f"{source}: smallest {values[-1][0]:.3f}, largest {values[-1][1]:.3f}", flush=True)
+        key = " ".join([source, *args.set])
+        record[key] = {
+            "source": source,
+            "overrides": args.set,
+            "lam": learner.lam,
+            "cg_damping": learner.cg_damping,
+            "lam_damping": learner.lam_damping,
+            "smallest": [v[0] for v in values],
+            "largest": [v[1] for v in values],
+            "command": "python benchmarks/accuracy.py imaml-system "
+            + " ".join(argv if argv is not None else sys.argv[2:]),
+            "hardware": hardware(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "curve": curve,
+    "mann-online": mann_online,
+    "metric": metric,
+    "budget": budget,
+    "imaml-system": imaml_system,
+}
 
 
 def main(argv=None) -> int:

@@ -128,15 +128,20 @@ def optimization_budget() -> list[tuple[str, str, str]]:
     b = load("optimization_budget.json")
     names = {"maml": "MAML", "meta_sgd": "Meta-SGD", "maml_pp": "MAML++", "anil": "ANIL", "imaml": "iMAML"}
     budgets = sorted({p["minutes"] for r in b["runs"].values() for p in r["points"]})
+    # variants: the same budget with other settings for some methods (optimization_budget_<variant>.json)
+    variants = [load(path.name) for path in sorted(RESULTS.glob("optimization_budget_*.json"))]
     rows = []
-    for r in b["runs"].values():
-        by = {p["minutes"]: p for p in r["points"]}
-        cells = [
-            f"{pm(by[m]['accuracy'], by[m]['ci95'])} ({by[m]['iterations']} it)" if m in by else "not run"
-            for m in budgets
-        ]
-        published = r["published"] or [None, ""]
-        rows.append([names.get(r["method"], r["method"]), *cells, f"{published[0] or '-'} ({published[1]})"])
+    for record in [b, *variants]:
+        changed = [o for o in record["overrides"] if o not in b["overrides"]]
+        for r in record["runs"].values():
+            by = {p["minutes"]: p for p in r["points"]}
+            cells = [
+                f"{pm(by[m]['accuracy'], by[m]['ci95'])} ({by[m]['iterations']} it)" if m in by else "not run"
+                for m in budgets
+            ]
+            published = r["published"] or [None, ""]
+            name = names.get(r["method"], r["method"]) + (f" ({code(' '.join(changed))})" if changed else "")
+            rows.append([name, *cells, f"{published[0] or '-'} ({published[1]})"])
     header = ["method (5-way 1-shot)", *(f"{m:g} min x {b['cores']} cores" for m in budgets), "published"]
     text = (
         f"Each method trains its `configs/<method>_omniglot_5w1s.yaml` under the same compute budget: "
@@ -144,6 +149,7 @@ def optimization_budget() -> list[tuple[str, str, str]]:
         f"{b['cores']} x M CPU minutes whatever else the machine ran. The runs: {b.get('note', 'side by side')}. Test: "
         f"{b['episodes']} fixed episodes. {b['hardware']}, {b['date'][:10]}. Command: {code(b['command'])}; "
         f"overrides {code(' '.join(b['overrides']))}."
+        + "".join(f" Variant ({v['note']}; {v['date'][:10]}): {code(v['command'])}." for v in variants)
     )
     return [("Optimization-based meta-learners under one budget", text, table(rows, header))]
 

@@ -181,3 +181,18 @@ def test_damped_solve_is_the_authors_system():
     assert (got - exact).abs().max() > 1e-3  # the damped system is not the exact gradient
     with pytest.raises(ValueError, match="cg_damping and lam_damping must be >= 0"):
         imaml(linear(), cg_damping=-1.0)
+
+
+@pytest.mark.parametrize("damping", [(0.0, 0.0), (1.0, 10.0)])
+def test_system_eigenvalues_are_those_of_the_solved_matrix(damping):
+    """The extreme eigenvalues of ((1 + d) I + H / (lam + e)) with the ridge problem's support
+    Hessian (constant in phi), against torch.linalg.eigvalsh of that matrix."""
+    ep = ridge_episode(0)
+    learner = imaml(linear(), cg_damping=damping[0], lam_damping=damping[1])
+    xs = torch.cat([ep.support_x, torch.ones(len(ep.support_x), 1, dtype=torch.float64)], 1)
+    hessian = 2 / len(xs) * xs.T @ xs
+    matrix = (1 + damping[0]) * torch.eye(D + 1, dtype=torch.float64) + hessian / (LAM + damping[1])
+    want = torch.linalg.eigvalsh(matrix)
+    low, high = learner.system_eigenvalues(learner.params(), ep.support_x, ep.support_y, tol=1e-10)
+    assert low == pytest.approx(want[0].item(), rel=1e-6)
+    assert high == pytest.approx(want[-1].item(), rel=1e-6)

@@ -185,6 +185,13 @@ class IMAML(GradientMetaLearner):
         the support loss at ``phi``, by conjugate gradient on Hessian-vector products (with
         ``cg_damping`` / ``lam_damping``: ``((1 + cg_damping) I + H / (lam + lam_damping))^{-1} v``)."""
         v = [torch.zeros_like(p) if c is None else c for p, c in zip(phi.values(), cotangents)]
+        matvec = self._system(phi, buffers, x, y)
+        with torch.no_grad():
+            b = torch.cat([t.reshape(-1) for t in v])
+            return _unflatten(conjugate_gradient(matvec, b, self.cg_steps, self.cg_tol), v)
+
+    def _system(self, phi: Params, buffers: Params, x: Tensor, y: Tensor):
+        """The matrix of :meth:`implicit_gradient`'s system at ``phi``, as a function on flat vectors."""
         with torch.enable_grad():
             leaves = {k: p.detach().requires_grad_(True) for k, p in phi.items()}
             loss = self.loss_fn(self.functional({**buffers, **leaves}, x), y)
@@ -193,7 +200,7 @@ class IMAML(GradientMetaLearner):
         inputs = list(leaves.values())
 
         def matvec(flat):
-            vs = _unflatten(flat, v)
+            vs = _unflatten(flat, inputs)
             hv = [torch.zeros_like(t) for t in vs]
             if curved:
                 with torch.enable_grad():
@@ -208,9 +215,39 @@ class IMAML(GradientMetaLearner):
             hv = torch.cat([h.reshape(-1) for h in hv])
             return (1 + self.cg_damping) * flat + hv / (self.lam + self.lam_damping)
 
+        return matvec
+
+    def system_eigenvalues(
+        self, params: Params, support_x: Tensor, support_y: Tensor, tol: float = 1e-3
+    ) -> tuple[float, float]:
+        """The smallest and largest eigenvalue of the matrix :meth:`implicit_gradient` inverts for
+        this task, ``(1 + cg_damping) I + H / (lam + lam_damping)`` at the inner solution from
+        ``params`` (Lanczos on Hessian-vector products, scipy's ``eigsh``, to relative tolerance
+        ``tol``). Conjugate gradient needs it positive definite: where the smallest is not
+        positive, the meta-gradient is not the implicit gradient (CG stops at the first direction
+        of non-positive curvature), and damping (``cg_damping``, ``lam_damping``) or a larger
+        ``lam`` is needed."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
         with torch.no_grad():
-            b = torch.cat([t.reshape(-1) for t in v])
-            return _unflatten(conjugate_gradient(matvec, b, self.cg_steps, self.cg_tol), v)
+            solution = self.adapt_params(
+                {k: p.detach() for k, p in params.items()}, support_x, support_y, self.inner_steps
+            )
+        phi = {k: solution[k] for k, p in params.items() if p.requires_grad}
+        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
+        matvec = self._system(phi, buffers, support_x, support_y)
+        like = next(iter(phi.values()))
+        n = sum(p.numel() for p in phi.values())
+
+        def apply(v):
+            with torch.no_grad():
+                flat = torch.as_tensor(np.asarray(v).reshape(-1), dtype=like.dtype, device=like.device)
+                return matvec(flat).cpu().numpy().astype(np.float64)
+
+        op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
+        ends = [eigsh(op, k=1, which=w, tol=tol, return_eigenvectors=False)[0] for w in ("SA", "LA")]
+        return float(ends[0]), float(ends[1])
 
 
 def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
