@@ -16,6 +16,7 @@ checkpoints load either way.
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -126,7 +127,9 @@ def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
             f"conv_batch_stats_norm needs a convolution with groups=1 and zero padding, got "
             f"groups={conv.groups}, padding_mode={conv.padding_mode!r}; run the two layers instead."
         )
-    size = conv.weight[0].numel()  # C_in k k
+    # C_in k k, from the shape: indexing the (shared) weight under task threads would take its
+    # autograd lock while holding the GIL, which deadlocked against a thread doing the reverse
+    size = math.prod(conv.weight.shape[1:])
     windows = torch.eye(size, dtype=x.dtype, device=x.device).view(size, *conv.weight.shape[1:])
     # each output position's input window, by a convolution with one-hot kernels (faster than
     # unfold), as the rows of a (N H' W', C_in k k) matrix
