@@ -465,13 +465,13 @@ def imaml_system(argv=None) -> int:
         if source.endswith((".yaml", ".yml")):
             torch.manual_seed(0)
             cfg = load_config(source, list(args.set))
-            learner = build_learner(cfg, build_sampler(cfg.data, "train"))
+            sampler = build_sampler(cfg.data, "train")
+            learner = build_learner(cfg, sampler)
         else:
             learner = metatl.load(source, overrides=list(args.set))
-            cfg = learner.config
+            sampler = build_sampler(learner.config.data, "train")
         learner.double().train()
         theta = learner.params()
-        sampler = build_sampler(cfg.data, "train")
         values = []
         for ep in sampler.sample_batch(args.tasks, torch.Generator().manual_seed(0)):
             values.append(learner.system_eigenvalues(theta, ep.support_x.double(), ep.support_y))

@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     except (ConfigError, DivergenceError, DownloadError, WorkerError, ValueError, KeyError) as err:
         print(f"metatl: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM while training (the trainer's stop_signals)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM while training (the trainer's StopSignals)
         by = stop.args[0] if stop.args and hasattr(signal, str(stop.args[0])) else "SIGINT"
         print(f"metatl: stopped ({by}).", file=sys.stderr)
         return 128 + getattr(signal, by)

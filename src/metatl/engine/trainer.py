@@ -89,8 +89,8 @@ class StopSignals:
     """While training (a context manager): Ctrl-C (SIGINT) and SIGTERM (``kill``'s, or a cluster
     scheduler's before it ends a job) ask the run to stop at the end of the current iteration,
     where a ``KeyboardInterrupt(signal name)`` is raised (:meth:`check`; the trainer asks all its
-    processes) and the trainer writes ``last.pt``: a step cut in the middle (part of the optimizer's update applied) is never
-    checkpointed, so the run resumes exactly. A second signal before then stops at once
+    processes) and the trainer writes ``last.pt``: a step cut in the middle (part of the
+    optimizer's update applied) is never checkpointed, so the run resumes exactly. A second signal before then stops at once
     (:class:`Interrupted`, no checkpoint). :meth:`shield` ignores both signals from then on, while
     the checkpoint is written; the previous handlers come back on exit. Signal handlers belong to
     the main thread: elsewhere nothing changes."""
