@@ -29,6 +29,8 @@ from .fast import (  # noqa: F401
     _transforms_active,
     autocast_enabled,
     conv_batch_stats_norm,
+    first_block,
+    fold_batch_stats_norm,
     to_channels_last,
 )
 
@@ -69,9 +71,10 @@ class ConvNet(nn.Module):
     the input in the channels-last layout outside ``torch.func`` transforms (oneDNN's CPU
     convolutions are faster so for batches of tens of images), the channels-last max-pool, and,
     with ``bn_mode="batch"``, one input channel and float32 or float64 outside autocast, the first
-    convolution and BatchNorm computed as one convolution (:func:`conv_batch_stats_norm`). Those two
-    modules are then not called as modules, so hooks on them do not run; ``fast=False`` runs every
-    layer as it is. Parameters, buffers and their names are the same either way.
+    convolution and BatchNorm computed as one convolution (:func:`conv_batch_stats_norm`), on CPUs
+    with its ReLU (and pool) as one C kernel (:func:`metatl.nn.fast.first_block`). Those modules are
+    then not called as modules, so hooks on them do not run; ``fast=False`` runs every layer as it
+    is. Parameters, buffers and their names are the same either way.
     ``input_check`` (default ``None``): a callable run on each input batch before anything else
     (:func:`metatl.build.load_learner` sets one that checks the image shape).
     """
@@ -125,8 +128,15 @@ class ConvNet(nn.Module):
         if self.fast:
             x = to_channels_last(x)  # not inside vmap, which keeps its own layout
         if self.fold_first_norm and x.dtype in (torch.float32, torch.float64) and not autocast_enabled(x.device.type):
-            h = conv_batch_stats_norm(x, self.features[0], self.features[1])
-            for layer in itertools.islice(self.features, 2, None):
+            weight, bias = fold_batch_stats_norm(x, self.features[0], self.features[1])
+            h = first_block(x, weight, bias, pool=self.variant == "pool")
+            if h is None:
+                conv = self.features[0]
+                h = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+                rest = 2
+            else:
+                rest = 4 if self.variant == "pool" else 3  # past the ReLU
+            for layer in itertools.islice(self.features, rest, None):
                 h = layer(h)
         else:
             h = self.features(x)

@@ -5,6 +5,9 @@ checkpoints load either way.
 
 - :func:`conv_batch_stats_norm`: the first convolution and BatchNorm (batch statistics) of a
   grey-scale net as one convolution, from the moments of the input patches;
+- :func:`first_block`: that convolution with its ReLU (and the max-pool net's pool between them)
+  as one C kernel on CPUs (:mod:`metatl.nn.native`), so that the full-size convolution output is
+  never stored;
 - :class:`BatchStatsNorm2d`: BatchNorm over the batch's statistics, computed with elementary
   operations inside ``torch.func`` transforms, where PyTorch's fused kernel differentiates wrongly
   twice (used with ``bn_mode="batch"`` whatever ``fast`` is: it is about exactness);
@@ -16,6 +19,7 @@ checkpoints load either way.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call as _torch_functional_call
+
+from metatl.nn import native
 
 
 def _compiling() -> bool:
@@ -105,8 +111,9 @@ class BatchStatsNorm2d(nn.BatchNorm2d):
         return y.to(dtype)
 
 
-def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) -> Tensor:
-    """``norm(conv(x))`` computed as one convolution, for a convolution with few input channels.
+def fold_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) -> tuple[Tensor, Tensor]:
+    """The weight and bias of one convolution that computes ``norm(conv(x))``, for a convolution
+    with few input channels.
 
     BatchNorm with the batch's statistics is an affine map per channel, and the mean and variance
     of a convolution's output follow from the first two moments of its input patches (the
@@ -121,10 +128,10 @@ def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
     convolution, and the full-size passes of BatchNorm's forward and backward (and, for
     second-order MAML, of their derivatives) go away (measurements: docs/performance.md). The
     same function as the two layers (tests in float64). The conv bias cancels, and gets a zero
-    gradient."""
+    gradient. The statistics are those of ``x``: the weights are for this batch only."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(
-            f"conv_batch_stats_norm needs a convolution with groups=1 and zero padding, got "
+            f"fold_batch_stats_norm needs a convolution with groups=1 and zero padding, got "
             f"groups={conv.groups}, padding_mode={conv.padding_mode!r}; run the two layers instead."
         )
     # C_in k k, from the shape: indexing the (shared) weight under task threads would take its
@@ -144,7 +151,13 @@ def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
     scale = norm.weight * torch.rsqrt(var + norm.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.bias)
     shift = scale * (bias - (w @ mu + bias)) + norm.bias
-    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation)
+    return conv.weight * scale.view(-1, 1, 1, 1), shift
+
+
+def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) -> Tensor:
+    """``norm(conv(x))`` as one convolution with the weights of :func:`fold_batch_stats_norm`."""
+    weight, bias = fold_batch_stats_norm(x, conv, norm)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
 
 class _MaxPoolChannelsLast(torch.autograd.Function):
@@ -183,6 +196,142 @@ class MaxPool2d(nn.MaxPool2d):
         if x.dim() != 4 or x.device.type != "cpu" or _in_func_transform(x) or _transforms_active():
             return super().forward(x)
         return _MaxPoolChannelsLast.apply(x, self.kernel_size)
+
+
+# -- the first block of a grey-scale conv net, fused -----------------------------------------------
+# conv 3x3 (one input channel, padding 1) with its folded BatchNorm, then ReLU, in C (kernels.c,
+# native.py), with the max-pool net's 2x2 max-pool between them: the full-size convolution output is
+# never written, read, zeroed or scattered into. With idx the window each output comes from, or
+# "dead" where the ReLU gave 0 (it does not change under small changes of the weights),
+#   y = conv_at(weight, bias; idx),  and the adjoint of conv_at in (weight, bias) is wgrad_at(g; idx),
+# so the backward of either is the other: differentiable any number of times, and the second
+# derivative in (weight, bias) is zero, as the layers' is (max-pool and ReLU are piecewise linear).
+
+
+def _images(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[2], x.shape[3]).contiguous()
+
+
+def _kernel(name: str, x: Tensor, *tensors: Tensor, windows: int, channels: int):
+    """``part(n0, n1, *more)``: the C function ``name`` on the images ``[n0, n1)`` of ``x``, with
+    the pointers of ``tensors`` (and ``more``) after the images' and the sizes after the range."""
+    images, (h, w) = _images(x), x.shape[-2:]
+    function, ptr = native.function(name, x.dtype), native.pointer
+    sizes = [ctypes.c_int64(v) for v in (h, w, channels, windows)]
+
+    def part(n0: int, n1: int, *more: Tensor) -> None:
+        function(ptr(images), *map(ptr, tensors + more), ctypes.c_int64(n0), ctypes.c_int64(n1), *sizes)
+
+    return part
+
+
+def _out_size(n: int, windows: int) -> int:
+    return n // 2 if windows == 4 else (n + 1) // 2
+
+
+def _wgrad_at(x: Tensor, idx: Tensor, grad: Tensor, windows: int) -> tuple[Tensor, Tensor]:
+    n, c = x.shape[0], grad.shape[1]
+    rows = grad.permute(0, 2, 3, 1).contiguous()  # (N, Ho, Wo, C): no copy when channels-last
+    part = _kernel("wgrad_at", x, rows, idx, windows=windows, channels=c)
+
+    def sums(n0, n1):
+        gw, gb = torch.empty(9, c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        part(n0, n1, gw, gb)
+        return gw, gb
+
+    parts = native.split(n, sums)
+    gw, gb = (torch.stack(t).sum(0) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    return gw.T.reshape(c, 1, 3, 3).to(x.dtype), gb.to(x.dtype)
+
+
+def _outputs(x: Tensor, channels: int, windows: int, dtype: torch.dtype) -> Tensor:
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    return torch.empty(n, _out_size(h, windows), _out_size(w, windows), channels, dtype=dtype)
+
+
+class _WeightGradAt(torch.autograd.Function):
+    """grad -> (grad_weight, grad_bias) of :class:`_ConvAt`; linear in grad."""
+
+    @staticmethod
+    def forward(ctx, x, idx, grad, windows):
+        ctx.save_for_backward(x, idx)
+        ctx.windows = windows
+        return _wgrad_at(x, idx, grad, windows)
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        x, idx = ctx.saved_tensors
+        return None, None, _ConvAt.apply(x, idx, grad_weight, grad_bias, ctx.windows), None
+
+
+class _ConvAt(torch.autograd.Function):
+    """(weight, bias) -> the convolution at the windows ``idx`` picks, 0 where it is dead; linear."""
+
+    @staticmethod
+    def forward(ctx, x, idx, weight, bias, windows):
+        ctx.save_for_backward(x, idx)
+        ctx.windows = windows
+        c = weight.shape[0]
+        y = _outputs(x, c, windows, x.dtype)
+        wt, bias = weight.reshape(c, 9).T.contiguous(), bias.contiguous()
+        part = _kernel("conv_at", x, wt, bias, idx, y, windows=windows, channels=c)
+        native.split(x.shape[0], part)
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, idx = ctx.saved_tensors
+        return None, None, *_WeightGradAt.apply(x, idx, grad, ctx.windows), None
+
+
+class _FirstBlock(torch.autograd.Function):
+    """relu([max_pool2d(] conv2d(x, weight, bias, padding=1[, stride=2]) [, 2)]); no gradient for x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, windows):
+        c = weight.shape[0]
+        y = _outputs(x, c, windows, x.dtype)
+        idx = _outputs(x, c, windows, torch.uint8)
+        wt, bias = weight.reshape(c, 9).T.contiguous(), bias.contiguous()
+        part = _kernel("block", x, wt, bias, y, idx, windows=windows, channels=c)
+        native.split(x.shape[0], part)
+        ctx.save_for_backward(x, idx)
+        ctx.windows = windows
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, idx = ctx.saved_tensors
+        return None, *_WeightGradAt.apply(x, idx, grad, ctx.windows), None
+
+
+def first_block(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> Tensor | None:
+    """The first block of a grey-scale conv net in one pass, channels-last:
+    ``relu(max_pool2d(conv2d(x, weight, bias, padding=1), 2))`` with ``pool``, else
+    ``relu(conv2d(x, weight, bias, stride=2, padding=1))``; the same values, gradients for weight
+    and bias to float rounding, on ties the first maximum of a window (as PyTorch's max-pool).
+    ``None`` where the fused kernel does not apply (then run the layers): no compiled kernels
+    (:mod:`metatl.nn.native`), not on the CPU, ``x`` needing a gradient or wrapped by
+    ``torch.func`` transforms, other shapes or dtypes, a number of channels that is not a
+    multiple of what the kernel takes at once (64 for the strided net in float32)."""
+    windows = 4 if pool else 1
+    if (
+        x.dim() != 4
+        or x.shape[1] != 1
+        or tuple(weight.shape[1:]) != (1, 3, 3)
+        or x.dtype not in (torch.float32, torch.float64)
+        or not (x.dtype == weight.dtype == bias.dtype)
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or min(x.shape[-2:]) < 2
+        or _in_func_transform(x)
+        or _in_func_transform(weight)
+        or _transforms_active()
+        or native.library() is None
+        or weight.shape[0] % native.channels(x.dtype, windows)  # taken 16 to 64 at a time
+    ):
+        return None
+    return _FirstBlock.apply(x, weight, bias, windows)
 
 
 # -- functional_call ---------------------------------------------------------------------------
