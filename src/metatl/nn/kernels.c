@@ -43,6 +43,21 @@ typedef double vdouble __attribute__((vector_size(32)));
 typedef long long idouble __attribute__((vector_size(32)));
 typedef unsigned char udouble __attribute__((vector_size(4)));
 
+/* idx bytes to the lanes of an integer vector: built element by element from a 16-byte vector,
+ * which compilers turn into one widening load (vpmovzxbd); __builtin_convertvector of an 8-byte
+ * vector gave scalar code */
+typedef unsigned char u8x16 __attribute__((vector_size(16)));
+static inline ifloat widen_float(const unsigned char *p) {
+    u8x16 v = {0};
+    memcpy(&v, p, 8);
+    return (ifloat){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+}
+static inline idouble widen_double(const unsigned char *p) {
+    u8x16 v = {0};
+    memcpy(&v, p, 4);
+    return (idouble){v[0], v[1], v[2], v[3]};
+}
+
 #define LOAD(V, ptr) ({ V v_; memcpy(&v_, (ptr), sizeof v_); v_; })
 #define STORE(ptr, v) do { __typeof__(v) v_ = (v); memcpy((ptr), &v_, sizeof v_); } while (0)
 #define SELECT(V, I, mask, a, b) ((V)(((I)(a) & (mask)) | ((I)(b) & ~(mask))))
@@ -129,7 +144,7 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
                     v##T a[4][8];                                                                      \
                     windows_##T(p + pix * 9 * P, wt, b, C, c0, P, a);                                  \
                     for (int h = 0; h < 8 / P; h++) {                                                  \
-                        i##T at = __builtin_convertvector(LOAD(u##T, io + c0 + h * L_##T), i##T);      \
+                        i##T at = widen_##T(io + c0 + h * L_##T);                                     \
                         v##T out = {0};                                                                \
                         for (int q = 0; q < P; q++) out = SELECT(v##T, i##T, at == q, a[q][h], out);   \
                         STORE(yo + c0 + h * L_##T, out);                                               \
@@ -154,7 +169,7 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
                 for (int64_t pix = 0; pix < npix; pix++) {                                             \
                     const T *pp = p + pix * 9 * P;                                                     \
                     v##T go = LOAD(v##T, g + (n * npix + pix) * C + c0);                               \
-                    i##T at = __builtin_convertvector(LOAD(u##T, idx + (n * npix + pix) * C + c0), i##T); \
+                    i##T at = widen_##T(idx + (n * npix + pix) * C + c0);                        \
                     lb += (v##T)((i##T)go & (at != DEAD));                                             \
                     for (int q = 0; q < P; q++) {                                                      \
                         v##T gq = (v##T)((i##T)go & (at == q));                                        \
