@@ -1,5 +1,6 @@
 """Training speed on a shared machine: the ProtoNet 10-minute config for ``--seconds``, alone and
-beside one busy single-threaded process at the same priority, with each ``--threads`` setting.
+beside busy single-threaded processes at the same priority (``--busy``: 0, 1 and 3 of them), with
+each ``--threads`` setting (``auto`` and a fixed 2), after one unmeasured run that warms the machine.
 
 Each run is the real trainer in a fresh process (``train.time_budget_min``); the score is the number
 of training episodes done in the time. With ``num_threads: auto`` (the default) the runtime uses the
@@ -84,8 +85,8 @@ def measure(seconds: float, threads: str, busy: int, overrides: list[str]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--threads", nargs="+", default=["auto"], help="train.num_threads settings to compare")
-    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="busy processes beside the run")
+    parser.add_argument("--threads", nargs="+", default=["auto", "2"], help="train.num_threads settings to compare")
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 3], help="busy processes beside the run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "contention.json"))
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (e.g. train.precision=float32)"
@@ -99,6 +100,8 @@ def main() -> None:
     from metatl.engine.runtime import available_cores
     from metatl.engine.trainer import hardware
 
+    # the first run of a series is slower (a cold machine: page cache, CPU frequency); run it unmeasured
+    measure(min(args.seconds, 15.0), args.threads[0], 0, args.set)
     runs = []
     for threads in args.threads:
         for busy in args.busy:
