@@ -92,33 +92,40 @@ def maml_remeasured(tta_cmd: str) -> tuple[list[list[str]], str]:
     """The 15-minute MAML run re-measured after the redesign, beside the six earlier runs at the same
     number of meta-steps (the machines differ in speed, so minutes alone would compare machines)."""
     runs = load("time_to_accuracy.json")
-    new = runs.get("maml_redesign_amd_seed0")
-    if new is None:
-        return [], ""
-    final = max((p for p in new["points"] if p["weights"] == "averaged"), key=lambda p: p["minutes"])
-    earlier = []
-    for s in range(6):
-        points = [p for p in runs[f"maml_tta_fold_seed{s}"]["points"] if p["weights"] == "averaged"]
-        earlier.append(min(points, key=lambda p: abs(p["iteration"] - final["iteration"])))
-    its = [p["iteration"] for p in earlier]
-    accs = [100 * p["accuracy"] for p in earlier]
-    row = [
-        "MAML, averaged weights, after the redesign (config defaults)",
-        "5-way 1-shot, 15 min",
-        pm(100 * final["accuracy"], 100 * final["ci95"]) + " (seed 0)",
-        "98.7 ± 0.4",
-        f"15 min ({final['iteration']} iterations)",
-        "AMD EPYC, 2 cores, alone",
-        code(tta_cmd.replace(" train.num_threads=2 train.executor=compile", "").replace("seed=S", "seed=0")),
-    ]
-    text = (
-        f" Re-measured after the redesign with the config's defaults (executor and threads `auto`) on an AMD "
-        f"EPYC, which runs this step at about half the Xeon's speed: seed 0 reached "
-        f"{pm(100 * final['accuracy'], 100 * final['ci95'])} after {final['iteration']} meta-steps; the six "
-        f"Xeon runs at their snapshot nearest that count ({min(its)}-{max(its)} meta-steps) scored "
-        f"{min(accs):.2f}-{max(accs):.2f}."
-    )
-    return [row], text
+    rows, text = [], ""
+    for key, hardware in (
+        ("maml_redesign_xeon_seed0", "Intel Xeon (AMX), 2 cores, alone"),
+        ("maml_redesign_amd_seed0", "AMD EPYC, 2 cores, alone"),
+    ):
+        new = runs.get(key)
+        if new is None:
+            continue
+        final = max((p for p in new["points"] if p["weights"] == "averaged"), key=lambda p: p["minutes"])
+        earlier = []
+        for s in range(6):
+            points = [p for p in runs[f"maml_tta_fold_seed{s}"]["points"] if p["weights"] == "averaged"]
+            earlier.append(min(points, key=lambda p: abs(p["iteration"] - final["iteration"])))
+        its = [p["iteration"] for p in earlier]
+        accs = [100 * p["accuracy"] for p in earlier]
+        rows.append(
+            [
+                "MAML, averaged weights, after the redesign (config defaults)",
+                "5-way 1-shot, 15 min",
+                pm(100 * final["accuracy"], 100 * final["ci95"]) + " (seed 0)",
+                "98.7 ± 0.4",
+                f"15 min ({final['iteration']} iterations)",
+                hardware,
+                code(tta_cmd.replace(" train.num_threads=2 train.executor=compile", "").replace("seed=S", "seed=0")),
+            ]
+        )
+        text += (
+            f" Re-measured after the redesign with the config's defaults (executor and threads `auto`) on "
+            f"{'the Xeon of the six runs' if 'xeon' in key else 'an AMD EPYC, which runs this step at about half the Xeon speed'}: "
+            f"seed 0 reached {pm(100 * final['accuracy'], 100 * final['ci95'])} after {final['iteration']} "
+            f"meta-steps; the six earlier runs at their snapshot nearest that count ({min(its)}-{max(its)} "
+            f"meta-steps) scored {min(accs):.2f}-{max(accs):.2f}."
+        )
+    return rows, text
 
 
 def optimization_budget() -> list[tuple[str, str, str]]:
@@ -284,6 +291,18 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         )
     ]
     rows[-1][-1] = code("metatl train configs/protonet_omniglot_5w1s_10min.yaml --set train.seed=S")
+    if "protonet_5w1s_10min_xeon_seed0" in rec.all:  # re-measured after the redesign, like for like
+        its = [rec[f"protonet_5w1s_10min_seed{s}"]["iterations"] for s in range(5)]
+        r = rec["protonet_5w1s_10min_xeon_seed0"]
+        rows.append(
+            rec.row(
+                "protonet_5w1s_10min_xeon_seed0",
+                "Prototypical Networks, after the redesign",
+                f"5-way 1-shot, {r['iterations']} iterations (the earlier seeds: {min(its)}-{max(its)})",
+                "98.8",
+                pm(*r["accuracy"]) + " (seed 0)",
+            )
+        )
     if "protonet_5w1s_10min_float32_amd_seed0" in rec.all:  # re-measured after the redesign
         its = [rec[f"protonet_5w1s_10min_seed{s}"]["iterations"] for s in range(5)]
         r = rec["protonet_5w1s_10min_float32_amd_seed0"]
@@ -334,7 +353,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                     " The 10-minute ProtoNet config trains its meta-loss in bfloat16, fast on CPUs with AMX; its "
                     "re-measure after the redesign ran on an AMD EPYC without bfloat16 units (which emulates them "
                     "about ten times slower), in float32, and made half the Xeon's iterations in the 10 minutes: "
-                    "not a like-for-like check."
+                    "not a like-for-like check; the Xeon row after the redesign is one, with the config as it is."
                     if "protonet_5w1s_10min_float32_amd_seed0" in rec.all
                     else ""
                 )
@@ -543,21 +562,27 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                 ),
             ]
         )
-    earlier = [rec[f"learn2learn_compare_{i}"]["ratio"] for i in range(1, 6)]
-    rows.append(
-        [
-            "the same, five earlier measurements",
-            "strided / max-pool net",
-            (
-                f"{min(e['conv4_stride'] for e in earlier):.3f}-{max(e['conv4_stride'] for e in earlier):.3f} / "
-                f"{min(e['conv4_pool'] for e in earlier):.3f}-{max(e['conv4_pool'] for e in earlier):.3f} of its time"
-            ),
-            "",
-            "",
-            CPU2,
-            "as above",
-        ]
-    )
+    for key in (
+        "learn2learn_compare_xeon_2",
+        "learn2learn_compare_xeon",
+        "learn2learn_compare_epyc",
+        "learn2learn_compare_xeon_cpu_1thread",
+    ):
+        if key not in rec.all:
+            continue
+        r = rec[key]
+        clock = "CPU time on one thread, " if r["clock"] == "cpu" else ""
+        rows.append(
+            [
+                "the same, an earlier run",
+                "strided / max-pool net",
+                f"{r['ratio']['conv4_stride']:.3f} / {r['ratio']['conv4_pool']:.3f} of its time",
+                "",
+                f"{clock}{r['rounds']} rounds, interleaved",
+                f"{r['hardware']}, {r['date'][:10]}",
+                code(r["command"].replace(" --learn2learn-src learn2learn-0.2.0/learn2learn", "")),
+            ]
+        )
     speed = load("maml_speed.json")
     for r in speed["results"]:
         rows.append(
@@ -596,15 +621,21 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
         )
     if (RESULTS / "contention.json").exists():  # the runtime's share of a busy machine
         contention = load("contention.json")
-        for r in contention["runs"]:
+        runs = contention["runs"]
+        threads = " ".join(dict.fromkeys(str(r["threads"]) for r in runs))
+        busy = " ".join(dict.fromkeys(str(r["busy_processes"]) for r in runs))
+        overrides = contention.get("overrides", [])
+        command = (
+            f"python benchmarks/contention.py --seconds {contention['seconds']:g} --threads {threads} --busy {busy}"
+        )
+        command += " --set " + " ".join(overrides) if overrides else ""
+        for r in runs:
             slowdown = ""
             if "slowdown" in r:  # a fair share of the cores: 1 / (busy + 1) of them, for a run alone on all
                 slowdown = (
                     f", {r['slowdown']:.2f} times slower than alone (a fair share of "
                     f"{contention['cores']} cores: {r['busy_processes'] + 1} times)"
                 )
-            overrides = contention.get("overrides", [])
-            command = "python benchmarks/contention.py" + (" --set " + " ".join(overrides) if overrides else "")
             rows.append(
                 [
                     "ProtoNet 10-minute config beside busy processes",
