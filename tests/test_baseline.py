@@ -148,7 +148,7 @@ def test_smoke_pretraining_makes_features_that_transfer(cls):
         return TensorClassPool(x, torch.arange(n_classes).repeat_interleave(per_class))
 
     base = EpisodeSampler(pool(30, 10), 30, 4, 0, labels="class")
-    episodes = EpisodeSampler(pool(5, 20), 5, 1, 10).sample_batch(5, torch.Generator().manual_seed(3))
+    episodes = EpisodeSampler(pool(5, 20), 5, 1, 10).sample_batch(20, torch.Generator().manual_seed(3))
     torch.manual_seed(1)
     learner = cls(conv4_pool(out_features=30, filters=16, bn_mode="running"))
     opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=1e-2)
@@ -160,9 +160,12 @@ def test_smoke_pretraining_makes_features_that_transfer(cls):
         opt.step()
         losses.append(loss.item())
     learner.eval()
-    accuracy = sum((learner.adapt(*e.support).predict(e.query_x) == e.query_y).float().mean() for e in episodes) / 5
+    accuracy = sum((learner.adapt(*e.support).predict(e.query_x) == e.query_y).float().mean() for e in episodes) / 20
     assert losses[-1] < 0.7 * losses[0]
-    assert accuracy > 0.3, accuracy  # chance: 0.2
+    # chance 0.2, with a standard error of 0.013 over these 1000 queries (the untrained backbone:
+    # 0.20-0.21); trained, 0.29-0.49 (Baseline++) and 0.51-0.66 (Baseline) over seeds and thread
+    # counts, whose float rounding moves a 30-step run this much
+    assert accuracy > 0.25, accuracy
 
 
 def test_minibatch_sgd_is_torch_optim_sgd():
