@@ -175,3 +175,27 @@ def test_the_c_functions_refuse_a_channel_count_they_would_overrun():
     x, weight, bias = inputs(channels=32)
     with pytest.raises(ValueError, match="refused"):
         _FirstBlock.apply(x.float(), weight.detach().float(), bias.detach().float(), 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(28, 28), (9, 7), (2, 3)])
+def test_patch_moments_in_c_equal_the_patches_statistics(stride, size):
+    """The folded first BatchNorm takes the mean and covariance of the 3x3 patches from C; against
+    the patches themselves (unfold), and the folded layer against the two layers."""
+    from torch import nn
+
+    from metatl.nn.fast import BatchStatsNorm2d, _native_patch_moments, conv_batch_stats_norm
+
+    x, _, _ = inputs(n=6, h=size[0], w=size[1])
+    x = x * 0.5 + 0.4  # a mean far from zero, as in real images, where cancellation would show
+    conv = nn.Conv2d(1, 8, 3, stride, 1).double()
+    norm = BatchStatsNorm2d(8).double()
+    mu, sigma = _native_patch_moments(x, conv)
+    patches = F.unfold(x, 3, padding=1, stride=stride).transpose(1, 2).reshape(-1, 9)
+    centred = patches - patches.mean(0)
+    torch.testing.assert_close(mu, patches.mean(0), rtol=0, atol=1e-14)
+    torch.testing.assert_close(sigma, centred.T @ centred / len(patches), rtol=0, atol=1e-14)
+    torch.testing.assert_close(conv_batch_stats_norm(x, conv, norm), norm(conv(x)), rtol=1e-10, atol=1e-10)
+    assert _native_patch_moments(x.requires_grad_(), conv) is None  # an input gradient: PyTorch's way
+    assert _native_patch_moments(x.detach(), nn.Conv2d(1, 8, 3, 1, 2).double()) is None  # other padding

@@ -124,10 +124,11 @@ def fold_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
 
         norm(conv(x)) = conv(x, s * w) + s * (b - mean) + beta,   s = gamma / sqrt(var + eps).
 
-    For grey-scale images the patches have 9 values: their moments cost little beside the
-    convolution, and the full-size passes of BatchNorm's forward and backward (and, for
-    second-order MAML, of their derivatives) go away (measurements: docs/performance.md). The
-    same function as the two layers (tests in float64). The conv bias cancels, and gets a zero
+    For grey-scale images the patches have 9 values: their moments (summed in C where the kernels
+    of :mod:`metatl.nn.native` are built) cost little beside the convolution, and the full-size
+    passes of BatchNorm's forward and backward (and, for second-order MAML, of their derivatives)
+    go away (measurements: docs/performance.md). The same function as the two layers (tests in
+    float64). The conv bias cancels, and gets a zero
     gradient. The statistics are those of ``x``: the weights are for this batch only."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(
@@ -136,22 +137,63 @@ def fold_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
         )
     # C_in k k, from the shape: indexing the (shared) weight under task threads would take its
     # autograd lock while holding the GIL, which deadlocked against a thread doing the reverse
-    size = math.prod(conv.weight.shape[1:])
-    windows = torch.eye(size, dtype=x.dtype, device=x.device).view(size, *conv.weight.shape[1:])
-    # each output position's input window, by a convolution with one-hot kernels (faster than
-    # unfold), as the rows of a (N H' W', C_in k k) matrix
-    patches = F.conv2d(x, windows, None, conv.stride, conv.padding, conv.dilation)
-    patches = patches.permute(0, 2, 3, 1).reshape(-1, size)
-    inv_n = 1.0 / patches.shape[0]
-    mu = patches.sum(dim=0) * inv_n
-    centred = patches - mu
-    sigma = (centred.T @ centred) * inv_n
+    moments = _native_patch_moments(x, conv)
+    if moments is None:
+        size = math.prod(conv.weight.shape[1:])
+        windows = torch.eye(size, dtype=x.dtype, device=x.device).view(size, *conv.weight.shape[1:])
+        # each output position's input window, by a convolution with one-hot kernels (faster than
+        # unfold), as the rows of a (N H' W', C_in k k) matrix
+        patches = F.conv2d(x, windows, None, conv.stride, conv.padding, conv.dilation)
+        patches = patches.permute(0, 2, 3, 1).reshape(-1, size)
+        inv_n = 1.0 / patches.shape[0]
+        mu = patches.sum(dim=0) * inv_n
+        centred = patches - mu
+        moments = mu, (centred.T @ centred) * inv_n
+    mu, sigma = moments
     w = conv.weight.flatten(1)
     var = ((w @ sigma) * w).sum(dim=1)
     scale = norm.weight * torch.rsqrt(var + norm.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.bias)
     shift = scale * (bias - (w @ mu + bias)) + norm.bias
     return conv.weight * scale.view(-1, 1, 1, 1), shift
+
+
+def _native_patch_moments(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor] | None:
+    """The mean and (biased) covariance of the 3x3 patches of grey-scale images ``x`` at the output
+    positions of ``conv`` (padding 1, stride 1 or 2), summed in C (kernels.c, ``moments``) in
+    float64; ``None`` where that does not apply (then the caller computes them with PyTorch): no
+    compiled kernels, not on the CPU, ``x`` needing a gradient or inside ``torch.func``
+    transforms, other shapes, dtypes or convolutions."""
+    if (
+        x.dim() != 4
+        or x.shape[1] != 1
+        or tuple(conv.weight.shape[1:]) != (1, 3, 3)
+        or tuple(conv.padding) != (1, 1)
+        or tuple(conv.dilation) != (1, 1)
+        or tuple(conv.stride) not in ((1, 1), (2, 2))
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or _in_func_transform(x)
+        or _transforms_active()
+        or native.library() is None
+    ):
+        return None
+    images, (h, w), stride = _images(x), x.shape[-2:], conv.stride[0]
+    function, ptr = native.function("moments", x.dtype), native.pointer
+    sizes = [ctypes.c_int64(v) for v in (h, w, stride)]
+
+    def sums(n0: int, n1: int) -> tuple[Tensor, Tensor]:
+        s, g = torch.empty(9, dtype=torch.float64), torch.empty(9, 9, dtype=torch.float64)
+        function(ptr(images), ptr(s), ptr(g), ctypes.c_int64(n0), ctypes.c_int64(n1), *sizes)
+        return s, g
+
+    parts = native.split(x.shape[0], sums)
+    s, g = (sum(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    count = x.shape[0] * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    mu = s / count
+    sigma = g / count - torch.outer(mu, mu)
+    return mu.to(x.dtype), sigma.to(x.dtype)
 
 
 def conv_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) -> Tensor:

@@ -23,6 +23,10 @@
  *              both over the positions whose idx is not DEAD: the adjoint of conv_at in (wt, b)
  *              (accumulated per image, summed over images in double precision)
  *
+ *   moments:   the sums of the 9 patch values and of their pairwise products over every output
+ *              position of the 3 x 3 convolution (stride 1 or 2), which fold the first BatchNorm
+ *              into the convolution (fast.py, fold_batch_stats_norm)
+ *
  * With idx fixed, block is conv_at: y is linear in (wt, b) where idx does not change, so the
  * derivatives of block are those of conv_at, whose adjoint is wgrad_at and the other way round.
  * Each function computes the images [n0, n1), so that the caller can split a batch across threads.
@@ -182,6 +186,51 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
             }                                                                                          \
         }                                                                                              \
     } \
+                                                                                                       \
+    /* moments: over the images [n0, n1) and every output position of a 3 x 3 convolution with   \
+     * zero padding 1 and stride S (1 or 2), the sums of the patch values and of their products:     \
+     * s[k] = sum p[k], g[9 k + l] = sum p[k] p[l] (double; per image in T, in vectors of positions) */ \
+    int moments_##T(const T *x, double *s, double *g, int64_t n0, int64_t n1, int64_t H, int64_t W,   \
+                    int64_t S) {                                                                       \
+        if (S != 1 && S != 2) return -1;                                                               \
+        int64_t Ho = (H - 1) / S + 1, Wo = (W - 1) / S + 1, npos = Ho * Wo, Wp = W + 3;               \
+        T pad[(H + 3) * Wp], planes[9 * npos];                                                         \
+        memset(s, 0, sizeof(double) * 9);                                                              \
+        memset(g, 0, sizeof(double) * 81);                                                             \
+        for (int64_t n = n0; n < n1; n++) {                                                            \
+            memset(pad, 0, sizeof pad);                                                                \
+            for (int64_t r = 0; r < H; r++) memcpy(pad + (r + 1) * Wp + 1, x + (n * H + r) * W, sizeof(T) * W); \
+            for (int k = 0; k < 9; k++) /* plane k: tap k of every output position */                 \
+                for (int64_t i = 0; i < Ho; i++)                                                       \
+                    for (int64_t j = 0; j < Wo; j++)                                                   \
+                        planes[k * npos + i * Wo + j] = pad[(S * i + k / 3) * Wp + S * j + k % 3];     \
+            for (int k = 0; k < 9; k++) {                                                              \
+                const T *pk = planes + k * npos;                                                       \
+                v##T acc[10] = {{0}};                                                                  \
+                int64_t t = 0;                                                                         \
+                for (; t + L_##T <= npos; t += L_##T) {                                                \
+                    v##T a = LOAD(v##T, pk + t);                                                       \
+                    acc[9] += a;                                                                       \
+                    for (int l = 0; l <= k; l++) acc[l] += a * LOAD(v##T, planes + l * npos + t);      \
+                }                                                                                      \
+                T tail[10] = {0};                                                                      \
+                for (; t < npos; t++) {                                                                \
+                    tail[9] += pk[t];                                                                  \
+                    for (int l = 0; l <= k; l++) tail[l] += pk[t] * planes[l * npos + t];              \
+                }                                                                                      \
+                for (int c = 0; c < L_##T; c++) s[k] += acc[9][c];                                     \
+                s[k] += tail[9];                                                                       \
+                for (int l = 0; l <= k; l++) {                                                         \
+                    double sum = tail[l];                                                              \
+                    for (int c = 0; c < L_##T; c++) sum += acc[l][c];                                  \
+                    g[9 * k + l] += sum;                                                               \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        for (int k = 0; k < 9; k++)                                                                    \
+            for (int l = k + 1; l < 9; l++) g[9 * k + l] = g[9 * l + k];                               \
+        return 0;                                                                                      \
+    }                                                                                                  \
                                                                                                        \
     /* the exported functions: P is a constant in each branch, so that the loops over the windows    \
      * unroll and the accumulators stay in registers; they return -1, doing nothing, where C is not   \

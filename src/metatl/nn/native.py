@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler has no -march=native
-_FUNCTIONS = ("block", "conv_at", "wgrad_at")
+_FUNCTIONS = ("block", "conv_at", "wgrad_at", "moments")
 
 _lock = threading.Lock()
 _loaded: list = []  # [library or None], once tried
