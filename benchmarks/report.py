@@ -563,6 +563,7 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
             ]
         )
     for key in (
+        "learn2learn_compare_xeon_3",
         "learn2learn_compare_xeon_2",
         "learn2learn_compare_xeon",
         "learn2learn_compare_epyc",
