@@ -74,9 +74,9 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
 #define DEFINE_KERNELS(T)                                                                              \
     enum { L_##T = sizeof(v##T) / sizeof(T) };                                                         \
                                                                                                        \
-    /* Each output position's P windows of one image, as rows of 9 P values:                            \
+    /* Each output position's P windows of one image, as rows of 9 P values:                           \
      * p[(i * Wo + j) * 9 P + q * 9 + k]; pad is scratch for the image with its border of zeros. */    \
-    static inline __attribute__((always_inline)) void patches_##T(const T *x, int64_t H, int64_t W, int P, T *pad, T *p) {                   \
+    static inline __attribute__((always_inline)) void patches_##T(const T *x, int64_t H, int64_t W, int P, T *pad, T *p) { \
         int64_t Wp = W + 3;                                                                            \
         memset(pad, 0, sizeof(T) * (H + 3) * Wp);                                                      \
         for (int64_t r = 0; r < H; r++) memcpy(pad + (r + 1) * Wp + 1, x + r * W, sizeof(T) * W);      \
@@ -89,7 +89,7 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
     }                                                                                                  \
                                                                                                        \
     /* the P windows' convolutions for channels [c0, c0 + V L) at one output position, V = 8 / P       \
-     * vectors: eight independent chains of products, enough to hide the latency of each */          \
+     * vectors: eight independent chains of products, enough to hide the latency of each */            \
     static inline __attribute__((always_inline)) void windows_##T(const T *pp, const T *wt, const T *b, \
                                                                    int64_t C, int64_t c0, const int P, \
                                                                    v##T a[4][8]) {                     \
@@ -104,8 +104,12 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
             }                                                                                          \
     }                                                                                                  \
                                                                                                        \
-    static inline __attribute__((always_inline)) void block_impl_##T(const T *x, const T *wt, const T *b, T *y, unsigned char *idx, int64_t n0, int64_t n1, \
-                   int64_t H, int64_t W, int64_t C, const int P) {                                       \
+    /* block (pick = 0: choose each output's window, write y and idx) and conv_at (pick = 1: the       \
+     * window idx names, write y) share their loops; pick is a constant in each caller */              \
+    static inline __attribute__((always_inline)) void forward_impl_##T(const T *x, const T *wt, const T *b, T *y, \
+                                                                         unsigned char *idx, int64_t n0, int64_t n1, \
+                                                                         int64_t H, int64_t W, int64_t C, const int P, \
+                                                                         const int pick) {             \
         int64_t npix = out_size(H, P) * out_size(W, P);                                                \
         T p[npix * 9 * P], pad[(H + 3) * (W + 3)];                                                     \
         for (int64_t n = n0; n < n1; n++) {                                                            \
@@ -117,6 +121,13 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
                     v##T a[4][8];                                                                      \
                     windows_##T(p + pix * 9 * P, wt, b, C, c0, P, a);                                  \
                     for (int h = 0; h < 8 / P; h++) {                                                  \
+                        if (pick) {                                                                    \
+                            i##T at = widen_##T(io + c0 + h * L_##T);                                  \
+                            v##T out = {0};                                                            \
+                            for (int q = 0; q < P; q++) out = SELECT(v##T, i##T, at == q, a[q][h], out); \
+                            STORE(yo + c0 + h * L_##T, out);                                           \
+                            continue;                                                                  \
+                        }                                                                              \
                         v##T best = a[0][h];                                                           \
                         i##T at = {0};                                                                 \
                         for (int q = 1; q < P; q++) {                                                  \
@@ -135,31 +146,8 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
         }                                                                                              \
     }                                                                                                  \
                                                                                                        \
-    static inline __attribute__((always_inline)) void conv_at_impl_##T(const T *x, const T *wt, const T *b, const unsigned char *idx, T *y, int64_t n0,  \
-                     int64_t n1, int64_t H, int64_t W, int64_t C, const int P) {                         \
-        int64_t npix = out_size(H, P) * out_size(W, P);                                                \
-        T p[npix * 9 * P], pad[(H + 3) * (W + 3)];                                                     \
-        for (int64_t n = n0; n < n1; n++) {                                                            \
-            patches_##T(x + n * H * W, H, W, P, pad, p);                                               \
-            for (int64_t pix = 0; pix < npix; pix++) {                                                 \
-                T *yo = y + (n * npix + pix) * C;                                                      \
-                const unsigned char *io = idx + (n * npix + pix) * C;                                  \
-                for (int64_t c0 = 0; c0 < C; c0 += 8 / P * L_##T) {                                    \
-                    v##T a[4][8];                                                                      \
-                    windows_##T(p + pix * 9 * P, wt, b, C, c0, P, a);                                  \
-                    for (int h = 0; h < 8 / P; h++) {                                                  \
-                        i##T at = widen_##T(io + c0 + h * L_##T);                                     \
-                        v##T out = {0};                                                                \
-                        for (int q = 0; q < P; q++) out = SELECT(v##T, i##T, at == q, a[q][h], out);   \
-                        STORE(yo + c0 + h * L_##T, out);                                               \
-                    }                                                                                  \
-                }                                                                                      \
-            }                                                                                          \
-        }                                                                                              \
-    }                                                                                                  \
-                                                                                                       \
     static inline __attribute__((always_inline)) void wgrad_at_impl_##T(const T *x, const T *g, const unsigned char *idx, double *gw, double *gb, int64_t n0, \
-                      int64_t n1, int64_t H, int64_t W, int64_t C, const int P) {                        \
+                      int64_t n1, int64_t H, int64_t W, int64_t C, const int P) {                      \
         int64_t npix = out_size(H, P) * out_size(W, P);                                                \
         T p[npix * 9 * P], pad[(H + 3) * (W + 3)];                                                     \
         memset(gw, 0, sizeof(double) * 9 * C);                                                         \
@@ -173,7 +161,7 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
                 for (int64_t pix = 0; pix < npix; pix++) {                                             \
                     const T *pp = p + pix * 9 * P;                                                     \
                     v##T go = LOAD(v##T, g + (n * npix + pix) * C + c0);                               \
-                    i##T at = widen_##T(idx + (n * npix + pix) * C + c0);                        \
+                    i##T at = widen_##T(idx + (n * npix + pix) * C + c0);                              \
                     lb += (v##T)((i##T)go & (at != DEAD));                                             \
                     for (int q = 0; q < P; q++) {                                                      \
                         v##T gq = (v##T)((i##T)go & (at == q));                                        \
@@ -185,22 +173,22 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
                 for (int c = 0; c < L_##T; c++) gb[c0 + c] += lb[c];                                   \
             }                                                                                          \
         }                                                                                              \
-    } \
+    }                                                                                                  \
                                                                                                        \
-    /* moments: over the images [n0, n1) and every output position of a 3 x 3 convolution with   \
-     * zero padding 1 and stride S (1 or 2), the sums of the patch values and of their products:     \
+    /* moments: over the images [n0, n1) and every output position of a 3 x 3 convolution with         \
+     * zero padding 1 and stride S (1 or 2), the sums of the patch values and of their products:       \
      * s[k] = sum p[k], g[9 k + l] = sum p[k] p[l] (double; per image in T, in vectors of positions) */ \
-    int moments_##T(const T *x, double *s, double *g, int64_t n0, int64_t n1, int64_t H, int64_t W,   \
+    int moments_##T(const T *x, double *s, double *g, int64_t n0, int64_t n1, int64_t H, int64_t W,    \
                     int64_t S) {                                                                       \
         if (S != 1 && S != 2) return -1;                                                               \
-        int64_t Ho = (H - 1) / S + 1, Wo = (W - 1) / S + 1, npos = Ho * Wo, Wp = W + 3;               \
+        int64_t Ho = (H - 1) / S + 1, Wo = (W - 1) / S + 1, npos = Ho * Wo, Wp = W + 3;                \
         T pad[(H + 3) * Wp], planes[9 * npos];                                                         \
         memset(s, 0, sizeof(double) * 9);                                                              \
         memset(g, 0, sizeof(double) * 81);                                                             \
         for (int64_t n = n0; n < n1; n++) {                                                            \
             memset(pad, 0, sizeof pad);                                                                \
             for (int64_t r = 0; r < H; r++) memcpy(pad + (r + 1) * Wp + 1, x + (n * H + r) * W, sizeof(T) * W); \
-            for (int k = 0; k < 9; k++) /* plane k: tap k of every output position */                 \
+            for (int k = 0; k < 9; k++) /* plane k: tap k of every output position */                  \
                 for (int64_t i = 0; i < Ho; i++)                                                       \
                     for (int64_t j = 0; j < Wo; j++)                                                   \
                         planes[k * npos + i * Wo + j] = pad[(S * i + k / 3) * Wp + S * j + k % 3];     \
@@ -232,21 +220,21 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
         return 0;                                                                                      \
     }                                                                                                  \
                                                                                                        \
-    /* the exported functions: P is a constant in each branch, so that the loops over the windows    \
-     * unroll and the accumulators stay in registers; they return -1, doing nothing, where C is not   \
-     * a multiple of the channels the forward kernels take at once (CHANNELS) */                      \
+    /* the exported functions: P is a constant in each branch, so that the loops over the windows      \
+     * unroll and the accumulators stay in registers; they return -1, doing nothing, where C is not    \
+     * a multiple of the channels the forward kernels take at once (CHANNELS) */                       \
     int block_##T(const T *x, const T *wt, const T *b, T *y, unsigned char *idx, int64_t n0, int64_t n1, \
                   int64_t H, int64_t W, int64_t C, int64_t P) {                                        \
         if (C % CHANNELS(T, P) || (P != 1 && P != 4)) return -1;                                       \
-        if (P == 4) block_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 4);                              \
-        else block_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 1);                                     \
+        if (P == 4) forward_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 4, 0);                         \
+        else forward_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 1, 0);                                \
         return 0;                                                                                      \
     }                                                                                                  \
     int conv_at_##T(const T *x, const T *wt, const T *b, const unsigned char *idx, T *y, int64_t n0,   \
                     int64_t n1, int64_t H, int64_t W, int64_t C, int64_t P) {                          \
         if (C % CHANNELS(T, P) || (P != 1 && P != 4)) return -1;                                       \
-        if (P == 4) conv_at_impl_##T(x, wt, b, idx, y, n0, n1, H, W, C, 4);                            \
-        else conv_at_impl_##T(x, wt, b, idx, y, n0, n1, H, W, C, 1);                                   \
+        if (P == 4) forward_impl_##T(x, wt, b, y, (unsigned char *)idx, n0, n1, H, W, C, 4, 1);        \
+        else forward_impl_##T(x, wt, b, y, (unsigned char *)idx, n0, n1, H, W, C, 1, 1);               \
         return 0;                                                                                      \
     }                                                                                                  \
     int wgrad_at_##T(const T *x, const T *g, const unsigned char *idx, double *gw, double *gb, int64_t n0, \
