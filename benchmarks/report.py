@@ -120,7 +120,7 @@ def maml_remeasured(tta_cmd: str) -> tuple[list[list[str]], str]:
         )
         text += (
             f" Re-measured after the redesign with the config's defaults (executor and threads `auto`) on "
-            f"{'the Xeon of the six runs' if 'xeon' in key else 'an AMD EPYC, which runs this step at about half the Xeon speed'}: "
+            f"{'an AMX Xeon like the six runs' if 'xeon' in key else 'an AMD EPYC, which runs this step at about half the Xeon speed'}: "
             f"seed 0 reached {pm(100 * final['accuracy'], 100 * final['ci95'])} after {final['iteration']} "
             f"meta-steps; the six earlier runs at their snapshot nearest that count ({min(its)}-{max(its)} "
             f"meta-steps) scored {min(accs):.2f}-{max(accs):.2f}."
@@ -552,15 +552,8 @@ def sections(rec: Records) -> list[tuple[str, str, str]]:
                 ),
             ]
         )
-    for key in (
-        "learn2learn_compare_xeon_3",
-        "learn2learn_compare_xeon_2",
-        "learn2learn_compare_xeon",
-        "learn2learn_compare_epyc",
-        "learn2learn_compare_xeon_cpu_1thread",
-    ):
-        if key not in rec.all:
-            continue
+    earlier = sorted((k for k in rec.all if k.startswith("learn2learn_compare_")), key=lambda k: rec[k]["date"])
+    for key in reversed(earlier):  # the newest first
         r = rec[key]
         clock = "CPU time on one thread, " if r["clock"] == "cpu" else ""
         rows.append(

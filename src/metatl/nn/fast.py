@@ -128,8 +128,8 @@ def fold_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
     of :mod:`metatl.nn.native` are built) cost little beside the convolution, and the full-size
     passes of BatchNorm's forward and backward (and, for second-order MAML, of their derivatives)
     go away (measurements: docs/performance.md). The same function as the two layers (tests in
-    float64). The conv bias cancels, and gets a zero
-    gradient. The statistics are those of ``x``: the weights are for this batch only."""
+    float64). The conv bias cancels, and gets a zero gradient. The statistics are those of ``x``:
+    the weights are for this batch only."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(
             f"fold_batch_stats_norm needs a convolution with groups=1 and zero padding, got "

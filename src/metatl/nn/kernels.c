@@ -74,12 +74,17 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
 #define DEFINE_KERNELS(T)                                                                              \
     enum { L_##T = sizeof(v##T) / sizeof(T) };                                                         \
                                                                                                        \
+    /* one image (H, W) into pad, (H + 3) x (W + 3), at offset (1, 1) in a border of zeros */          \
+    static inline void padded_##T(const T *x, int64_t H, int64_t W, T *pad) {                          \
+        memset(pad, 0, sizeof(T) * (H + 3) * (W + 3));                                                 \
+        for (int64_t r = 0; r < H; r++) memcpy(pad + (r + 1) * (W + 3) + 1, x + r * W, sizeof(T) * W); \
+    }                                                                                                  \
+                                                                                                       \
     /* Each output position's P windows of one image, as rows of 9 P values:                           \
      * p[(i * Wo + j) * 9 P + q * 9 + k]; pad is scratch for the image with its border of zeros. */    \
     static inline __attribute__((always_inline)) void patches_##T(const T *x, int64_t H, int64_t W, int P, T *pad, T *p) { \
         int64_t Wp = W + 3;                                                                            \
-        memset(pad, 0, sizeof(T) * (H + 3) * Wp);                                                      \
-        for (int64_t r = 0; r < H; r++) memcpy(pad + (r + 1) * Wp + 1, x + r * W, sizeof(T) * W);      \
+        padded_##T(x, H, W, pad);                                                                      \
         for (int64_t i = 0; i < out_size(H, P); i++)                                                   \
             for (int64_t j = 0; j < out_size(W, P); j++)                                               \
                 for (int q = 0; q < P; q++) {                                                          \
@@ -186,8 +191,7 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
         memset(s, 0, sizeof(double) * 9);                                                              \
         memset(g, 0, sizeof(double) * 81);                                                             \
         for (int64_t n = n0; n < n1; n++) {                                                            \
-            memset(pad, 0, sizeof pad);                                                                \
-            for (int64_t r = 0; r < H; r++) memcpy(pad + (r + 1) * Wp + 1, x + (n * H + r) * W, sizeof(T) * W); \
+            padded_##T(x + n * H * W, H, W, pad);                                                      \
             for (int k = 0; k < 9; k++) /* plane k: tap k of every output position */                  \
                 for (int64_t i = 0; i < Ho; i++)                                                       \
                     for (int64_t j = 0; j < Wo; j++)                                                   \
