@@ -163,3 +163,62 @@ def test_non_gradient_learners_compute_their_own_meta_loss():
     assert make_executor("auto", Pretrain(mlp(), "regression")).name == "direct"  # its own meta_loss
     with pytest.raises(ExecutorError, match="train.executor=vmap runs gradient-based.*auto"):
         make_executor("vmap", learner)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def to_cuda(batch):
+    return [Episode(*(t.cuda() for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y))) for ep in batch]
+
+
+@CUDA
+@pytest.mark.parametrize("executor", ["auto", "loop", "inner_vmap", "vmap"])
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_cuda_executors_compute_the_cpu_loop(algorithm, executor):
+    """On a GPU, in float64: every executor's loss, metrics and meta-gradient are the CPU loop's."""
+    build, task = MODELS["conv"]
+    torch.manual_seed(0)
+    learner = ALGORITHMS[algorithm](build(), task).double()
+    batch = episodes("conv")
+    loss, metrics, grads = outcome(learner, batch, lambda lr, b: lr.meta_loss(b))
+    gpu = learner.cuda()
+    try:
+        run = make_executor(executor, gpu, device="cuda")
+    except ExecutorError as error:
+        assert "train.executor" in str(error) and "vmap" in executor
+        return
+    got = outcome(gpu, to_cuda(batch), run)
+    torch.testing.assert_close(got[0].cpu(), loss, rtol=1e-10, atol=1e-13)
+    assert got[1] == pytest.approx(metrics, rel=1e-10)
+    for k in grads:
+        torch.testing.assert_close(got[2][k].cpu(), grads[k], rtol=1e-8, atol=1e-11, msg=k)
+
+
+@CUDA
+@pytest.mark.parametrize("variant", ["stride", "pool"])
+def test_cuda_conv_nets_run_their_layers_where_the_cpu_runs_the_c_kernel(variant):
+    """The Omniglot nets at full width: on the CPU the first block runs as one C kernel (where the
+    kernels build); on a GPU as its layers. Second-order MAML's meta-gradient agrees in float64."""
+    from metatl.nn import conv4_pool
+
+    net = conv4_stride if variant == "stride" else conv4_pool
+    torch.manual_seed(0)
+    learner = MAML(net(out_features=5).double(), inner_lr=0.4)
+    g = torch.Generator().manual_seed(1)
+    batch = [
+        Episode(
+            torch.rand(5, 1, 28, 28, generator=g, dtype=torch.float64),
+            torch.arange(5),
+            torch.rand(10, 1, 28, 28, generator=g, dtype=torch.float64),
+            torch.arange(5).repeat(2),
+        )
+        for _ in range(3)
+    ]
+    loss, _, grads = outcome(learner, batch, make_executor("auto", learner))
+    gpu = learner.cuda()
+    for executor in ("auto", "loop"):
+        got = outcome(gpu, to_cuda(batch), make_executor(executor, gpu, device="cuda"))
+        torch.testing.assert_close(got[0].cpu(), loss, rtol=1e-10, atol=1e-13)
+        for k in grads:
+            torch.testing.assert_close(got[2][k].cpu(), grads[k], rtol=1e-8, atol=1e-11, msg=f"{executor} {k}")
