@@ -3,6 +3,11 @@
     python benchmarks/transfer_digits.py --methods source_only --directions mnist->usps usps->mnist
     python benchmarks/transfer_digits.py --methods dann deep_coral dan --directions usps->mnist
     python benchmarks/transfer_digits.py --quick          # tiny smoke version (a minute on a free CPU)
+    python benchmarks/transfer_digits.py --device cuda --protocol holdout --seeds 0 1 2 --workdir DIR
+                                                          # the results page's grid (60 runs)
+
+With ``--workdir`` each finished run is recorded there and reused; several processes (one per
+direction and seed, say) can fill one folder at once, and ``--cached-only`` then gathers it.
 
 Protocol (skada-bench's, as in configs/*mnist_usps*): ``digits_cnn``, USPS padded into 28x28,
 per-domain standardization, SGD lr .1 momentum .6 weight decay 1e-5 (DANN lr .01 momentum .9),
@@ -139,15 +144,18 @@ def same_run(a: dict, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
-def cached_or_run(method, direction, seed, weight, args, workdir) -> tuple[dict, bool]:
+def cached_or_run(method, direction, seed, weight, args, workdir, cached_only=False) -> tuple[dict | None, bool]:
     """The run's record from an earlier invocation with the same ``--workdir`` and config, or a new
-    run, recorded (atomically) as soon as it ends: a grid of hours can be run in parts."""
+    run, recorded (atomically) as soon as it ends: a grid of hours can be run in parts, or by
+    several processes at once, and then gathered with ``--cached-only`` (``None``: not recorded)."""
     raw = run_config(method, direction, seed, weight, args)
     path = Path(workdir) / raw["name"] / RECORD
     if path.exists():
         record = json.loads(path.read_text())
         if same_run(record["config"], raw):
             return record, True
+    if cached_only:
+        return None, False
     record = one_run(method, direction, seed, weight, args, workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -232,9 +240,15 @@ def main(argv=None) -> int:
         "reused by a later invocation with the same folder and settings, so a long grid can run in parts",
     )
     p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: report the runs recorded in --workdir (e.g. by several processes, one per seed)",
+    )
+    p.add_argument(
         "--out",
-        default="benchmarks/results/transfer_digits_selection.json",
-        help="(results/transfer_digits.json holds the earlier format that benchmarks/report.py reads)",
+        default="benchmarks/results/transfer_digits.json",
+        help="the JSON the results page is generated from (results/transfer_digits_selection.json: single runs "
+        "of other directions and the official test splits)",
     )
     args = p.parse_args(argv)
     grids = dict(GRIDS)
@@ -246,6 +260,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.iterations, args.max_rows, args.selection_rows = args.seeds[:1], 20, 300, 300
         grids = {m: g[:2] for m, g in grids.items()}
+    if args.cached_only and not args.workdir:
+        p.error("--cached-only reports the runs recorded in --workdir; name that folder.")
     device = check_device(args.device)
     start = time.perf_counter()
     runs = []
@@ -255,7 +271,12 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 for method in (m for m in METHODS if m in args.methods):
                     for weight in grids.get(method, [None]):
-                        r, reused = cached_or_run(method, direction, seed, weight, args, workdir)
+                        r, reused = cached_or_run(method, direction, seed, weight, args, workdir, args.cached_only)
+                        if r is None:
+                            print(
+                                f"{method:<11} w={weight!s:<5} {direction:<22} seed {seed}: not recorded in --workdir"
+                            )
+                            continue
                         runs.append(r)
                         scores = " ".join(f"{k} {v:.4f}" for k, v in r["scores"].items())
                         print(
@@ -287,6 +308,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
         },
         "total_wall_seconds": total,
+        "runs_wall_seconds": sum(r["wall_seconds"] for r in runs),  # one after another; less in parallel
         "summary": summary,
         "picks": picks,
         "reference_skada_bench_dev": SKADA_BENCH_DEV,
