@@ -185,9 +185,9 @@ def test_cuda_executors_compute_the_cpu_loop(algorithm, executor):
     gpu = learner.cuda()
     try:
         run = make_executor(executor, gpu, device="cuda")
-    except ExecutorError as error:
+    except ExecutorError as error:  # Reptile, the meta-learner LSTM, iMAML: no vmap path
         assert "train.executor" in str(error) and "vmap" in executor
-        return
+        pytest.skip(f"{executor} refuses {algorithm}, as on CPUs")
     got = outcome(gpu, to_cuda(batch), run)
     torch.testing.assert_close(got[0].cpu(), loss, rtol=1e-10, atol=1e-13)
     assert got[1] == pytest.approx(metrics, rel=1e-10)
