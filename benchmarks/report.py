@@ -44,17 +44,16 @@ def t95(values: list[float]) -> float:
     return stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
 
 
-def over_seeds(values: list[float]) -> str:
-    """Mean ± the t interval over seeds, and the range."""
-    mean = statistics.mean(values)
-    return f"{pm(mean, t95(values))} (mean of {len(values)} seeds, {min(values):.2f}-{max(values):.2f})"
-
-
 def mean_t95(values: list[float], digits: int = 3) -> str:
     """Mean ± the t interval over seeds, or the one seed's value."""
     if len(values) == 1:
         return f"{values[0]:.{digits}f} (1 seed)"
     return pm(statistics.mean(values), t95(values), digits)
+
+
+def over_seeds(values: list[float]) -> str:
+    """Mean ± the t interval over seeds, and the range."""
+    return f"{mean_t95(values, 2)} (mean of {len(values)} seeds, {min(values):.2f}-{max(values):.2f})"
 
 
 def code(command: str) -> str:

@@ -313,8 +313,8 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
         },
         "total_wall_seconds": total,
-        "runs_wall_seconds": sum(r["wall_seconds"] for r in runs),
-        "missing": missing,  # with --cached-only: runs not recorded in --workdir, left out of the picks  # one after another; less in parallel
+        "runs_wall_seconds": sum(r["wall_seconds"] for r in runs),  # one after another; less in parallel
+        "missing": missing,  # with --cached-only: runs not recorded in --workdir, left out of the picks
         "summary": summary,
         "picks": picks,
         "reference_skada_bench_dev": SKADA_BENCH_DEV,

@@ -158,6 +158,12 @@ def fold_batch_stats_norm(x: Tensor, conv: nn.Conv2d, norm: BatchStatsNorm2d) ->
     return conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
+def _summed(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """The sums over the pieces of a :func:`metatl.nn.native.split` call of its tensors, position by
+    position."""
+    return tuple(sum(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
 def _native_patch_moments(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor] | None:
     """The mean and (biased) covariance of the 3x3 patches of grey-scale images ``x`` at the output
     positions of ``conv`` (padding 1, stride 1 or 2), summed in C (kernels.c, ``moments``) in
@@ -188,8 +194,7 @@ def _native_patch_moments(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor] |
         function(ptr(images), ptr(s), ptr(g), ctypes.c_int64(n0), ctypes.c_int64(n1), *sizes)
         return s, g
 
-    parts = native.split(x.shape[0], sums)
-    s, g = (sum(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    s, g = _summed(native.split(x.shape[0], sums))
     count = x.shape[0] * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
     mu = s / count
     sigma = g / count - torch.outer(mu, mu)
@@ -281,8 +286,7 @@ def _wgrad_at(x: Tensor, idx: Tensor, grad: Tensor, windows: int) -> tuple[Tenso
         part(n0, n1, gw, gb)
         return gw, gb
 
-    parts = native.split(n, sums)
-    gw, gb = (torch.stack(t).sum(0) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    gw, gb = _summed(native.split(n, sums))
     return gw.T.reshape(c, 1, 3, 3).to(x.dtype), gb.to(x.dtype)
 
 
