@@ -69,7 +69,9 @@ class ConvNet(nn.Module):
 
     ``fast=True`` (the default) runs the same function through the kernels of :mod:`metatl.nn.fast`:
     the input in the channels-last layout outside ``torch.func`` transforms (oneDNN's CPU
-    convolutions are faster so for batches of tens of images), the channels-last max-pool, and,
+    convolutions are faster so for batches of tens of images) and the convolution kernels stored
+    so too (as are the adapted kernels derived from them, which each convolution would otherwise
+    convert), the channels-last max-pool, and,
     with ``bn_mode="batch"``, one input channel and float32 or float64 outside autocast, the first
     convolution and BatchNorm computed as one convolution (:func:`conv_batch_stats_norm`), on CPUs
     with its ReLU (and pool) as one C kernel (:func:`metatl.nn.fast.first_block`). Those modules are
@@ -118,6 +120,8 @@ class ConvNet(nn.Module):
         self.embedding_dim = filters if variant == "stride" else filters * size * size
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else nn.Identity()
         self.fast = fast
+        if fast:  # the kernels in the layout of the inputs, so that no convolution converts them
+            self.to(memory_format=torch.channels_last)
         # the first block's BatchNorm folded into its convolution when the input patches are small
         self.fold_first_norm = fast and bn_mode == "batch" and in_channels * 9 <= FOLD_MAX_PATCH
         self.input_check = None
