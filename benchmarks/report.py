@@ -772,13 +772,14 @@ def headline(rec: Records) -> str:
         ["SNAIL", "5-way 1-shot", rec.acc("snail_5w1s_40min"), "40 min, 2 CPU cores", "99.07 ± 0.16"],
     ]
     if coral and source:
-        gpu = digits["hardware"]["cpu"].split(" (")[0].removeprefix("NVIDIA ")
+        # the machine's first part: the GPU's name for a CUDA run ("NVIDIA H200 (CPU: ...)")
+        machine = digits["hardware"]["cpu"].split(" (")[0].removeprefix("NVIDIA ")
         rows.append(
             [
                 "Deep CORAL",
                 "USPS → MNIST, skada-bench's protocol and split, weight picked without target labels (DEV)",
                 f"{mean_t95(coral)}, source only {statistics.mean(source):.3f}",
-                f"full data, {len(coral)} seed{'s' if len(coral) > 1 else ''}, {gpu}",
+                f"full data, {len(coral)} seed{'s' if len(coral) > 1 else ''}, {machine}",
                 "skada-bench DEV .878",
             ]
         )
