@@ -142,3 +142,21 @@ def test_sweep_needs_validation(tmp_path):
     cfg, space = files(tmp_path)
     with pytest.raises(ConfigError, match="train.val_every is 0"):
         run_sweep(cfg, space, 1, out=tmp_path / "sweep", overrides=["train.val_every=0"])
+
+
+def test_trial_claimed_past_the_total_is_failed_not_run(monkeypatch):
+    """Without a lock (any storage but a SQLite file) two workers may both see room for the last
+    trial; the one whose trial number is past the total marks it failed as surplus and stops."""
+    from metatl.sweep import claim_trial
+
+    study = optuna.create_study()
+    for _ in range(2):
+        study.tell(study.ask(), 1.0)
+    monkeypatch.setattr(study, "get_trials", lambda **kw: [])  # the count another worker saw
+    assert claim_trial(study, "postgresql://elsewhere", 2) is None
+    monkeypatch.undo()
+    surplus = study.trials[-1]
+    assert surplus.number == 2 and surplus.state.name == "FAIL" and "surplus" in surplus.user_attrs
+    assert claim_trial(study, "postgresql://elsewhere", 2) is None  # full: nothing new asked
+    assert len(study.trials) == 3
+    assert claim_trial(study, "postgresql://elsewhere", 4).number == 3

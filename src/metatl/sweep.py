@@ -17,7 +17,7 @@ the sweep goes on.
 The study lives in ``--storage`` (default ``sqlite:///OUT/optuna.db``; any URL Optuna accepts,
 e.g. ``postgresql://...`` for workers on many machines). Several ``metatl sweep`` processes given
 the same storage and study share it (``load_if_exists``): ``--trials N`` is the study's total,
-counted over every worker (``MaxTrialsCallback``), so N trials run in all. Each worker ends by
+counted over every worker (each claims a trial under a lock), so N trials run in all. Each worker ends by
 writing ``summary.md`` and ``summary.csv`` (trial, parameters, value, state, run folder) and
 Optuna's plots (``optimization_history.png``, ``param_importances.png``) for the whole study.
 
@@ -244,6 +244,47 @@ def _sqlite_lock(storage: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def claim_trial(study, storage: str, trials: int):
+    """A new trial of ``study`` while it holds fewer than ``trials`` (of every worker and state),
+    else None. For a SQLite file the count and the new trial are one step under the lock beside
+    it, so workers sharing it run exactly ``trials``. Other storages have no such lock: a trial two
+    workers claim at once past the total is marked failed as surplus and not run."""
+    optuna = require_optuna()
+    with _sqlite_lock(storage):
+        if len(study.get_trials(deepcopy=False)) >= trials:
+            return None
+        trial = study.ask()
+    if trial.number >= trials:
+        trial.set_user_attr("surplus", f"claimed past --trials {trials} by workers at once; not run")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+    return trial
+
+
+def run_trial(study, trial, objective) -> None:
+    """Run ``objective`` on ``trial`` and tell the study how it ended: complete with its value,
+    pruned, or failed when the run diverged (the sweep goes on) or raised (the error propagates)."""
+    from .engine.divergence import DivergenceError
+
+    optuna = require_optuna()
+    state, log = optuna.trial.TrialState, optuna.logging.get_logger("optuna.study.study")
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned as stop:
+        study.tell(trial, state=state.PRUNED)
+        log.info(f"Trial {trial.number} pruned. {stop}")
+        return
+    except DivergenceError as err:
+        study.tell(trial, state=state.FAIL)
+        log.warning(f"Trial {trial.number} failed: {err}")
+        return
+    except BaseException:
+        study.tell(trial, state=state.FAIL)
+        raise
+    study.tell(trial, value)
+    log.info(f"Trial {trial.number} finished with value {value} and parameters {trial.params}.")
+
+
 def run_sweep(
     config,
     space,
@@ -257,7 +298,6 @@ def run_sweep(
 ):
     """Run trials of ``config`` over ``space`` (a space file) until the study holds ``trials``
     trials, then write the summary and the plots. Returns the Optuna study and the sweep folder."""
-    from .engine.divergence import DivergenceError
     from .engine.run import train
 
     optuna = require_optuna()
@@ -298,14 +338,8 @@ def run_sweep(
             raise ConfigError(f"trial {trial.number} never validated ({key}); check train.val_every.")
         return hook.value
 
-    left = trials - len(study_.trials)  # this study's trials so far, of every worker and state
-    if left > 0:
-        study_.optimize(
-            objective,
-            n_trials=left,
-            catch=(DivergenceError,),  # a diverged trial is failed, the sweep goes on
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=None)],
-        )
+    while (trial := claim_trial(study_, storage, trials)) is not None:
+        run_trial(study_, trial, objective)
     write_summary(study_, out, [p.key for p in params])
     return study_, out
 
