@@ -1,7 +1,7 @@
 """The fused first block of the grey-scale conv nets (metatl/nn/kernels.c through metatl.nn.native)
 against PyTorch's convolution, max-pool and ReLU, in float64: values, first and second derivatives,
-ties, NaN, odd sizes, a batch split over threads, and MAML's meta-gradient; and the loader's
-fallbacks."""
+ties, NaN, odd sizes, a batch split over threads, torch.func transforms, and MAML's
+meta-gradient; and the loader's fallbacks."""
 
 import pytest
 import torch
@@ -63,6 +63,56 @@ def test_second_derivatives_by_finite_differences(pool):
     ours, theirs = dense(second(first_block)), dense(second(layers))
     assert ours[0].abs().sum() > 0  # the derivative in g is not trivially zero
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("pool", [True, False])
+def test_under_torch_func_transforms(pool):
+    """vmap over tasks with per-task weights (MAML's inner loops), gradients under vmap, jvp and a
+    Hessian-vector product forward-over-reverse: the kernels' rules against the layers'."""
+    from functools import partial
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 4, 1, 8, 8, generator=g, dtype=torch.float64)  # 3 tasks of 4 images
+    weight = torch.randn(3, 32, 1, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, 32, generator=g, dtype=torch.float64)
+
+    def block(f, w, b, x):
+        out = f(x, w, b, pool)
+        assert out is not None  # the kernels run inside the transforms
+        return out
+
+    def loss(f, w, b, x):  # not linear in the block's output, so second derivatives are not zero
+        out = block(f, w, b, x)
+        return ((out**2) * 0.3 + out).mean().sin() * (out.mean(dim=(0, 2, 3)) ** 2).sum()
+
+    ours, theirs = partial(block, first_block), partial(block, layers)
+    torch.testing.assert_close(torch.func.vmap(ours)(weight, bias, x), torch.func.vmap(theirs)(weight, bias, x))
+    grads = [torch.func.vmap(torch.func.grad(partial(loss, f), argnums=(0, 1))) for f in (first_block, layers)]
+    torch.testing.assert_close(grads[0](weight, bias, x), grads[1](weight, bias, x), rtol=0, atol=1e-12)
+    w, b, xs = weight[0], bias[0], x[0]
+    tangents = torch.randn_like(w), torch.randn_like(b)
+
+    def jvp(f):
+        return torch.func.jvp(lambda w, b: block(f, w, b, xs), (w, b), tangents)[1]
+
+    def hvp(f):  # forward over reverse
+        return torch.func.jvp(lambda w: torch.func.grad(partial(loss, f))(w, b, xs), (w,), tangents[:1])[1]
+
+    torch.testing.assert_close(jvp(first_block), jvp(layers), rtol=0, atol=1e-12)
+    assert hvp(layers).abs().max() > 0
+    torch.testing.assert_close(hvp(first_block), hvp(layers), rtol=0, atol=1e-12)
+
+    # images that are differentiated (reverse or forward mode) go to the layers
+    seen = []
+
+    def record(x):
+        seen.append(first_block(x, w, b, pool))
+        return x.sum()
+
+    torch.func.grad(record)(xs)
+    torch.func.jvp(record, (xs,), (torch.ones_like(xs),))
+    assert seen == [None, None]
 
 
 @needs_kernels
@@ -174,7 +224,8 @@ def test_the_c_functions_refuse_a_channel_count_they_would_overrun():
 
     x, weight, bias = inputs(channels=32)
     with pytest.raises(ValueError, match="refused"):
-        _FirstBlock.apply(x.float(), weight.detach().float(), bias.detach().float(), 1)
+        # one task: the function takes the tasks' images, weights and biases stacked
+        _FirstBlock.apply(x.float()[None], weight.detach().float()[None], bias.detach().float()[None], 1)
 
 
 @needs_kernels

@@ -7,7 +7,8 @@ checkpoints load either way.
   grey-scale net as one convolution, from the moments of the input patches;
 - :func:`first_block`: that convolution with its ReLU (and the max-pool net's pool between them)
   as one C kernel on CPUs (:mod:`metatl.nn.native`), so that the full-size convolution output is
-  never stored;
+  never stored; also inside ``torch.func`` transforms (vmap over tasks with per-task weights,
+  grad, jvp), as MAML's inner loops run;
 - :class:`BatchStatsNorm2d`: BatchNorm over the batch's statistics, computed with elementary
   operations inside ``torch.func`` transforms, where PyTorch's fused kernel differentiates wrongly
   twice (used with ``bn_mode="batch"`` whatever ``fast`` is: it is about exactness);
@@ -26,6 +27,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.func import functional_call as _torch_functional_call
 
 from metatl.nn import native
@@ -276,9 +278,9 @@ def _out_size(n: int, windows: int) -> int:
     return n // 2 if windows == 4 else (n + 1) // 2
 
 
-def _wgrad_at(x: Tensor, idx: Tensor, grad: Tensor, windows: int) -> tuple[Tensor, Tensor]:
-    n, c = x.shape[0], grad.shape[1]
-    rows = grad.permute(0, 2, 3, 1).contiguous()  # (N, Ho, Wo, C): no copy when channels-last
+def _wgrad_at(x: Tensor, idx: Tensor, rows: Tensor, windows: int) -> tuple[Tensor, Tensor]:
+    """One task's weight and bias gradients from ``rows``, its map's gradient as (N, Ho, Wo, C)."""
+    n, c = x.shape[0], rows.shape[-1]
     part = _kernel("wgrad_at", x, rows, idx, windows=windows, channels=c)
 
     def sums(n0, n1):
@@ -291,64 +293,141 @@ def _wgrad_at(x: Tensor, idx: Tensor, grad: Tensor, windows: int) -> tuple[Tenso
 
 
 def _outputs(x: Tensor, channels: int, windows: int, dtype: torch.dtype) -> Tensor:
-    n, (h, w) = x.shape[0], x.shape[-2:]
-    return torch.empty(n, _out_size(h, windows), _out_size(w, windows), channels, dtype=dtype)
+    """An uninitialised (T, N, Ho, Wo, C) map for the tasks' images ``x`` (T, N, 1, H, W)."""
+    (t, n), (h, w) = x.shape[:2], x.shape[-2:]
+    return torch.empty(t, n, _out_size(h, windows), _out_size(w, windows), channels, dtype=dtype)
+
+
+def _each_task(name: str, x: Tensor, *tensors: Tensor, windows: int, channels: int) -> None:
+    """The C function ``name`` on each task's images ``x[t]`` with the task's ``tensors[i][t]``
+    (its weights, bias, outputs): one call per task, since the kernels take one set of weights."""
+    for t in range(x.shape[0]):
+        part = _kernel(name, x[t], *(v[t] for v in tensors), windows=windows, channels=channels)
+        native.split(x.shape[1], part)
+
+
+def _kernel_weights(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(T, C, 1, 3, 3), (T, C) -> the kernels' (T, 9, C) weights and contiguous biases."""
+    return weight.flatten(2).transpose(1, 2).contiguous(), bias.contiguous()
+
+
+def _task_vmap(function, info, in_dims, tensors, rest):
+    """The vmap rule of the functions below, which take a leading task dimension already: the
+    vmapped dimension joins it (an unbatched input is shared by every task), one call for all."""
+    flat = []
+    for v, d in zip(tensors, in_dims):
+        v = v.expand(info.batch_size, *v.shape) if d is None else v.movedim(d, 0)
+        flat.append(v.flatten(0, 1))
+    out = function.apply(*flat, *rest)
+    unflat = lambda v: v.unflatten(0, (info.batch_size, -1))  # noqa: E731
+    if isinstance(out, tuple):
+        return tuple(map(unflat, out)), (0,) * len(out)
+    return unflat(out), 0
+
+
+# The three functions take the images, weights and maps of T tasks at once (x: (T, N, 1, H, W),
+# weight: (T, C, 1, 3, 3), bias: (T, C), maps (T, N, C, Ho, Wo) stored channels-last), so that
+# under vmap over tasks each is one autograd node and one output tensor. They have no derivative
+# with respect to the images (first_block refuses images that need one).
 
 
 class _WeightGradAt(torch.autograd.Function):
     """grad -> (grad_weight, grad_bias) of :class:`_ConvAt`; linear in grad."""
 
     @staticmethod
-    def forward(ctx, x, idx, grad, windows):
+    def forward(x, idx, grad, windows):
+        rows = grad.permute(0, 1, 3, 4, 2).contiguous()  # (T, N, Ho, Wo, C): no copy when channels-last
+        idx = idx.contiguous()  # the kernels read it by pointer (a vmap rule may have moved it)
+        parts = [_wgrad_at(x[t], idx[t], rows[t], windows) for t in range(x.shape[0])]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, idx, _, ctx.windows = inputs
         ctx.save_for_backward(x, idx)
-        ctx.windows = windows
-        return _wgrad_at(x, idx, grad, windows)
+        ctx.save_for_forward(x, idx)
 
     @staticmethod
     def backward(ctx, grad_weight, grad_bias):
         x, idx = ctx.saved_tensors
         return None, None, _ConvAt.apply(x, idx, grad_weight, grad_bias, ctx.windows), None
 
+    @staticmethod
+    def jvp(ctx, x_t, idx_t, grad_t, _):
+        return _WeightGradAt.apply(*ctx.saved_tensors, grad_t, ctx.windows)
+
+    @staticmethod
+    def vmap(info, in_dims, x, idx, grad, windows):
+        return _task_vmap(_WeightGradAt, info, in_dims[:3], (x, idx, grad), (windows,))
+
 
 class _ConvAt(torch.autograd.Function):
     """(weight, bias) -> the convolution at the windows ``idx`` picks, 0 where it is dead; linear."""
 
     @staticmethod
-    def forward(ctx, x, idx, weight, bias, windows):
-        ctx.save_for_backward(x, idx)
-        ctx.windows = windows
-        c = weight.shape[0]
+    def forward(x, idx, weight, bias, windows):
+        c = weight.shape[1]
         y = _outputs(x, c, windows, x.dtype)
-        wt, bias = weight.reshape(c, 9).T.contiguous(), bias.contiguous()
-        part = _kernel("conv_at", x, wt, bias, idx, y, windows=windows, channels=c)
-        native.split(x.shape[0], part)
-        return y.permute(0, 3, 1, 2)
+        weights = _kernel_weights(weight, bias)
+        _each_task("conv_at", x, *weights, idx.contiguous(), y, windows=windows, channels=c)
+        return y.permute(0, 1, 4, 2, 3)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, idx, weight, bias, ctx.windows = inputs
+        ctx.save_for_backward(x, idx)
+        ctx.save_for_forward(x, idx, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, idx = ctx.saved_tensors
         return None, None, *_WeightGradAt.apply(x, idx, grad, ctx.windows), None
 
+    @staticmethod
+    def jvp(ctx, x_t, idx_t, weight_t, bias_t, _):
+        x, idx, weight, bias = ctx.saved_tensors
+        weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
+        bias_t = torch.zeros_like(bias) if bias_t is None else bias_t
+        return _ConvAt.apply(x, idx, weight_t, bias_t, ctx.windows)
+
+    @staticmethod
+    def vmap(info, in_dims, x, idx, weight, bias, windows):
+        return _task_vmap(_ConvAt, info, in_dims[:4], (x, idx, weight, bias), (windows,))
+
 
 class _FirstBlock(torch.autograd.Function):
-    """relu([max_pool2d(] conv2d(x, weight, bias, padding=1[, stride=2]) [, 2)]); no gradient for x."""
+    """relu([max_pool2d(] conv2d(x, weight, bias, padding=1[, stride=2]) [, 2)]) and the window
+    each output comes from (``idx``, not differentiable); no gradient for x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, windows):
-        c = weight.shape[0]
-        y = _outputs(x, c, windows, x.dtype)
-        idx = _outputs(x, c, windows, torch.uint8)
-        wt, bias = weight.reshape(c, 9).T.contiguous(), bias.contiguous()
-        part = _kernel("block", x, wt, bias, y, idx, windows=windows, channels=c)
-        native.split(x.shape[0], part)
-        ctx.save_for_backward(x, idx)
-        ctx.windows = windows
-        return y.permute(0, 3, 1, 2)
+    def forward(x, weight, bias, windows):
+        c = weight.shape[1]
+        y, idx = _outputs(x, c, windows, x.dtype), _outputs(x, c, windows, torch.uint8)
+        _each_task("block", x, *_kernel_weights(weight, bias), y, idx, windows=windows, channels=c)
+        return y.permute(0, 1, 4, 2, 3), idx
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.windows = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, output[1])
+        ctx.save_for_forward(x, output[1], weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad, _):
         x, idx = ctx.saved_tensors
         return None, *_WeightGradAt.apply(x, idx, grad, ctx.windows), None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _):
+        x, idx, weight, bias = ctx.saved_tensors
+        weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
+        bias_t = torch.zeros_like(bias) if bias_t is None else bias_t
+        return _ConvAt.apply(x, idx, weight_t, bias_t, ctx.windows), None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, windows):
+        return _task_vmap(_FirstBlock, info, in_dims[:3], (x, weight, bias), (windows,))
 
 
 def first_block(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> Tensor | None:
@@ -356,9 +435,10 @@ def first_block(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> Tensor |
     ``relu(max_pool2d(conv2d(x, weight, bias, padding=1), 2))`` with ``pool``, else
     ``relu(conv2d(x, weight, bias, stride=2, padding=1))``; the same values, gradients for weight
     and bias to float rounding, on ties the first maximum of a window (as PyTorch's max-pool).
-    ``None`` where the fused kernel does not apply (then run the layers): no compiled kernels
-    (:mod:`metatl.nn.native`), not on the CPU, ``x`` needing a gradient or wrapped by
-    ``torch.func`` transforms, other shapes or dtypes, a number of channels that is not a
+    Inside ``torch.func`` transforms too (vmap, grad, jvp in the weights). ``None`` where the
+    fused kernel does not apply (then run the layers): no compiled kernels
+    (:mod:`metatl.nn.native`), not on the CPU, ``x`` needing a gradient or carrying a forward-mode
+    tangent, under ``torch.compile``, other shapes or dtypes, a number of channels that is not a
     multiple of what the kernel takes at once (64 for the strided net in float32)."""
     windows = 4 if pool else 1
     if (
@@ -369,15 +449,15 @@ def first_block(x: Tensor, weight: Tensor, bias: Tensor, pool: bool) -> Tensor |
         or not (x.dtype == weight.dtype == bias.dtype)
         or x.device.type != "cpu"
         or x.requires_grad
+        or forward_ad.unpack_dual(x).tangent is not None
         or min(x.shape[-2:]) < 2
-        or _in_func_transform(x)
-        or _in_func_transform(weight)
-        or _transforms_active()
+        or _compiling()
         or native.library() is None
         or weight.shape[0] % native.channels(x.dtype, windows)  # taken 16 to 64 at a time
     ):
         return None
-    return _FirstBlock.apply(x, weight, bias, windows)
+    # one task; squeeze, not [0], whose backward would write the gradient into a new zero tensor
+    return _FirstBlock.apply(x[None], weight[None], bias[None], windows)[0].squeeze(0)
 
 
 # -- functional_call ---------------------------------------------------------------------------
