@@ -159,10 +159,11 @@ def test_a_batch_split_over_threads_gives_the_same_result(pool):
 
 @needs_kernels
 @pytest.mark.parametrize("factory", [conv4_pool, conv4_stride])
-@pytest.mark.parametrize("executor", ["loop", "threads", "inner_vmap"])
+@pytest.mark.parametrize("executor", ["loop", "threads", "inner_vmap", "threads_inner_vmap"])
 def test_maml_meta_gradient_through_the_fused_block(executor, factory):
-    """Second-order MAML on the conv nets with the fused block (query passes, and the loop's
-    support passes, whose gradient is differentiated again) against every layer run as it is."""
+    """Second-order MAML on the conv nets with the fused block (query passes, and the support
+    passes, task by task or vmapped over tasks, whose gradient is differentiated again) against
+    every layer run as it is."""
     from metatl.data.episode import Episode
     from metatl.engine.executors import make_executor
     from metatl.meta import MAML
