@@ -141,16 +141,26 @@ def test_ties_go_to_the_first_maximum_and_nan_wins():
 
 @needs_kernels
 @pytest.mark.parametrize("pool", [True, False])
-def test_a_batch_split_over_threads_gives_the_same_result(pool):
-    x, weight, bias = inputs(n=7)
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_a_batch_split_over_threads_gives_the_same_result(pool, tasks):
+    """Also with several tasks (under vmap), whose images the split cuts across."""
+    x, weight, bias = inputs(n=7 * tasks)
+    x = x.view(tasks, 7, *x.shape[1:])
+    weight = (weight * torch.linspace(0.5, 1.5, tasks, dtype=weight.dtype).view(-1, 1, 1, 1, 1)).detach()
+    bias = bias.detach().expand(tasks, -1).clone()
+    weight.requires_grad_()
+    bias.requires_grad_()
+
+    def run():
+        out = torch.func.vmap(lambda x, w, b: first_block(x, w, b, pool))(x, weight, bias)
+        return out, torch.autograd.grad(out, (weight, bias), torch.ones_like(out))
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = first_block(x, weight, bias, pool)
-        g_one = torch.autograd.grad(one, (weight, bias), torch.ones_like(one))
+        one, g_one = run()
         torch.set_num_threads(3)
-        three = first_block(x, weight, bias, pool)
-        g_three = torch.autograd.grad(three, (weight, bias), torch.ones_like(three))
+        three, g_three = run()
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, three)

@@ -258,15 +258,17 @@ class MaxPool2d(nn.MaxPool2d):
 
 
 def _images(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[2], x.shape[3]).contiguous()
+    """(..., 1, H, W) images as one contiguous (n, H, W) batch."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
 
 def _kernel(name: str, x: Tensor, *tensors: Tensor, windows: int, channels: int):
-    """``part(n0, n1, *more)``: the C function ``name`` on the images ``[n0, n1)`` of ``x``, with
-    the pointers of ``tensors`` (and ``more``) after the images' and the sizes after the range."""
+    """``part(n0, n1, *more)``: the C function ``name`` on the images ``[n0, n1)`` of the tasks'
+    images ``x`` (T, N, 1, H, W), with the pointers of ``tensors`` (and ``more``) after the images'
+    and the sizes after the range (each task's images use its own slice of the weights)."""
     images, (h, w) = _images(x), x.shape[-2:]
     function, ptr = native.function(name, x.dtype), native.pointer
-    sizes = [ctypes.c_int64(v) for v in (h, w, channels, windows)]
+    sizes = [ctypes.c_int64(v) for v in (h, w, channels, windows, x.shape[1])]
 
     def part(n0: int, n1: int, *more: Tensor) -> None:
         function(ptr(images), *map(ptr, tensors + more), ctypes.c_int64(n0), ctypes.c_int64(n1), *sizes)
@@ -278,37 +280,30 @@ def _out_size(n: int, windows: int) -> int:
     return n // 2 if windows == 4 else (n + 1) // 2
 
 
-def _wgrad_at(x: Tensor, idx: Tensor, rows: Tensor, windows: int) -> tuple[Tensor, Tensor]:
-    """One task's weight and bias gradients from ``rows``, its map's gradient as (N, Ho, Wo, C)."""
-    n, c = x.shape[0], rows.shape[-1]
-    part = _kernel("wgrad_at", x, rows, idx, windows=windows, channels=c)
-
-    def sums(n0, n1):
-        gw, gb = torch.empty(9, c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-        part(n0, n1, gw, gb)
-        return gw, gb
-
-    gw, gb = _summed(native.split(n, sums))
-    return gw.T.reshape(c, 1, 3, 3).to(x.dtype), gb.to(x.dtype)
-
-
 def _outputs(x: Tensor, channels: int, windows: int, dtype: torch.dtype) -> Tensor:
     """An uninitialised (T, N, Ho, Wo, C) map for the tasks' images ``x`` (T, N, 1, H, W)."""
     (t, n), (h, w) = x.shape[:2], x.shape[-2:]
     return torch.empty(t, n, _out_size(h, windows), _out_size(w, windows), channels, dtype=dtype)
 
 
-def _each_task(name: str, x: Tensor, *tensors: Tensor, windows: int, channels: int) -> None:
-    """The C function ``name`` on each task's images ``x[t]`` with the task's ``tensors[i][t]``
-    (its weights, bias, outputs): one call per task, since the kernels take one set of weights."""
-    for t in range(x.shape[0]):
-        part = _kernel(name, x[t], *(v[t] for v in tensors), windows=windows, channels=channels)
-        native.split(x.shape[1], part)
-
-
 def _kernel_weights(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """(T, C, 1, 3, 3), (T, C) -> the kernels' (T, 9, C) weights and contiguous biases."""
     return weight.flatten(2).transpose(1, 2).contiguous(), bias.contiguous()
+
+
+def _wgrad_at(x: Tensor, idx: Tensor, grad: Tensor, windows: int) -> tuple[Tensor, Tensor]:
+    """Each task's weight and bias gradients, (T, C, 1, 3, 3) and (T, C), from its map's ``grad``."""
+    t, c = x.shape[0], grad.shape[2]
+    rows = grad.permute(0, 1, 3, 4, 2).contiguous()  # (T, N, Ho, Wo, C): no copy when channels-last
+    part = _kernel("wgrad_at", x, rows, idx.contiguous(), windows=windows, channels=c)
+
+    def sums(n0, n1):
+        gw, gb = torch.zeros(t, 9, c, dtype=torch.float64), torch.zeros(t, c, dtype=torch.float64)
+        part(n0, n1, gw, gb)
+        return gw, gb
+
+    gw, gb = _summed(native.split(t * x.shape[1], sums))
+    return gw.transpose(1, 2).reshape(t, c, 1, 3, 3).to(x.dtype), gb.to(x.dtype)
 
 
 def _task_vmap(function, info, in_dims, tensors, rest):
@@ -327,7 +322,7 @@ def _task_vmap(function, info, in_dims, tensors, rest):
 
 # The three functions take the images, weights and maps of T tasks at once (x: (T, N, 1, H, W),
 # weight: (T, C, 1, 3, 3), bias: (T, C), maps (T, N, C, Ho, Wo) stored channels-last), so that
-# under vmap over tasks each is one autograd node and one output tensor. They have no derivative
+# under vmap over tasks each is one autograd node, one output tensor and one C call. They have no derivative
 # with respect to the images (first_block refuses images that need one).
 
 
@@ -336,10 +331,7 @@ class _WeightGradAt(torch.autograd.Function):
 
     @staticmethod
     def forward(x, idx, grad, windows):
-        rows = grad.permute(0, 1, 3, 4, 2).contiguous()  # (T, N, Ho, Wo, C): no copy when channels-last
-        idx = idx.contiguous()  # the kernels read it by pointer (a vmap rule may have moved it)
-        parts = [_wgrad_at(x[t], idx[t], rows[t], windows) for t in range(x.shape[0])]
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        return _wgrad_at(x, idx, grad, windows)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -368,8 +360,8 @@ class _ConvAt(torch.autograd.Function):
     def forward(x, idx, weight, bias, windows):
         c = weight.shape[1]
         y = _outputs(x, c, windows, x.dtype)
-        weights = _kernel_weights(weight, bias)
-        _each_task("conv_at", x, *weights, idx.contiguous(), y, windows=windows, channels=c)
+        part = _kernel("conv_at", x, *_kernel_weights(weight, bias), idx.contiguous(), y, windows=windows, channels=c)
+        native.split(x.shape[0] * x.shape[1], part)
         return y.permute(0, 1, 4, 2, 3)
 
     @staticmethod
@@ -403,18 +395,22 @@ class _FirstBlock(torch.autograd.Function):
     def forward(x, weight, bias, windows):
         c = weight.shape[1]
         y, idx = _outputs(x, c, windows, x.dtype), _outputs(x, c, windows, torch.uint8)
-        _each_task("block", x, *_kernel_weights(weight, bias), y, idx, windows=windows, channels=c)
+        part = _kernel("block", x, *_kernel_weights(weight, bias), y, idx, windows=windows, channels=c)
+        native.split(x.shape[0] * x.shape[1], part)
         return y.permute(0, 1, 4, 2, 3), idx
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, ctx.windows = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for idx at each backward
         ctx.save_for_backward(x, output[1])
         ctx.save_for_forward(x, output[1], weight, bias)
 
     @staticmethod
     def backward(ctx, grad, _):
+        if grad is None:
+            return None, None, None, None
         x, idx = ctx.saved_tensors
         return None, *_WeightGradAt.apply(x, idx, grad, ctx.windows), None
 

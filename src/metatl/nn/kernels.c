@@ -19,9 +19,9 @@
  *   block:     v = max_q (b[c] + sum_k wt[k,c] p_q[k]), idx = the first q attaining it (NaN counts
  *              as the maximum, as in PyTorch's max-pool);  y = v, or 0 and idx = DEAD where v <= 0
  *   conv_at:   y[n,i,j,c] = b[c] + sum_k wt[k,c] p_idx[k], and 0 where idx = DEAD
- *   wgrad_at:  gw[k,c] = sum_{n,i,j} g[n,i,j,c] p_idx[k],  gb[c] = sum_{n,i,j} g[n,i,j,c],
+ *   wgrad_at:  gw[k,c] += sum_{n,i,j} g[n,i,j,c] p_idx[k],  gb[c] += sum_{n,i,j} g[n,i,j,c],
  *              both over the positions whose idx is not DEAD: the adjoint of conv_at in (wt, b)
- *              (accumulated per image, summed over images in double precision)
+ *              (accumulated per image, added over images in double precision)
  *
  *   moments:   the sums of the 9 patch values and of their pairwise products over every output
  *              position of the 3 x 3 convolution (stride 1 or 2), which fold the first BatchNorm
@@ -30,6 +30,9 @@
  * With idx fixed, block is conv_at: y is linear in (wt, b) where idx does not change, so the
  * derivatives of block are those of conv_at, whose adjoint is wgrad_at and the other way round.
  * Each function computes the images [n0, n1), so that the caller can split a batch across threads.
+ * The images may belong to several tasks of `per` images each, with weights of their own: image n
+ * uses wt + (n / per) 9 C and b + (n / per) C, and wgrad_at adds its sums into gw + (n / per) 9 C
+ * and gb + (n / per) C (the caller zeroes them), so that one call serves a vmap over tasks.
  * C must be a multiple of CHANNELS (16 floats or 8 doubles for P = 4, 64 or 32 for P = 1).
  */
 #include <stdint.h>
@@ -114,17 +117,18 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
     static inline __attribute__((always_inline)) void forward_impl_##T(const T *x, const T *wt, const T *b, T *y, \
                                                                          unsigned char *idx, int64_t n0, int64_t n1, \
                                                                          int64_t H, int64_t W, int64_t C, const int P, \
-                                                                         const int pick) {             \
+                                                                         const int pick, int64_t per) { \
         int64_t npix = out_size(H, P) * out_size(W, P);                                                \
         T p[npix * 9 * P], pad[(H + 3) * (W + 3)];                                                     \
         for (int64_t n = n0; n < n1; n++) {                                                            \
             patches_##T(x + n * H * W, H, W, P, pad, p);                                               \
+            const T *wtn = wt + n / per * 9 * C, *bn = b + n / per * C;                                \
             for (int64_t pix = 0; pix < npix; pix++) {                                                 \
                 T *yo = y + (n * npix + pix) * C;                                                      \
                 unsigned char *io = idx + (n * npix + pix) * C;                                        \
                 for (int64_t c0 = 0; c0 < C; c0 += 8 / P * L_##T) {                                    \
                     v##T a[4][8];                                                                      \
-                    windows_##T(p + pix * 9 * P, wt, b, C, c0, P, a);                                  \
+                    windows_##T(p + pix * 9 * P, wtn, bn, C, c0, P, a);                                \
                     for (int h = 0; h < 8 / P; h++) {                                                  \
                         if (pick) {                                                                    \
                             i##T at = widen_##T(io + c0 + h * L_##T);                                  \
@@ -152,13 +156,12 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
     }                                                                                                  \
                                                                                                        \
     static inline __attribute__((always_inline)) void wgrad_at_impl_##T(const T *x, const T *g, const unsigned char *idx, double *gw, double *gb, int64_t n0, \
-                      int64_t n1, int64_t H, int64_t W, int64_t C, const int P) {                      \
+                      int64_t n1, int64_t H, int64_t W, int64_t C, const int P, int64_t per) {         \
         int64_t npix = out_size(H, P) * out_size(W, P);                                                \
         T p[npix * 9 * P], pad[(H + 3) * (W + 3)];                                                     \
-        memset(gw, 0, sizeof(double) * 9 * C);                                                         \
-        memset(gb, 0, sizeof(double) * C);                                                             \
         for (int64_t n = n0; n < n1; n++) {                                                            \
             patches_##T(x + n * H * W, H, W, P, pad, p);                                               \
+            double *gwn = gw + n / per * 9 * C, *gbn = gb + n / per * C;                               \
             for (int64_t c0 = 0; c0 < C; c0 += L_##T) {                                                \
                 v##T lw[9], lb;                                                                        \
                 memset(lw, 0, sizeof lw);                                                              \
@@ -174,8 +177,8 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
                     }                                                                                  \
                 }                                                                                      \
                 for (int k = 0; k < 9; k++)                                                            \
-                    for (int c = 0; c < L_##T; c++) gw[k * C + c0 + c] += lw[k][c];                    \
-                for (int c = 0; c < L_##T; c++) gb[c0 + c] += lb[c];                                   \
+                    for (int c = 0; c < L_##T; c++) gwn[k * C + c0 + c] += lw[k][c];                   \
+                for (int c = 0; c < L_##T; c++) gbn[c0 + c] += lb[c];                                  \
             }                                                                                          \
         }                                                                                              \
     }                                                                                                  \
@@ -228,24 +231,24 @@ static int64_t out_size(int64_t n, int P) { return P == 4 ? n / 2 : (n + 1) / 2;
      * unroll and the accumulators stay in registers; they return -1, doing nothing, where C is not    \
      * a multiple of the channels the forward kernels take at once (CHANNELS) */                       \
     int block_##T(const T *x, const T *wt, const T *b, T *y, unsigned char *idx, int64_t n0, int64_t n1, \
-                  int64_t H, int64_t W, int64_t C, int64_t P) {                                        \
-        if (C % CHANNELS(T, P) || (P != 1 && P != 4)) return -1;                                       \
-        if (P == 4) forward_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 4, 0);                         \
-        else forward_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 1, 0);                                \
+                  int64_t H, int64_t W, int64_t C, int64_t P, int64_t per) {                           \
+        if (C % CHANNELS(T, P) || (P != 1 && P != 4) || per < 1) return -1;                            \
+        if (P == 4) forward_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 4, 0, per);                    \
+        else forward_impl_##T(x, wt, b, y, idx, n0, n1, H, W, C, 1, 0, per);                           \
         return 0;                                                                                      \
     }                                                                                                  \
     int conv_at_##T(const T *x, const T *wt, const T *b, const unsigned char *idx, T *y, int64_t n0,   \
-                    int64_t n1, int64_t H, int64_t W, int64_t C, int64_t P) {                          \
-        if (C % CHANNELS(T, P) || (P != 1 && P != 4)) return -1;                                       \
-        if (P == 4) forward_impl_##T(x, wt, b, y, (unsigned char *)idx, n0, n1, H, W, C, 4, 1);        \
-        else forward_impl_##T(x, wt, b, y, (unsigned char *)idx, n0, n1, H, W, C, 1, 1);               \
+                    int64_t n1, int64_t H, int64_t W, int64_t C, int64_t P, int64_t per) {             \
+        if (C % CHANNELS(T, P) || (P != 1 && P != 4) || per < 1) return -1;                            \
+        if (P == 4) forward_impl_##T(x, wt, b, y, (unsigned char *)idx, n0, n1, H, W, C, 4, 1, per);   \
+        else forward_impl_##T(x, wt, b, y, (unsigned char *)idx, n0, n1, H, W, C, 1, 1, per);          \
         return 0;                                                                                      \
     }                                                                                                  \
     int wgrad_at_##T(const T *x, const T *g, const unsigned char *idx, double *gw, double *gb, int64_t n0, \
-                     int64_t n1, int64_t H, int64_t W, int64_t C, int64_t P) {                         \
-        if (C % CHANNELS(T, P) || (P != 1 && P != 4)) return -1;                                       \
-        if (P == 4) wgrad_at_impl_##T(x, g, idx, gw, gb, n0, n1, H, W, C, 4);                          \
-        else wgrad_at_impl_##T(x, g, idx, gw, gb, n0, n1, H, W, C, 1);                                 \
+                     int64_t n1, int64_t H, int64_t W, int64_t C, int64_t P, int64_t per) {            \
+        if (C % CHANNELS(T, P) || (P != 1 && P != 4) || per < 1) return -1;                            \
+        if (P == 4) wgrad_at_impl_##T(x, g, idx, gw, gb, n0, n1, H, W, C, 4, per);                     \
+        else wgrad_at_impl_##T(x, g, idx, gw, gb, n0, n1, H, W, C, 1, per);                            \
         return 0;                                                                                      \
     }                                                                                                  \
     /* CHANNELS for Python's check */                                                                  \
