@@ -322,8 +322,17 @@ def _task_vmap(function, info, in_dims, tensors, rest):
 
 # The three functions take the images, weights and maps of T tasks at once (x: (T, N, 1, H, W),
 # weight: (T, C, 1, 3, 3), bias: (T, C), maps (T, N, C, Ho, Wo) stored channels-last), so that
-# under vmap over tasks each is one autograd node, one output tensor and one C call. They have no derivative
-# with respect to the images (first_block refuses images that need one).
+# under vmap over tasks each is one autograd node, one output tensor and one C call. They have no
+# derivative with respect to the images (first_block refuses images that need one).
+
+
+def _conv_at_tangent(ctx, weight_t: Tensor | None, bias_t: Tensor | None) -> Tensor:
+    """The forward-mode derivative of the block and of _ConvAt (both linear in the weights at
+    fixed windows): _ConvAt of the weights' tangents, zero where a tangent is absent."""
+    x, idx, weight, bias = ctx.saved_tensors
+    weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
+    bias_t = torch.zeros_like(bias) if bias_t is None else bias_t
+    return _ConvAt.apply(x, idx, weight_t, bias_t, ctx.windows)
 
 
 class _WeightGradAt(torch.autograd.Function):
@@ -377,10 +386,7 @@ class _ConvAt(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, idx_t, weight_t, bias_t, _):
-        x, idx, weight, bias = ctx.saved_tensors
-        weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
-        bias_t = torch.zeros_like(bias) if bias_t is None else bias_t
-        return _ConvAt.apply(x, idx, weight_t, bias_t, ctx.windows)
+        return _conv_at_tangent(ctx, weight_t, bias_t)
 
     @staticmethod
     def vmap(info, in_dims, x, idx, weight, bias, windows):
@@ -416,10 +422,7 @@ class _FirstBlock(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, _):
-        x, idx, weight, bias = ctx.saved_tensors
-        weight_t = torch.zeros_like(weight) if weight_t is None else weight_t
-        bias_t = torch.zeros_like(bias) if bias_t is None else bias_t
-        return _ConvAt.apply(x, idx, weight_t, bias_t, ctx.windows), None
+        return _conv_at_tangent(ctx, weight_t, bias_t), None
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, windows):
