@@ -139,7 +139,7 @@ class TrainConfig:
     # gradient checkpointing of the inner loop: recompute each second-order inner step in the backward pass
     # instead of keeping its graph (the memory of one inner step, not k; metatl.engine.recompute)
     inner_checkpoint: bool = False
-    keep_freed_memory: bool = True  # glibc malloc reuses freed pages (no page faults each step)
+    keep_freed_memory: bool = True  # glibc malloc reuses freed pages, an arena per thread
     ema_decay: float | None = None  # also keep an exponential moving average of the weights (e.g. 0.999)
     divergence_factor: float | None = 1000.0  # stop when loss or weight norm grows this much (engine/divergence.py)
     # where records go besides metrics.jsonl (always written): jsonl (nothing more), tensorboard, mlflow, or a list

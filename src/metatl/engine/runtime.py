@@ -95,18 +95,19 @@ def keep_freed_memory() -> bool:
     By default glibc serves large blocks (such as activation tensors) with fresh ``mmap`` pages and
     unmaps them when freed, so every training step pays a page fault for each page it touches
     again. With mmap and trimming off, a step reuses the pages of the step before it; the process
-    keeps the memory it has used until it exits, as a caching allocator does. Every thread is
-    served from that one heap (one arena): a thread's own arena grows in heaps of at most 64 MiB
-    that glibc hands back as they empty, so the task threads' tensors would still fault their pages
-    in at every step. Returns whether it applied (only on Linux with glibc)."""
+    keeps the memory it has used until it exits, as a caching allocator does. Each thread keeps its
+    own arena, so that the task threads do not queue for one lock at every tensor they allocate
+    and free; a thread's arena grows in heaps of at most 64 MiB, which glibc unmaps as they empty
+    unless the free space it keeps at the top (``M_TOP_PAD``) is at least a heap, so the pad is set
+    to two. Returns whether it applied (only on Linux with glibc)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from glibc's malloc.h
-    return all([mallopt(m_mmap_max, 0), mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_arena_max, 1)])
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
+    return all([mallopt(m_mmap_max, 0), mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_top_pad, 128 << 20)])
 
 
 def seed_everything(seed: int) -> None:
