@@ -370,10 +370,13 @@ def test_results_json_is_strict_json_even_with_a_nan(tmp_path):
     assert json.loads(text) == {"metric": {"mean": None, "ci95": None}, "scores": [1.0, None]}
 
 
-@pytest.mark.skipif(
+glibc_only = pytest.mark.skipif(
     not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
     reason="malloc tuning applies to Linux with glibc only",
 )
+
+
+@glibc_only
 def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
     # a fresh process, so the measurement does not depend on what the tests before did to malloc
     script = (
@@ -398,10 +401,7 @@ def test_keep_freed_memory_lets_a_new_tensor_reuse_freed_pages():
     assert int(after) < int(before) / 10
 
 
-@pytest.mark.skipif(
-    not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
-    reason="malloc tuning applies to Linux with glibc only",
-)
+@glibc_only
 def test_keep_freed_memory_holds_for_tensors_of_other_threads():
     """The task threads' tensors reuse freed pages too: glibc gives each thread an arena of its own
     (so that the task threads do not wait for one lock) whose heaps it would hand back as they
@@ -424,7 +424,7 @@ def test_keep_freed_memory_holds_for_tensors_of_other_threads():
         "        time.sleep(0.001)\n"
         "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start\n"
         "applied = keep_freed_memory()\n"
-        "first = faults(), faults()\n"
+        "first = faults(), faults()\n"  # the first two threads both took fresh pages, in our runs
         "print(applied, max(first), max(faults() for _ in range(3)))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
@@ -435,10 +435,7 @@ def test_keep_freed_memory_holds_for_tensors_of_other_threads():
     assert int(later) < int(first) / 4
 
 
-@pytest.mark.skipif(
-    not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
-    reason="malloc tuning applies to Linux with glibc only",
-)
+@glibc_only
 def test_keep_freed_memory_leaves_each_thread_its_own_arena():
     """Two threads allocating at once use two of glibc's arenas: with one arena for all (an earlier
     setting) the task threads queued for its lock hundreds of times a step."""

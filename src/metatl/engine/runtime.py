@@ -97,9 +97,9 @@ def keep_freed_memory() -> bool:
     again. With mmap and trimming off, a step reuses the pages of the step before it; the process
     keeps the memory it has used until it exits, as a caching allocator does. Each thread keeps its
     own arena, so that the task threads do not queue for one lock at every tensor they allocate
-    and free; a thread's arena grows in heaps of at most 64 MiB, which glibc unmaps as they empty
-    unless the free space it keeps at the top (``M_TOP_PAD``) is at least a heap, so the pad is set
-    to two. Returns whether it applied (only on Linux with glibc)."""
+    and free. A thread's arena grows in heaps of at most 64 MiB, which glibc unmaps as they empty
+    unless the free space it keeps at the top of a heap (``M_TOP_PAD``) is at least a heap: the pad
+    is set to two heaps. Returns whether it applied (only on Linux with glibc)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -107,7 +107,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
-    return all([mallopt(m_mmap_max, 0), mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_top_pad, 128 << 20)])
+    two_heaps = 128 << 20  # glibc's largest heap of a thread's arena is 64 MiB
+    return all([mallopt(m_mmap_max, 0), mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_top_pad, two_heaps)])
 
 
 def seed_everything(seed: int) -> None:
